@@ -63,6 +63,7 @@ class TuneSettings:
     budget_seconds: float = 60.0
     max_trials: int = 16
     max_users: int = 5000
+    search: tuple[str, ...] = ("alpha", "regularization", "factors")
 
 
 @dataclass(frozen=True)
@@ -191,5 +192,8 @@ def _check(settings: Settings, path: Path) -> None:
         raise ConfigError(f"{path}: events.actions must name at least one action with its weight")
     if any(w <= 0 for w in settings.events.actions.values()):
         raise ConfigError(f"{path}: events.actions weights must be positive")
+    unknown = sorted(set(settings.als.tune.search) - {"alpha", "regularization", "factors"})
+    if unknown:
+        raise ConfigError(f"{path}: als.tune.search may name alpha, regularization, factors; not {', '.join(unknown)}")
     if settings.features.half_life_days <= 0:
         raise ConfigError(f"{path}: features.half_life_days must be positive")

@@ -1,0 +1,207 @@
+"""Candidate generators: implicit ALS (with automatic tuning), time-decayed popularity, item-kNN.
+
+Every generator answers `recommend(users, n) -> (items, scores)`: users x n item indices (padded with -1)
+and their scores, never returning an item the user already had nor an item without any history.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+from implicit.nearest_neighbours import BM25Recommender
+from implicit.utils import ParameterWarning
+from threadpoolctl import threadpool_limits
+
+from recflow.config import ALSSettings
+from recflow.metrics import PAD, GroundTruth, ranking_metrics
+
+logger = logging.getLogger(__name__)
+
+BATCH_USERS = 2048
+FILTERED_SCORE = -1e30  # implicit pads filtered items with about -3.4e38
+
+
+class Recommender(Protocol):
+    def recommend(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class ALSParams:
+    factors: int
+    regularization: float
+    alpha: float
+    iterations: int
+    random_state: int
+
+    @classmethod
+    def from_settings(cls, als: ALSSettings) -> ALSParams:
+        return cls(als.factors, als.regularization, als.alpha, als.iterations, als.random_state)
+
+
+def fit_als(
+    user_items: sp.csr_matrix,
+    params: ALSParams,
+    *,
+    on_iteration: Callable[[int], None] | None = None,
+) -> AlternatingLeastSquares:
+    """Fit implicit's CPU ALS on a users x items confidence matrix (never the GPU factory default)."""
+    model = AlternatingLeastSquares(
+        factors=params.factors,
+        regularization=params.regularization,
+        alpha=params.alpha,
+        iterations=params.iterations,
+        random_state=params.random_state,
+    )
+    callback = (lambda iteration, _elapsed, _loss: on_iteration(iteration)) if on_iteration else None
+    with threadpool_limits(1, "blas"):
+        model.fit(user_items, show_progress=False, callback=callback)
+    return model
+
+
+def _clean(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Turn implicit's padding (filtered items, N past the catalogue) into PAD / -inf."""
+    ids = np.asarray(ids, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float32)
+    bad = scores <= FILTERED_SCORE
+    ids[bad] = PAD
+    scores[bad] = -np.inf
+    return ids, scores
+
+
+class ImplicitCandidates:
+    """Top-n of an implicit model (ALS or item-kNN), excluding each user's history and items with none."""
+
+    def __init__(self, model: AlternatingLeastSquares | BM25Recommender, history: sp.csr_matrix) -> None:
+        self.model = model
+        self.history = history
+        self.cold_items = np.flatnonzero(np.asarray(history.getnnz(axis=0)) == 0)
+
+    def recommend(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        n = min(n, self.history.shape[1])
+        all_ids = np.full((len(users), n), PAD, dtype=np.int64)
+        all_scores = np.full((len(users), n), -np.inf, dtype=np.float32)
+        filter_items = self.cold_items if len(self.cold_items) else None
+        with threadpool_limits(1, "blas"):
+            for start in range(0, len(users), BATCH_USERS):
+                batch = np.asarray(users[start : start + BATCH_USERS])
+                ids, scores = self.model.recommend(batch, self.history[batch], N=n, filter_items=filter_items)
+                ids, scores = _clean(ids.reshape(len(batch), -1), scores.reshape(len(batch), -1))
+                all_ids[start : start + len(batch), : ids.shape[1]] = ids
+                all_scores[start : start + len(batch), : ids.shape[1]] = scores
+        return all_ids, all_scores
+
+
+def item_knn(history: sp.csr_matrix, neighbours: int = 100) -> ImplicitCandidates:
+    """The item-kNN baseline: implicit's BM25-weighted item-item recommender."""
+    model = BM25Recommender(K=neighbours)
+    with warnings.catch_warnings():
+        # implicit's own bm25_weight hands its kNN a COO matrix and then warns about converting it
+        warnings.filterwarnings("ignore", message="Method expects CSR input", category=ParameterWarning)
+        model.fit(history, show_progress=False)
+    return ImplicitCandidates(model, history)
+
+
+class PopularityCandidates:
+    """The most popular items by time-decayed confidence, excluding what each user already had."""
+
+    def __init__(self, history: sp.csr_matrix) -> None:
+        self.history = history
+        self.scores = np.asarray(history.sum(axis=0)).ravel().astype(np.float32)
+        popular = np.flatnonzero(self.scores > 0)
+        self.order = popular[np.argsort(-self.scores[popular], kind="stable")]
+
+    def recommend(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        users = np.asarray(users)
+        ids = np.full((len(users), n), PAD, dtype=np.int64)
+        scores = np.full((len(users), n), -np.inf, dtype=np.float32)
+        seen_counts = np.diff(self.history.indptr)[users] if len(users) else np.zeros(0, dtype=np.int64)
+        depth = int(min(len(self.order), n + (seen_counts.max() if len(users) else 0)))
+        top = self.order[:depth]
+        for start in range(0, len(users), BATCH_USERS):
+            batch = users[start : start + BATCH_USERS]
+            seen = self.history[batch][:, top].toarray() > 0
+            # stable argsort of the seen-mask moves unseen items to the front, keeping popularity order
+            pick = np.argsort(seen, axis=1, kind="stable")[:, :n]
+            chosen = top[pick]
+            chosen_seen = np.take_along_axis(seen, pick, axis=1)
+            rows = slice(start, start + len(batch))
+            ids[rows, : chosen.shape[1]] = np.where(chosen_seen, PAD, chosen)
+            scores[rows, : chosen.shape[1]] = np.where(chosen_seen, -np.inf, self.scores[chosen])
+        return ids, scores
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    params: ALSParams
+    model: AlternatingLeastSquares  # fitted on the tuning history with `params`
+    trials: list[dict[str, float]]
+    tuned: bool
+
+
+SEARCH_GRID: dict[str, tuple[float, ...]] = {
+    "alpha": (1.0, 3.0, 10.0, 30.0, 100.0),
+    "regularization": (0.01, 0.05, 0.2, 1.0),
+    "factors": (32, 64, 128),
+}
+
+
+def tune_als(
+    history: sp.csr_matrix,
+    truth: GroundTruth,
+    settings: ALSSettings,
+    *,
+    k: int = 10,
+    on_trial: Callable[[dict[str, float]], None] | None = None,
+) -> TuneResult:
+    """Coordinate search over alpha, regularization and factors, scored by NDCG@k on the validation window.
+
+    Starts from params.yaml, then sweeps each searched parameter over its grid keeping the best value, until
+    the grid is exhausted or the time budget or trial count runs out. With tuning disabled the params.yaml
+    values are used as they are (pinned).
+    """
+    start_params = ALSParams.from_settings(settings)
+    tune = settings.tune
+    rng = np.random.default_rng(settings.random_state)
+    users = truth.users
+    relevant = truth.relevant
+    if len(users) > tune.max_users:
+        rows = np.sort(rng.choice(len(users), tune.max_users, replace=False))
+        users, relevant = users[rows], relevant[rows]
+
+    trials: list[dict[str, float]] = []
+    scored: dict[ALSParams, tuple[float, AlternatingLeastSquares]] = {}
+
+    def score(params: ALSParams) -> float:
+        if params not in scored:
+            began = time.perf_counter()
+            model = fit_als(history, params)
+            recs, _ = ImplicitCandidates(model, history).recommend(users, k)
+            metric = ranking_metrics(recs, relevant, k=k, recall_k=k, n_catalogue=history.shape[1])[f"ndcg@{k}"]
+            trial = {**asdict(params), f"ndcg@{k}": metric, "seconds": time.perf_counter() - began}
+            trials.append(trial)
+            if on_trial:
+                on_trial(trial)
+            logger.info("ALS trial %s: ndcg@%d=%.4f", params, k, metric)
+            scored[params] = (metric, model)
+        return scored[params][0]
+
+    best = start_params
+    score(best)
+    deadline = time.perf_counter() + tune.budget_seconds
+    if tune.enabled:
+        for name in tune.search:
+            for value in SEARCH_GRID[name]:
+                if time.perf_counter() >= deadline or len(trials) >= tune.max_trials:
+                    break
+                candidate = replace(best, **{name: type(getattr(best, name))(value)})
+                if score(candidate) > score(best):
+                    best = candidate
+    return TuneResult(params=best, model=scored[best][1], trials=trials, tuned=tune.enabled)

@@ -1,0 +1,304 @@
+"""Features: the encoded interaction log, its temporal split, and the confidence matrix.
+
+The features stage turns the event store into integer-coded interactions (one row per event, sorted by
+time) with id maps and a split label per event:
+
+    FIT         the oldest events: what the ranker's candidate model and the ALS tuning train on
+    VALIDATION  the window after FIT: the ranker's labels and the tuning's validation targets
+    TEST        the newest events: held out for offline evaluation only
+
+With `global_time` the windows are cut at time quantiles shared by all users (train on the past, test on
+the future); with `per_user` each user's last events form that user's windows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from recflow.config import Settings, SplitSettings
+from recflow.constants import ACTION, ITEM_ID, ITEM_IDX, TIMESTAMP, USER_ID, USER_IDX
+from recflow.errors import EmptyDataError, ModelNotFoundError, UnknownActionError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FIT, SPLIT_VALIDATION, SPLIT_TEST = 0, 1, 2
+PRODUCTION = 3  # the window after all data: everything is history
+SECONDS_PER_DAY = 86_400.0
+
+INTERACTIONS_FILE = "interactions.parquet"
+USERS_FILE = "users.parquet"
+ITEMS_FILE = "items.parquet"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Integer-coded events sorted by time; `user_ids[user_idx]` and `item_ids[item_idx]` give the ids back."""
+
+    user_idx: np.ndarray  # int32
+    item_idx: np.ndarray  # int32
+    action_idx: np.ndarray  # int8, index into `actions`
+    ts: np.ndarray  # int64, seconds since the epoch (UTC)
+    split: np.ndarray  # int8, SPLIT_*
+    user_ids: np.ndarray  # object (str)
+    item_ids: np.ndarray  # object (str)
+    actions: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def where(self, mask: np.ndarray) -> Interactions:
+        """The events where mask is true, with the same id maps (so indices stay comparable)."""
+        return Interactions(
+            self.user_idx[mask],
+            self.item_idx[mask],
+            self.action_idx[mask],
+            self.ts[mask],
+            self.split[mask],
+            self.user_ids,
+            self.item_ids,
+            self.actions,
+        )
+
+    def before(self, split: int) -> Interactions:
+        """History for a window: every event in an earlier split."""
+        return self.where(self.split < split)
+
+    def in_split(self, split: int) -> Interactions:
+        return self.where(self.split == split)
+
+
+@dataclass(frozen=True)
+class Window:
+    """What a model may learn from (`history`), what it is judged or labelled on (`target`), and when.
+
+    `ref_time[u]` is the moment user u's recommendations are made: the start of the target window for
+    a global split, the user's last history event for a per-user split. Time-dependent features and the
+    time decay are computed relative to it, so nothing after it leaks in.
+    """
+
+    history: Interactions
+    target: Interactions
+    ref_time: np.ndarray  # float64 seconds, one per user
+
+
+def encode_events(table: pa.Table, actions: tuple[str, ...]) -> Interactions:
+    """Integer-code a store table (user_id, item_id, action, timestamp); ids are numbered by first appearance."""
+    if table.num_rows == 0:
+        raise EmptyDataError("the event store is empty: ingest events first (recflow ingest FILE)")
+    ts_ms = pc.cast(table[TIMESTAMP], pa.int64()).to_numpy()
+    order = np.argsort(ts_ms, kind="stable")
+    table = table.take(pa.array(order))
+    users = pc.dictionary_encode(table[USER_ID]).combine_chunks()
+    items = pc.dictionary_encode(table[ITEM_ID]).combine_chunks()
+    codes = pc.index_in(table[ACTION], value_set=pa.array(actions, pa.string()))
+    if codes.null_count:
+        unknown = sorted(pc.unique(pc.filter(table[ACTION], pc.is_null(codes))).to_pylist())
+        raise UnknownActionError(
+            f"the event store holds action(s) {', '.join(map(repr, unknown))} that params.yaml events.actions "
+            f"does not list ({', '.join(actions)}): add them with a weight, or remove those events"
+        )
+    return Interactions(
+        user_idx=users.indices.to_numpy().astype(np.int32),
+        item_idx=items.indices.to_numpy().astype(np.int32),
+        action_idx=codes.to_numpy().astype(np.int8),
+        ts=ts_ms[order] // 1000,
+        split=np.zeros(table.num_rows, dtype=np.int8),
+        user_ids=np.asarray(users.dictionary.to_pylist(), dtype=object),
+        item_ids=np.asarray(items.dictionary.to_pylist(), dtype=object),
+        actions=tuple(actions),
+    )
+
+
+def assign_split(inter: Interactions, split: SplitSettings) -> tuple[np.ndarray, dict[str, float]]:
+    """Label each event FIT / VALIDATION / TEST by time; returns the labels and the cut times (global split)."""
+    labels = np.full(len(inter), SPLIT_FIT, dtype=np.int8)
+    cuts: dict[str, float] = {}
+    if split.method == "global_time":
+        test_start = float(np.quantile(inter.ts, 1.0 - split.test_fraction, method="higher"))
+        labels[inter.ts >= test_start] = SPLIT_TEST
+        before = inter.ts[inter.ts < test_start]
+        if len(before) == 0:
+            raise EmptyDataError(
+                "every event falls into the test window: the events span too little time for a time split; "
+                "lower features.split.test_fraction or use features.split.method: per_user"
+            )
+        validation_start = float(np.quantile(before, 1.0 - split.validation_fraction, method="higher"))
+        labels[(inter.ts >= validation_start) & (inter.ts < test_start)] = SPLIT_VALIDATION
+        cuts = {"validation_start": validation_start, "test_start": test_start}
+    else:
+        # Events are sorted by time, so a stable sort by user gives each user's events in time order.
+        order = np.argsort(inter.user_idx, kind="stable")
+        users = inter.user_idx[order]
+        counts = np.bincount(users, minlength=inter.n_users)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        position = np.arange(len(order)) - starts[users]
+        n_test = np.floor(counts * split.test_fraction).astype(np.int64)
+        n_validation = np.floor((counts - n_test) * split.validation_fraction).astype(np.int64)
+        from_end = counts[users] - position  # 1 for a user's last event
+        sorted_labels = np.where(
+            from_end <= n_test[users],
+            SPLIT_TEST,
+            np.where(from_end <= n_test[users] + n_validation[users], SPLIT_VALIDATION, SPLIT_FIT),
+        )
+        labels[order] = sorted_labels
+    return labels, cuts
+
+
+def window(inter: Interactions, target_split: int, method: str, cuts: dict[str, float]) -> Window:
+    """History = events of earlier splits; target = events of `target_split` (none past the last split)."""
+    history = inter.before(target_split)
+    target = inter.in_split(target_split)
+    if len(history) == 0:
+        raise EmptyDataError("no events before the target window: the data set is too small to split")
+    if target_split > SPLIT_TEST:  # production: all events are history, recommendations are for "now"
+        ref = np.full(inter.n_users, float(history.ts.max()) + 1.0)
+    elif method == "global_time":
+        start = cuts["validation_start" if target_split == SPLIT_VALIDATION else "test_start"]
+        ref = np.full(inter.n_users, start, dtype=np.float64)
+    else:
+        ref = np.full(inter.n_users, float(history.ts.max()) + 1.0)
+        last = np.full(inter.n_users, -np.inf)
+        np.maximum.at(last, history.user_idx, history.ts.astype(np.float64))
+        seen = np.isfinite(last)
+        ref[seen] = last[seen] + 1.0
+    return Window(history=history, target=target, ref_time=ref)
+
+
+def confidence_matrix(
+    inter: Interactions,
+    weights: np.ndarray,
+    half_life_days: float,
+    ref_time: np.ndarray,
+    n_users: int | None = None,
+) -> sp.csr_matrix:
+    """Users x items matrix of summed action weight x time decay, relative to each user's ref_time."""
+    age_days = np.maximum(ref_time[inter.user_idx] - inter.ts, 0.0) / SECONDS_PER_DAY
+    values = weights[inter.action_idx] * np.exp2(-age_days / half_life_days)
+    shape = (n_users or inter.n_users, inter.n_items)
+    matrix = sp.csr_matrix((values.astype(np.float32), (inter.user_idx, inter.item_idx)), shape=shape)
+    matrix.sum_duplicates()
+    return matrix
+
+
+def action_weights(settings: Settings, actions: tuple[str, ...]) -> np.ndarray:
+    return np.array([settings.events.actions[a] for a in actions], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    events: int
+    users: int
+    items: int
+    fit: int
+    validation: int
+    test: int
+    method: str
+
+
+def build_features(store: Path, out: Path, settings: Settings) -> FeatureSummary:
+    """The features stage: read the store, encode, split, and write `out/` atomically."""
+    from recflow.store import scan_store
+
+    table = scan_store(store, columns=[USER_ID, ITEM_ID, ACTION, TIMESTAMP])
+    inter = encode_events(table, tuple(settings.events.actions))
+    labels, cuts = assign_split(inter, settings.features.split)
+    inter = Interactions(**{**inter.__dict__, "split": labels})
+    counts = np.bincount(labels, minlength=3)
+    summary = FeatureSummary(
+        events=len(inter),
+        users=inter.n_users,
+        items=inter.n_items,
+        fit=int(counts[SPLIT_FIT]),
+        validation=int(counts[SPLIT_VALIDATION]),
+        test=int(counts[SPLIT_TEST]),
+        method=settings.features.split.method,
+    )
+    if min(summary.fit, summary.validation, summary.test) == 0:
+        raise EmptyDataError(
+            f"the split left an empty window (fit={summary.fit}, validation={summary.validation}, "
+            f"test={summary.test}); the store needs more events per user or over time"
+        )
+    meta = {"actions": list(inter.actions), "cuts": cuts, "summary": summary.__dict__}
+    save_interactions(inter, out, meta)
+    logger.info("features: %d events, %d users, %d items", summary.events, summary.users, summary.items)
+    return summary
+
+
+def save_interactions(inter: Interactions, out: Path, meta: dict[str, object]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {
+        INTERACTIONS_FILE: pa.table(
+            {
+                USER_IDX: inter.user_idx,
+                ITEM_IDX: inter.item_idx,
+                "action_idx": inter.action_idx,
+                "ts": inter.ts,
+                "split": inter.split,
+            }
+        ),
+        USERS_FILE: pa.table({USER_ID: pa.array(inter.user_ids, pa.string())}),
+        ITEMS_FILE: pa.table({ITEM_ID: pa.array(inter.item_ids, pa.string())}),
+    }
+    for name, table in tables.items():
+        with atomic_path(out / name) as tmp:
+            pq.write_table(table, tmp)
+    with atomic_path(out / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+
+
+def load_interactions(features: Path) -> tuple[Interactions, dict[str, object]]:
+    if not (features / INTERACTIONS_FILE).exists():
+        raise ModelNotFoundError(f"no features in {features}: run `recflow features` (or dvc repro) first")
+    table = pq.read_table(features / INTERACTIONS_FILE)
+    meta = json.loads((features / META_FILE).read_text())
+    inter = Interactions(
+        user_idx=table[USER_IDX].to_numpy(),
+        item_idx=table[ITEM_IDX].to_numpy(),
+        action_idx=table["action_idx"].to_numpy(),
+        ts=table["ts"].to_numpy(),
+        split=table["split"].to_numpy(),
+        user_ids=np.asarray(pq.read_table(features / USERS_FILE)[USER_ID].to_pylist(), dtype=object),
+        item_ids=np.asarray(pq.read_table(features / ITEMS_FILE)[ITEM_ID].to_pylist(), dtype=object),
+        actions=tuple(meta["actions"]),
+    )
+    return inter, meta
+
+
+class atomic_path:
+    """`with atomic_path(final) as tmp:` write to tmp; on success tmp replaces final, on error it is removed."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{self.final.name}.", dir=self.final.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.final)
+        else:
+            self.tmp.unlink(missing_ok=True)
