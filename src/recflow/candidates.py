@@ -82,21 +82,46 @@ class ImplicitCandidates:
     def __init__(self, model: AlternatingLeastSquares | BM25Recommender, history: sp.csr_matrix) -> None:
         self.model = model
         self.history = history
-        self.cold_items = np.flatnonzero(np.asarray(history.getnnz(axis=0)) == 0)
+        self.cold = np.asarray(history.getnnz(axis=0)) == 0
+        # implicit's item-kNN scores only neighbours: already-seen items come back with score 0 instead of
+        # being filtered, so ask it for more and filter here (ALS filters them itself).
+        self.post_filter = not isinstance(model, AlternatingLeastSquares)
 
     def recommend(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        n = min(n, self.history.shape[1])
+        users = np.asarray(users)
         all_ids = np.full((len(users), n), PAD, dtype=np.int64)
         all_scores = np.full((len(users), n), -np.inf, dtype=np.float32)
-        filter_items = self.cold_items if len(self.cold_items) else None
+        filter_items = np.flatnonzero(self.cold) if self.cold.any() else None
+        seen_counts = np.diff(self.history.indptr)
         with threadpool_limits(1, "blas"):
             for start in range(0, len(users), BATCH_USERS):
-                batch = np.asarray(users[start : start + BATCH_USERS])
-                ids, scores = self.model.recommend(batch, self.history[batch], N=n, filter_items=filter_items)
+                batch = users[start : start + BATCH_USERS]
+                history = self.history[batch]
+                extra = int(seen_counts[batch].max()) if self.post_filter and len(batch) else 0
+                # never ask past the catalogue: implicit pads that with item 0 and score 0
+                asked = min(n + extra, self.history.shape[1])
+                ids, scores = self.model.recommend(batch, history, N=asked, filter_items=filter_items)
                 ids, scores = _clean(ids.reshape(len(batch), -1), scores.reshape(len(batch), -1))
-                all_ids[start : start + len(batch), : ids.shape[1]] = ids
-                all_scores[start : start + len(batch), : ids.shape[1]] = scores
+                if self.post_filter:
+                    ids, scores = _drop_seen(ids, scores, history, self.cold)
+                width = min(n, ids.shape[1])
+                all_ids[start : start + len(batch), :width] = ids[:, :width]
+                all_scores[start : start + len(batch), :width] = scores[:, :width]
         return all_ids, all_scores
+
+
+def _drop_seen(
+    ids: np.ndarray, scores: np.ndarray, history: sp.csr_matrix, cold: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replace seen or cold items by PAD and move the padding to the end of each row, keeping the order."""
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+    safe = np.where(ids == PAD, 0, ids).ravel()
+    seen = np.asarray(history[rows, safe]).ravel() != 0
+    bad = (seen | cold[safe]).reshape(ids.shape) | (ids == PAD)
+    order = np.argsort(bad, axis=1, kind="stable")
+    ids = np.where(bad, PAD, ids)
+    scores = np.where(bad, -np.inf, scores)
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def item_knn(history: sp.csr_matrix, neighbours: int = 100) -> ImplicitCandidates:

@@ -1,0 +1,106 @@
+"""Known answers for the candidate generators, and one contract that every recommender must keep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from recflow.candidates import (
+    ALSParams,
+    ImplicitCandidates,
+    PopularityCandidates,
+    Recommender,
+    fit_als,
+    item_knn,
+    tune_als,
+)
+from recflow.config import ALSSettings, TuneSettings
+from recflow.metrics import PAD, GroundTruth
+
+N_BLOCKS, USERS_PER_BLOCK, ITEMS_PER_BLOCK = 3, 20, 8
+
+
+def block_matrix() -> tuple[sp.csr_matrix, np.ndarray]:
+    """Users of block b had every item of block b except one held out (a different one per user)."""
+    rows, cols, held_out = [], [], []
+    for b in range(N_BLOCKS):
+        for j in range(USERS_PER_BLOCK):
+            user = b * USERS_PER_BLOCK + j
+            hidden = b * ITEMS_PER_BLOCK + j % ITEMS_PER_BLOCK
+            held_out.append(hidden)
+            for item in range(b * ITEMS_PER_BLOCK, (b + 1) * ITEMS_PER_BLOCK):
+                if item != hidden:
+                    rows.append(user)
+                    cols.append(item)
+    shape = (N_BLOCKS * USERS_PER_BLOCK, N_BLOCKS * ITEMS_PER_BLOCK + 2)  # two items nobody had
+    matrix = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=shape)
+    return matrix, np.array(held_out)
+
+
+PARAMS = ALSParams(factors=8, regularization=0.01, alpha=5.0, iterations=20, random_state=1)
+
+
+def test_als_recommends_the_held_out_in_block_item() -> None:
+    matrix, held_out = block_matrix()
+    model = fit_als(matrix, PARAMS)
+    items, _ = ImplicitCandidates(model, matrix).recommend(np.arange(matrix.shape[0]), 1)
+    assert (items[:, 0] == held_out).mean() == 1.0
+
+
+def test_item_knn_stays_in_block() -> None:
+    matrix, held_out = block_matrix()
+    items, _ = item_knn(matrix, neighbours=10).recommend(np.arange(matrix.shape[0]), 1)
+    assert np.all(items[:, 0] // ITEMS_PER_BLOCK == held_out // ITEMS_PER_BLOCK)
+
+
+def generators(matrix: sp.csr_matrix) -> dict[str, Recommender]:
+    return {
+        "popularity": PopularityCandidates(matrix),
+        "item_knn": item_knn(matrix, neighbours=10),
+        "als": ImplicitCandidates(fit_als(matrix, PARAMS), matrix),
+    }
+
+
+@pytest.mark.parametrize("name", ["popularity", "item_knn", "als"])
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_contract_no_seen_no_cold_padding_last_scores_descending(name: str, n: int) -> None:
+    matrix, _ = block_matrix()
+    users = np.arange(matrix.shape[0])
+    items, scores = generators(matrix)[name].recommend(users, n)
+    assert items.shape == scores.shape == (len(users), n)
+    cold = {matrix.shape[1] - 2, matrix.shape[1] - 1}
+    for user in users:
+        row = items[user]
+        real = row[row != PAD]
+        assert not set(real) & set(matrix[user].indices), "an item the user already had came back"
+        assert not set(real) & cold, "an item without history came back"
+        assert len(set(real)) == len(real)
+        assert np.all(row[len(real) :] == PAD), "padding must come after the real items"
+        assert np.all(np.diff(scores[user][: len(real)]) <= 1e-6)
+    if n == 40:  # more asked than each user can get: every unseen warm item is returned, then padding
+        assert np.all((items != PAD).sum(axis=1) <= ITEMS_PER_BLOCK * N_BLOCKS - (ITEMS_PER_BLOCK - 1))
+
+
+def test_popularity_orders_by_summed_confidence() -> None:
+    matrix = sp.csr_matrix(np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=np.float32))
+    items, _ = PopularityCandidates(matrix).recommend(np.array([3, 0]), 3)
+    assert items.tolist() == [[0, 1, 2], [1, 2, PAD]]
+
+
+def test_tuning_keeps_the_best_trial_and_respects_pinning() -> None:
+    matrix, held_out = block_matrix()
+    truth = GroundTruth(
+        users=np.arange(matrix.shape[0]),
+        relevant=sp.csr_matrix(
+            (np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape
+        ),
+    )
+    base = ALSSettings(factors=8, regularization=0.01, alpha=5.0, iterations=10, random_state=1)
+    tuned = tune_als(matrix, truth, base.__class__(**{**base.__dict__, "tune": TuneSettings(max_trials=6)}))
+    best = max(trial["ndcg@10"] for trial in tuned.trials)
+    chosen = next(t for t in tuned.trials if all(t[k] == v for k, v in tuned.params.__dict__.items()))
+    assert chosen["ndcg@10"] == best
+    assert len(tuned.trials) <= 6
+    pinned = tune_als(matrix, truth, base.__class__(**{**base.__dict__, "tune": TuneSettings(enabled=False)}))
+    assert pinned.params == ALSParams.from_settings(base) and len(pinned.trials) == 1

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recflow.config import SplitSettings
+from recflow.errors import EmptyDataError, UnknownActionError
+from recflow.features import (
+    PRODUCTION,
+    SECONDS_PER_DAY,
+    SPLIT_FIT,
+    SPLIT_TEST,
+    SPLIT_VALIDATION,
+    Interactions,
+    assign_split,
+    confidence_matrix,
+    encode_events,
+    load_interactions,
+    save_interactions,
+    window,
+)
+
+ACTIONS = ("view", "click", "add_to_cart", "purchase")
+DAY0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
+
+
+def events(rows: list[tuple[str, str, str, int]]) -> pa.Table:
+    users, items, actions, days = zip(*rows, strict=True)
+    return pa.table(
+        {
+            "user_id": list(users),
+            "item_id": list(items),
+            "action": list(actions),
+            "timestamp": pa.array([(DAY0 + d * 86400) * 1000 for d in days], pa.timestamp("ms", tz="UTC")),
+        }
+    )
+
+
+def test_encode_sorts_by_time_and_numbers_ids_by_first_appearance() -> None:
+    inter = encode_events(events([("b", "y", "click", 2), ("a", "x", "view", 1), ("b", "x", "purchase", 3)]), ACTIONS)
+    assert list(inter.user_ids) == ["a", "b"]
+    assert list(inter.item_ids) == ["x", "y"]
+    assert inter.user_idx.tolist() == [0, 1, 1]
+    assert inter.item_idx.tolist() == [0, 1, 0]
+    assert [ACTIONS[a] for a in inter.action_idx] == ["view", "click", "purchase"]
+    assert np.all(np.diff(inter.ts) > 0)
+
+
+def test_encode_refuses_actions_params_do_not_know() -> None:
+    with pytest.raises(UnknownActionError, match=r"'like'.*events\.actions"):
+        encode_events(events([("a", "x", "like", 1)]), ACTIONS)
+
+
+def test_encode_empty_store_says_what_to_do() -> None:
+    with pytest.raises(EmptyDataError, match="recflow ingest"):
+        encode_events(events([("a", "x", "view", 1)]).slice(0, 0), ACTIONS)
+
+
+def _many(n_users: int, per_user: int) -> Interactions:
+    rows = [(f"u{u}", f"i{(u + e) % 7}", "view", u + e * 10) for u in range(n_users) for e in range(per_user)]
+    return encode_events(events(rows), ACTIONS)
+
+
+def test_global_split_is_by_time_and_roughly_the_asked_shares() -> None:
+    inter = _many(20, 10)
+    labels, cuts = assign_split(inter, SplitSettings("global_time", test_fraction=0.2, validation_fraction=0.25))
+    for earlier, later in ((SPLIT_FIT, SPLIT_VALIDATION), (SPLIT_VALIDATION, SPLIT_TEST)):
+        assert inter.ts[labels == earlier].max() < inter.ts[labels == later].min()
+    assert inter.ts[labels == SPLIT_TEST].min() == cuts["test_start"]
+    assert abs((labels == SPLIT_TEST).mean() - 0.2) < 0.05
+    assert abs((labels == SPLIT_VALIDATION).sum() / (labels != SPLIT_TEST).sum() - 0.25) < 0.05
+
+
+def test_per_user_split_takes_each_users_last_events() -> None:
+    inter = _many(6, 10)
+    labels, _ = assign_split(inter, SplitSettings("per_user", test_fraction=0.2, validation_fraction=0.25))
+    for user in range(inter.n_users):
+        mine = labels[inter.user_idx == user]  # in time order
+        assert mine.tolist() == [SPLIT_FIT] * 6 + [SPLIT_VALIDATION] * 2 + [SPLIT_TEST] * 2
+
+
+def test_window_reference_times_leave_the_target_in_the_future() -> None:
+    inter = _many(6, 10)
+    for method in ("global_time", "per_user"):
+        labels, cuts = assign_split(inter, SplitSettings(method, 0.2, 0.25))
+        split = Interactions(**{**inter.__dict__, "split": labels})
+        for target in (SPLIT_VALIDATION, SPLIT_TEST):
+            win = window(split, target, method, cuts)
+            assert np.all(win.history.ts < win.ref_time[win.history.user_idx] + 1e-9)
+            assert np.all(win.target.ts >= win.ref_time[win.target.user_idx] - 1e-9)
+        production = window(split, PRODUCTION, method, cuts)
+        assert len(production.history) == len(inter) and len(production.target) == 0
+
+
+def test_confidence_is_weight_times_half_life_decay_summed() -> None:
+    inter = encode_events(
+        events([("a", "x", "purchase", 0), ("a", "x", "view", 10), ("a", "y", "click", 10)]), ACTIONS
+    )
+    weights = np.array([0.5, 1.0, 1.5, 2.0])
+    ref = np.array([DAY0 + 10 * SECONDS_PER_DAY])
+    matrix = confidence_matrix(inter, weights, half_life_days=10.0, ref_time=ref)
+    # the purchase is one half-life old: 2.0 * 0.5, plus a fresh view 0.5
+    assert matrix[0, 0] == pytest.approx(1.5)
+    assert matrix[0, 1] == pytest.approx(1.0)
+    assert matrix.nnz == 2
+
+
+def test_interactions_round_trip(tmp_path) -> None:
+    inter = _many(3, 4)
+    save_interactions(inter, tmp_path, {"actions": list(ACTIONS), "cuts": {}, "summary": {"method": "per_user"}})
+    loaded, meta = load_interactions(tmp_path)
+    assert meta["summary"]["method"] == "per_user"
+    for name in ("user_idx", "item_idx", "action_idx", "ts", "split"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(inter, name))
+    assert list(loaded.user_ids) == list(inter.user_ids)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from recflow.metrics import PAD, hits, ranking_metrics, recall_curve
+
+
+def relevant(rows: list[list[int]], n_items: int = 10) -> sp.csr_matrix:
+    data = [(r, i) for r, items in enumerate(rows) for i in items]
+    r, c = zip(*data, strict=True)
+    return sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(rows), n_items))
+
+
+def test_known_answers_for_one_user() -> None:
+    recs = np.array([[3, 1, 7, 2]])
+    truth = relevant([[1, 2, 9]])
+    m = ranking_metrics(recs, truth, k=4, recall_k=4, n_catalogue=10)
+    dcg = 1 / math.log2(3) + 1 / math.log2(5)
+    idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert m["ndcg@4"] == pytest.approx(dcg / idcg)
+    assert m["recall@4"] == pytest.approx(2 / 3)
+    assert m["hit_rate@4"] == 1.0
+    assert m["map@4"] == pytest.approx((1 / 2 + 2 / 4) / 3)
+    assert m["coverage@4"] == pytest.approx(4 / 10)
+
+
+def test_perfect_and_empty_rankings() -> None:
+    truth = relevant([[0, 1], [2]])
+    perfect = ranking_metrics(np.array([[0, 1, 5], [2, 5, 6]]), truth, k=3, recall_k=3, n_catalogue=10)
+    assert perfect["ndcg@3"] == pytest.approx(1.0) and perfect["map@3"] == pytest.approx(1.0)
+    padded = ranking_metrics(np.full((2, 3), PAD), truth, k=3, recall_k=3, n_catalogue=10)
+    assert padded["ndcg@3"] == 0.0 and padded["coverage@3"] == 0.0
+
+
+def test_padding_never_counts_as_a_hit_even_for_item_zero() -> None:
+    assert not hits(np.array([[PAD, PAD]]), relevant([[0]])).any()
+
+
+def test_recall_curve_is_monotone() -> None:
+    curve = recall_curve(np.array([[4, 0, 1, 2]]), relevant([[0, 2]]), (1, 2, 3, 4))
+    assert list(curve.values()) == [0.0, 0.5, 0.5, 1.0]
+
+
+def test_too_few_recommendations_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least 20"):
+        ranking_metrics(np.zeros((1, 10), dtype=int), relevant([[0]]), k=10, recall_k=20, n_catalogue=10)
