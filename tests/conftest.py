@@ -19,3 +19,35 @@ def movielens_dir() -> Path:
     if not (MOVIELENS / "u.data").exists():
         pytest.skip(f"MovieLens 100K not found at {MOVIELENS} (it is never part of the repo)")
     return MOVIELENS
+
+
+SMALL = {
+    "generate": {"users": 600, "items": 250, "events": 40_000, "days": 40, "groups": 6},
+    "als": {"iterations": 10, "tune": {"budget_seconds": 10, "max_trials": 4}},
+    "ranker": {"n_estimators": 80, "max_train_users": 2000},
+    "evaluate": {"max_users": 2000},
+}
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def write_small_project(root: Path, **overrides: dict) -> Path:
+    """A project folder with the shipped params.yaml made small enough for tests; returns its params path."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = _merge(_merge(params, SMALL), overrides)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def small_project(tmp_path: Path) -> Path:
+    write_small_project(tmp_path)
+    return tmp_path

@@ -1,0 +1,90 @@
+"""The whole batch loop through the real `recflow` command, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECFLOW = str(Path(sys.executable).parent / "recflow")
+
+pytestmark = pytest.mark.integration
+
+
+def run(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([RECFLOW, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ..conftest import write_small_project
+
+    root = tmp_path_factory.mktemp("loop")
+    write_small_project(root)
+    result = run(root, "demo")
+    assert "offline evaluation" in result.stdout
+    return root
+
+
+def test_demo_writes_every_stage_output(trained: Path) -> None:
+    for path in (
+        "data/events",
+        "features/interactions.parquet",
+        "models/bundle/bundle.json",
+        "models/backtest/ranker.txt",
+        "models/metrics.json",
+        "models/train_report.json",
+        "reports/recall_at_k.csv",
+    ):
+        assert (trained / path).exists(), path
+
+
+def test_two_stage_beats_popularity_on_data_built_for_it(trained: Path) -> None:
+    metrics = json.loads((trained / "models/metrics.json").read_text())
+    assert set(metrics) >= {"popularity", "item_knn", "als", "als_ranker"}
+    assert metrics["als_ranker"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
+    assert metrics["als_ranker"]["recall@20"] > metrics["popularity"]["recall@20"]
+
+
+def test_second_ingest_of_the_same_events_stores_nothing(trained: Path) -> None:
+    result = run(trained, "ingest", "data/inbox")
+    stored = [line for line in result.stdout.splitlines() if "│" in line][-1]
+    read, stored_count, duplicate, rejected = (int(x.replace(",", "")) for x in stored.split("│")[1:5])
+    assert stored_count == 0 and rejected == 0 and duplicate == read > 0
+
+
+def test_batch_recommendations_exclude_history_and_fall_back_for_strangers(trained: Path) -> None:
+    import pyarrow.parquet as pq
+
+    events = pq.read_table(trained / "features/interactions.parquet")
+    users = pq.read_table(trained / "features/users.parquet")["user_id"].to_pylist()
+    items = pq.read_table(trained / "features/items.parquet")["item_id"].to_pylist()
+    known = users[0]
+    had = {items[i] for i in events.filter(events["user_idx"].to_numpy() == 0)["item_idx"].to_pylist()}
+    (trained / "users.txt").write_text(f"{known}\nnobody-knows-me\n")
+    run(trained, "recommend", "--users", "users.txt", "--k", "15", "--output", "recs.jsonl")
+    lines = [json.loads(line) for line in (trained / "recs.jsonl").read_text().splitlines()]
+    assert [line["user_id"] for line in lines] == [known, "nobody-knows-me"]
+    assert lines[0]["strategy"] == "personalized" and len(lines[0]["items"]) == 15
+    assert not set(lines[0]["items"]) & had
+    assert lines[1]["strategy"] == "popular" and len(lines[1]["items"]) == 15
+
+
+def test_errors_are_one_clear_line_not_a_traceback(trained: Path) -> None:
+    result = run(trained, "ingest", "no-such-file.csv", ok=False)
+    assert result.returncode == 2
+    assert "no-such-file.csv" in result.stderr and "Traceback" not in result.stderr
+    result = run(trained, "recommend", "--users", "missing.txt", ok=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_help_explains_every_command(tmp_path: Path) -> None:
+    result = run(tmp_path, "--help")
+    for command in ("generate", "import", "ingest", "features", "train", "evaluate", "recommend", "demo"):
+        assert command in result.stdout
