@@ -1,0 +1,434 @@
+"""The event contract: every record is accepted or rejected with a reason, timestamps are normalised to
+UTC, and derived event ids are deterministic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recflow.config import EventSettings
+from recflow.errors import InputFileError
+from recflow.events import (
+    MAX_RAW_CHARS,
+    REJECTION_CODES,
+    STORE_SCHEMA,
+    derive_event_ids,
+    read_event_file,
+    validate_records,
+    validate_table,
+)
+
+SETTINGS = EventSettings()
+NOW = datetime(2024, 6, 1, tzinfo=UTC)
+NOON = datetime(2024, 5, 1, 12, tzinfo=UTC)  # 2024-05-01T12:00:00Z = 1714564800 s
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"user_id": "u1", "item_id": "i1", "action": "view", "timestamp": "2024-05-01T12:00:00Z"}
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def reference_id(user: str, item: str, action: str, ms: int, value: float | None) -> str:
+    """The derived event id as the events module documents it, computed with hashlib."""
+    bits = "" if value is None else str(struct.unpack("<q", struct.pack("<d", value))[0])
+    key = f"{len(user.encode())}:{user}\x1f{len(item.encode())}:{item}\x1f{action}\x1f{ms}\x1f{bits}"
+    return "h" + hashlib.md5(key.encode()).hexdigest()[:24]
+
+
+def only_rejection(record: dict[str, Any]):
+    batch = validate_records([record], settings=SETTINGS, now=NOW)
+    assert batch.accepted.num_rows == 0
+    assert len(batch.rejected) == 1
+    return batch.rejected[0]
+
+
+@pytest.mark.parametrize(
+    ("record", "code", "words"),
+    [
+        (event(user_id=...), "missing_field", ["user_id is missing"]),
+        (event(timestamp=None), "missing_field", ["timestamp is missing"]),
+        (event(action=""), "missing_field", ["action is missing"]),
+        (event(item_id=""), "empty_id", ["item_id", "empty"]),
+        (event(user_id="   "), "empty_id", ["user_id", "empty"]),
+        (event(user_id="u" * 257), "id_too_long", ["user_id has 257 characters", "256", "events.max_id_length"]),
+        (event(event_id="e" * 300), "id_too_long", ["event_id has 300 characters"]),
+        (event(timestamp="yesterday"), "bad_timestamp", ["timestamp 'yesterday'", "ISO-8601", "epoch"]),
+        (event(timestamp="2024-02-30T12:00:00Z"), "bad_timestamp", ["timestamp '2024-02-30T12:00:00Z'"]),
+        (event(timestamp="2024-05-01T12:00:00"), "naive_timestamp", ["timestamp '2024-05-01T12:00:00'", "Z or +HH:MM"]),
+        (event(timestamp="2024-05-01"), "naive_timestamp", ["Z or +HH:MM"]),
+        (event(timestamp="2024-06-01T01:00:00Z"), "future_timestamp", ["timestamp", "3600 s after now", "skew"]),
+        (event(value="abc"), "bad_value", ["value 'abc' is not a finite number"]),
+        (event(value=float("nan")), "bad_value", ["value"]),
+        (event(user_id=["u1"]), "wrong_type", ["user_id must be a string", "list"]),
+        (event(item_id=1.5), "wrong_type", ["item_id must be a string", "float"]),
+        (event(action=3), "wrong_type", ["action must be a string", "int"]),
+        (event(timestamp=True), "wrong_type", ["timestamp must be", "bool"]),
+        (event(value={"stars": 5}), "wrong_type", ["value must be a number", "dict"]),
+        (event(value=False), "wrong_type", ["value must be a number", "bool"]),
+    ],
+)
+def test_each_rejection_names_the_field_and_the_fix(record: dict[str, Any], code: str, words: list[str]) -> None:
+    rejection = only_rejection(record)
+    assert rejection.code == code
+    for word in words:
+        assert word in rejection.reason
+    assert rejection.source == "request"
+    assert rejection.record == 1
+    assert json.loads(rejection.raw) == json.loads(json.dumps(record))
+
+
+def test_unknown_action_reason_lists_the_configured_actions() -> None:
+    rejection = only_rejection(event(action="clik"))
+    assert rejection.code == "unknown_action"
+    assert rejection.reason == (
+        "action 'clik' is not one of view, click, add_to_cart, purchase (params.yaml: events.actions)"
+    )
+
+
+def test_future_skew_is_configurable() -> None:
+    record = event(timestamp="2024-06-01T00:04:00Z")  # 240 s after NOW
+    assert validate_records([record], settings=SETTINGS, now=NOW).accepted.num_rows == 1
+    strict = EventSettings(max_future_skew_seconds=60)
+    assert only_rejection_with(strict, record).code == "future_timestamp"
+
+
+def only_rejection_with(settings: EventSettings, record: dict[str, Any]):
+    batch = validate_records([record], settings=settings, now=NOW)
+    assert len(batch.rejected) == 1
+    return batch.rejected[0]
+
+
+def test_first_failing_rule_wins_in_documented_order() -> None:
+    records = [
+        event(user_id=..., action="clik"),  # shape before content
+        event(user_id="", action="clik"),  # user_id before action
+        event(value=[1], timestamp=...),  # missing timestamp before a wrongly typed value
+        event(action="clik", timestamp="yesterday"),  # action before timestamp
+        event(timestamp="2024-05-01T12:00:00", value="x"),  # timestamp before value
+    ]
+    batch = validate_records(records, settings=SETTINGS, now=NOW)
+    assert [r.code for r in batch.rejected] == [
+        "missing_field",
+        "empty_id",
+        "missing_field",
+        "unknown_action",
+        "naive_timestamp",
+    ]
+    assert "timestamp" in batch.rejected[2].reason
+
+
+def test_validate_records_never_raises_on_garbage() -> None:
+    records: list[Any] = [None, 5, "x", [event()], {"user_id": {"a": 1}}, event()]
+    batch = validate_records(records, settings=SETTINGS, now=NOW)
+    assert [r.code for r in batch.rejected] == ["not_an_object"] * 4 + ["wrong_type"]
+    assert [r.record for r in batch.rejected] == [1, 2, 3, 4, 5]
+    assert batch.accepted.num_rows == 1
+
+
+def test_every_record_is_accepted_or_rejected_exactly_once() -> None:
+    records = [event(user_id=f"u{i}", action=["view", "clik"][i % 2], value=i) for i in range(50)]
+    batch = validate_records(records, settings=SETTINGS, now=NOW)
+    assert batch.accepted.num_rows == 25
+    assert sorted(r.record for r in batch.rejected) == list(range(2, 51, 2))
+    assert sorted(batch.accepted["user_id"].to_pylist()) == sorted(f"u{i}" for i in range(0, 50, 2))
+
+
+SAME_INSTANT = [
+    "2024-05-01T12:00:00Z",
+    "2024-05-01T14:00:00+02:00",
+    "2024-05-01T07:00:00-05:00",
+    "2024-05-01T17:30:00+0530",
+    "2024-05-01 12:00:00.000Z",
+    "2024-05-01T12:00:00.000000+00:00",
+    "2024-05-01T12:00:00.000000000Z",  # nanoseconds: parsed by the per-string fallback
+    1714564800,
+    1714564800.0,
+    1714564800000,
+    "1714564800",
+    "1714564800000",
+]
+
+
+@pytest.mark.parametrize("timestamp", SAME_INSTANT)
+def test_timestamp_forms_are_normalised_to_the_same_utc_instant(timestamp: Any) -> None:
+    batch = validate_records([event(timestamp=timestamp)], settings=SETTINGS, now=NOW)
+    assert batch.rejected == []
+    assert batch.accepted["timestamp"].to_pylist() == [NOON]
+
+
+def test_mixed_timestamp_forms_in_one_text_column() -> None:
+    texts = [str(t) for t in SAME_INSTANT] + ["2024-05-01T12:00:00.5Z", "bad", "2024-05-01T12:00:00"]
+    n = len(texts)
+    table = pa.table({"user_id": ["u"] * n, "item_id": ["i"] * n, "action": ["view"] * n, "timestamp": texts})
+    batch = validate_table(table, settings=SETTINGS, source="t", now=NOW)
+    assert batch.accepted["timestamp"].to_pylist() == [NOON] * len(SAME_INSTANT) + [NOON + timedelta(seconds=0.5)]
+    assert [(r.record, r.code) for r in batch.rejected] == [(n - 1, "bad_timestamp"), (n, "naive_timestamp")]
+
+
+def test_epoch_numbers_above_1e11_are_milliseconds() -> None:
+    records = [event(timestamp=99_999_999_999), event(timestamp=100_000_000_001)]
+    batch = validate_records(records, settings=SETTINGS, now=datetime(6000, 1, 1, tzinfo=UTC))
+    first, second = batch.accepted["timestamp"].to_pylist()
+    assert first == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=99_999_999_999)
+    assert second == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=100_000_000_001)
+
+
+def test_typed_columns_from_parquet_or_pandas() -> None:
+    moment = pa.array([NOON, NOON, NOON], pa.timestamp("us", tz="Europe/Berlin"))
+    table = pa.table(
+        {
+            "user_id": pa.array([7, 8, 9]),
+            "item_id": pa.array(["a", "b", "c"]).dictionary_encode(),
+            "action": ["view", "click", "purchase"],
+            "timestamp": moment,
+            "value": pa.array([1, None, 3], pa.int32()),
+        }
+    )
+    batch = validate_table(table, settings=SETTINGS, source="t", now=NOW)
+    assert batch.rejected == []
+    assert batch.accepted.schema == STORE_SCHEMA
+    assert batch.accepted["user_id"].to_pylist() == ["7", "8", "9"]
+    assert batch.accepted["timestamp"].to_pylist() == [NOON] * 3
+    assert batch.accepted["value"].to_pylist() == [1.0, None, 3.0]
+
+
+def test_typed_columns_of_the_wrong_kind_are_rejected() -> None:
+    table = pa.table(
+        {
+            "user_id": pa.array([1.0, None]),
+            "item_id": ["a", "b"],
+            "action": ["view", "view"],
+            "timestamp": pa.array([datetime(2024, 5, 1, 12)] * 2, pa.timestamp("ms")),
+        }
+    )
+    batch = validate_table(table, settings=SETTINGS, source="t.parquet", now=NOW, record_offset=10)
+    assert [(r.record, r.code) for r in batch.rejected] == [(11, "wrong_type"), (12, "missing_field")]
+    naive = validate_table(table.set_column(0, "user_id", pa.array(["u", "v"])), settings=SETTINGS, source="t")
+    assert {r.code for r in naive.rejected} == {"naive_timestamp"}
+
+
+def test_derived_event_id_matches_the_documented_formula() -> None:
+    batch = validate_records([event(value=4.5), event(user_id="é✓", value=-0.0)], settings=SETTINGS, now=NOW)
+    ms = 1_714_564_800_000
+    assert batch.accepted["event_id"].to_pylist() == [
+        reference_id("u1", "i1", "view", ms, 4.5),
+        reference_id("é✓", "i1", "view", ms, -0.0),
+    ]
+    # pinned, so that a change of formula (which would re-store replayed events) cannot go unnoticed
+    assert batch.accepted["event_id"][0].as_py() == "hf025706c319942cc9f4ca2fb"
+
+
+def test_derived_event_id_is_deterministic_and_depends_on_every_field() -> None:
+    variants = [
+        event(),
+        event(user_id="u2"),
+        event(item_id="i2"),
+        event(action="click"),
+        event(timestamp="2024-05-01T12:00:00.001Z"),
+        event(value=1),
+        event(value=0),
+        event(user_id="u1\x1f2:i1", item_id="x"),  # separators inside ids cannot make two keys equal
+        event(user_id="u1", item_id="\x1f2:i1x"),
+    ]
+    first = validate_records(variants, settings=SETTINGS, now=NOW).accepted["event_id"].to_pylist()
+    again = validate_records(variants, settings=SETTINGS, now=NOW).accepted["event_id"].to_pylist()
+    assert first == again
+    assert len(set(first)) == len(variants)
+    replayed = validate_records([event(timestamp=1714564800000, value=None)], settings=SETTINGS, now=NOW)
+    assert replayed.accepted["event_id"].to_pylist() == [first[0]]
+
+
+def test_given_event_id_is_kept_and_empty_one_is_derived() -> None:
+    batch = validate_records(
+        [event(event_id="abc"), event(event_id=""), event(event_id=42)], settings=SETTINGS, now=NOW
+    )
+    ids = batch.accepted["event_id"].to_pylist()
+    assert ids[0] == "abc"
+    assert ids[1] == reference_id("u1", "i1", "view", 1_714_564_800_000, None)
+    assert ids[2] == "42"
+
+
+def test_derive_event_ids_keeps_row_order_on_large_tables() -> None:
+    n = 300_000
+    table = pa.table(
+        {
+            "user_id": pa.array([f"u{i}" for i in range(n)]),
+            "item_id": pa.array(["i"] * n),
+            "action": pa.array(["view"] * n),
+            "timestamp": pa.array(range(n), pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+            "value": pa.nulls(n, pa.float64()),
+        }
+    )
+    ids = derive_event_ids(table).to_pylist()
+    for i in (0, 1, n // 2, n - 1):
+        assert ids[i] == reference_id(f"u{i}", "i", "view", i, None)
+
+
+# -- files -------------------------------------------------------------------------------------------------
+
+
+def test_jsonl_bad_lines_are_rejected_with_their_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    lines = [json.dumps(event()), "{not json", "[1, 2]", "", json.dumps(event(user_id="u2", extra={"x": 1}))]
+    path.write_text("\n".join(lines) + "\n")
+    table, rejected = read_event_file(path)
+    assert [(r.record, r.code) for r in rejected] == [(2, "bad_json"), (3, "not_an_object")]
+    assert rejected[0].raw == "{not json"
+    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
+    assert batch.rejected == []
+    assert batch.accepted["user_id"].to_pylist() == ["u1", "u2"]
+
+
+def test_jsonl_rejections_carry_the_line_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    lines = [json.dumps(event(user_id=7)), json.dumps(event(user_id=[1])), json.dumps(event(action="clik"))]
+    path.write_text("\n".join(lines))
+    table, rejected = read_event_file(path)
+    assert table.schema.field("user_id").type == pa.string()  # mixed types: read line by line
+    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
+    found = sorted(rejected + batch.rejected, key=lambda r: r.record)
+    assert [(r.record, r.code, r.raw) for r in found] == [(2, "wrong_type", lines[1]), (3, "unknown_action", lines[2])]
+    assert batch.accepted["user_id"].to_pylist() == ["7"]
+
+
+def test_jsonl_of_uniform_types_takes_the_fast_path(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    rows = [event(user_id=f"u{i}", value=i, timestamp=1714564800 + i) for i in range(5)]
+    rows.append(event(action="buy", timestamp=1714564800))
+    path.write_text("\n\n".join(json.dumps(r) for r in rows))  # blank lines between records
+    table, rejected = read_event_file(path)
+    assert rejected == []
+    assert table.schema.field("value").type == pa.float64()  # typed by pyarrow's reader, not line by line
+    assert table.schema.field("timestamp").type == pa.float64()
+    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
+    assert batch.accepted.num_rows == 5
+    assert [(r.record, r.code, r.raw) for r in batch.rejected] == [(11, "unknown_action", json.dumps(rows[-1]))]
+
+
+def test_csv_is_read_as_text_and_validated(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "timestamp,user_id,item_id,action,value,event_id,comment\n"
+        "2024-05-01T12:00:00Z,u1,i1,view,,,hello\n"
+        "2024-05-01T12:00:00Z,u2,i1,click,4.5,e-2,\n"
+        "2024-05-01T12:00:00Z,u3,i1,view,abc,,\n"
+        "1714564800,007,i1,purchase,1,,\n"
+    )
+    table, rejected = read_event_file(path)
+    assert rejected == []
+    assert all(pa.types.is_string(t) for t in table.schema.types[:7])
+    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
+    assert batch.accepted["user_id"].to_pylist() == ["u1", "u2", "007"]
+    assert batch.accepted["value"].to_pylist() == [None, 4.5, 1.0]
+    assert batch.accepted["event_id"][1].as_py() == "e-2"
+    assert batch.accepted["event_id"][0].as_py() == reference_id("u1", "i1", "view", 1_714_564_800_000, None)
+    [bad] = batch.rejected
+    assert (bad.record, bad.code) == (3, "bad_value")
+    assert json.loads(bad.raw) == {
+        "timestamp": "2024-05-01T12:00:00Z",
+        "user_id": "u3",
+        "item_id": "i1",
+        "action": "view",
+        "value": "abc",
+        "event_id": "",
+        "comment": "",
+    }
+
+
+def test_csv_row_with_wrong_field_count_is_rejected_and_numbering_stays_right(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "user_id,item_id,action,timestamp\n"
+        "u1,i1,view,2024-05-01T12:00:00Z\n"
+        "u2,i1,view\n"
+        "u3,i1,clik,2024-05-01T12:00:00Z\n"
+    )
+    table, rejected = read_event_file(path)
+    assert [(r.record, r.code, r.raw) for r in rejected] == [(2, "bad_row", "u2,i1,view")]
+    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
+    assert [(r.record, r.code) for r in batch.rejected] == [(3, "unknown_action")]
+
+
+def test_csv_without_required_columns_is_an_input_file_error(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text("user,item_id,action,ts\nu1,i1,view,2024-05-01T12:00:00Z\n")
+    with pytest.raises(InputFileError) as error:
+        read_event_file(path)
+    message = str(error.value)
+    assert "user_id, timestamp" in message
+    assert "found: user, item_id, action, ts" in message
+
+
+def test_raw_text_is_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text(f"user_id,item_id,action,timestamp\nu1,{'i' * 5000},view,2024-05-01T12:00:00Z\n")
+    table, _ = read_event_file(path)
+    [rejection] = validate_table(table, settings=SETTINGS, source=str(path), now=NOW).rejected
+    assert rejection.code == "id_too_long"
+    assert len(rejection.raw) == MAX_RAW_CHARS
+    assert len(rejection.reason) < 300
+
+
+def test_parquet_rows_are_numbered(tmp_path: Path) -> None:
+    path = tmp_path / "events.parquet"
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "item_id": ["i", "i"], "action": ["view", "x"],
+                             "timestamp": ["2024-05-01T12:00:00Z"] * 2}), path)  # fmt: skip
+    table, rejected = read_event_file(path)
+    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
+    assert rejected == []
+    assert [(r.record, r.code) for r in batch.rejected] == [(2, "unknown_action")]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("events.txt", "x", ["unknown file type '.txt'"]),
+        ("events.parquet", "not parquet", ["not a readable Parquet file"]),
+        ("events.json", '[{"user_id": "u1"}]', ["JSON array", "one JSON object per line"]),
+        ("events.csv", "", ["has no column user_id, item_id, action, timestamp", "found: nothing"]),
+    ],
+)
+def test_unusable_files_are_input_file_errors(tmp_path: Path, name: str, content: str, words: list[str]) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InputFileError) as error:
+        read_event_file(path)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_missing_file_is_an_input_file_error(tmp_path: Path) -> None:
+    with pytest.raises(InputFileError, match="does not exist"):
+        read_event_file(tmp_path / "nope.jsonl")
+
+
+def test_now_must_be_timezone_aware() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        validate_records([event()], settings=SETTINGS, now=datetime(2024, 6, 1))
+
+
+def test_rejection_codes_are_the_documented_set() -> None:
+    assert set(REJECTION_CODES) == {
+        "bad_json", "not_an_object", "bad_row", "missing_field", "wrong_type", "empty_id", "id_too_long",
+        "unknown_action", "bad_timestamp", "naive_timestamp", "future_timestamp", "bad_value",
+    }  # fmt: skip
+
+
+def test_jsonl_with_a_bom_and_a_line_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    good = json.dumps(event()).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + good + b'\n{"user_id": "\xff"}\n' + good.replace(b"u1", b"u2") + b"\n")
+    table, rejected = read_event_file(path)
+    assert [(r.record, r.code) for r in rejected] == [(2, "bad_json")]
+    assert "not UTF-8" in rejected[0].reason
+    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
+    assert batch.accepted["user_id"].to_pylist() == ["u1", "u2"]
