@@ -1,6 +1,6 @@
 """The event store: an append-only Parquet dataset partitioned by the UTC date of each event.
 
-Layout: `<store>/date=YYYY-MM-DD/part-<batch-uuid>.parquet`, columns in STORE_SCHEMA order. A batch is
+Layout: `<store>/date=YYYY-MM-DD/part-<batch digest>.parquet`, columns in STORE_SCHEMA order. A batch is
 written atomically: each of its files goes to a hidden name (".part-...") in its target directory, which
 readers (pyarrow.dataset, `scan_store`, duckdb globs of `part-*.parquet`) ignore, and is then renamed into
 place with os.replace (each file is fsynced first). A crash leaves no half-written file; replaying the batch
@@ -15,6 +15,7 @@ both store them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import uuid
@@ -252,7 +253,7 @@ def _write_partitions(table: pa.Table, keep: np.ndarray, store: Path) -> list[Pa
         table, day, keep = table.take(rows), day[rows], np.ones(len(rows), bool)
     bounds = np.flatnonzero(np.diff(day)) + 1
     starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(day)]])
-    name = f"part-{uuid.uuid4().hex}.parquet"
+    name = f"part-{_digest(table[EVENT_ID], keep)}.parquet"
     jobs = []
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
         if keep[start:end].any():
@@ -276,6 +277,19 @@ def _write_partitions(table: pa.Table, keep: np.ndarray, store: Path) -> list[Pa
             temp.unlink(missing_ok=True)
     logger.debug("wrote %d rows to %d partitions of %s", int(keep.sum()), len(jobs), store)
     return [final for _, _, _, final in jobs]
+
+
+def _digest(event_ids: pa.ChunkedArray, keep: np.ndarray) -> str:
+    """A name for a batch's files that depends only on the events stored, so the same data step on another
+    machine (a fresh clone) writes byte-identical files under identical names and `data.dvc` stays valid.
+    Two different batches cannot share a digest: the second would have been deduplicated against the first."""
+    ids = pc.filter(event_ids, pa.array(keep)).combine_chunks()
+    if ids.offset:  # a sliced array's buffers hold rows outside the slice
+        ids = pa.concat_arrays([pa.array(ids.to_pylist(), pa.string())])
+    digest = hashlib.blake2b(digest_size=16)
+    for buffer in ids.buffers()[1:]:
+        digest.update(memoryview(buffer))
+    return digest.hexdigest()
 
 
 def _write_file(table: pa.Table, path: Path) -> None:
