@@ -5,6 +5,7 @@ folder, then times, as the median of --repeats runs:
 
   (a) baseline: pyarrow read_csv + write one Parquet file (no validation, no dedup, no partitions)
   (b) recflow ingest_files into an empty store (read, validate, derive ids, dedup, write partitions)
+  (b') the same for a CSV without invalid rows (every event stored: the common case)
   (c) recflow ingest_files of the same file again into the filled store (every event a duplicate)
   (d) recflow ingest_files of a small batch of new events into the filled store (dedup reads the
       event_id column of the whole store, so this shows the per-batch cost of a big store)
@@ -41,8 +42,8 @@ DAYS = 30
 SMALL_BATCH = 10_000  # case (d): what one stream-drain batch costs against a store of N events
 
 
-def make_csv(path: Path, events: int, seed: int = 0) -> None:
-    """Write `events` rows: ISO-8601 Z / +02:00 / epoch-second timestamps, ~5% invalid, ~1% replays."""
+def make_csv(path: Path, events: int, seed: int = 0, invalid: float = 0.05) -> None:
+    """Write `events` rows: ISO-8601 Z / +02:00 / epoch-second timestamps, `invalid` share bad, ~1% replays."""
     rng = np.random.default_rng(seed)
     n = events
 
@@ -65,7 +66,7 @@ def make_csv(path: Path, events: int, seed: int = 0) -> None:
         "timestamp": timestamps,
         "value": np.where(rng.random(n) < 0.3, np.round(rng.random(n) * 5, 1).astype(str), ""),
     }
-    bad = np.flatnonzero(rng.random(n) < 0.05)
+    bad = np.flatnonzero(rng.random(n) < invalid)
     kinds = rng.integers(0, 7, len(bad))
     for kind, (column, text) in enumerate(
         [
@@ -137,6 +138,13 @@ def run(work: Path, events: int, repeats: int) -> None:
     for i, path in enumerate(small):
         make_csv(path, SMALL_BATCH, seed=100 + i)
     baseline = timed(lambda: pq.write_table(pcsv.read_csv(csv_path), work / "baseline.parquet"), repeats)
+    clean_path = work / "clean.csv"
+    make_csv(clean_path, events, invalid=0.0)
+    clean = timed(
+        lambda: ingest_files([clean_path], store=store, rejected=rejected, settings=settings, now=NOW),
+        repeats,
+        setup=fresh,
+    )
     first = timed(ingest, repeats, setup=fresh)
     again = timed(ingest, repeats, setup=None)
     batches = iter(small)
@@ -153,6 +161,7 @@ def run(work: Path, events: int, repeats: int) -> None:
     for name, n, (seconds, cpu, report) in [
         ("(a) baseline read_csv + write_table", rows, baseline),
         ("(b) ingest_files, empty store", rows, first),
+        ("(b') same, no invalid rows", rows, clean),
         ("(c) re-ingest, filled store", rows, again),
         ("(d) small new batch, filled store", small_rows, little),
     ]:

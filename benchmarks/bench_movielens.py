@@ -24,10 +24,10 @@ from _common import machine, print_table
 
 from recflow.config import load_settings
 from recflow.evaluate import MODEL_NAMES, evaluate
+from recflow.eventio import write_events
 from recflow.features import build_features
 from recflow.importers import import_movielens
 from recflow.store import ingest_files
-from recflow.synth import write_events
 from recflow.training import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -101,7 +101,8 @@ def generate(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Generate synthetic events with structure a recommender can learn (taste groups, funnel, sessions)."""
-    from recflow.synth import DriftSpec, generate_events, write_events
+    from recflow.eventio import write_events
+    from recflow.synth import DriftSpec, generate_events
 
     settings = _settings(params)
     changes = {k: v for k, v in dict(events=events, users=users, items=items, days=days, seed=seed).items() if v}
@@ -141,7 +142,7 @@ def import_(
 ) -> None:
     """Convert MovieLens, RetailRocket or any mapped CSV into an event file of the recflow contract."""
     from recflow import importers
-    from recflow.synth import write_events
+    from recflow.eventio import write_events
 
     settings = _settings(params)
     if fmt is ImportFormat.movielens:

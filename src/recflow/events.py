@@ -1,4 +1,4 @@
-"""The event contract: read event files, validate records, derive event ids.
+"""The event contract: the schemas of event tables, record validation, derived event ids.
 
 Every input record ends up exactly once in `ValidatedBatch.accepted` or in `ValidatedBatch.rejected`.
 The checks run in a fixed order and the first failing one names the record's rejection:
@@ -8,8 +8,8 @@ The checks run in a fixed order and the first failing one names the record's rej
 2. content, field by field in FIELD_ORDER: `empty_id` / `id_too_long` (user_id, item_id), `unknown_action`,
    `bad_timestamp` / `naive_timestamp` / `future_timestamp`, `bad_value`, `id_too_long` (event_id).
 
-Before those, reading a file can reject a record as `bad_json`, `not_an_object` (JSON lines) or `bad_row`
-(a CSV row with the wrong number of fields). Unknown extra fields are ignored.
+Before those, reading a file (`eventio.read_event_file`) can reject a record as `bad_json`, `not_an_object`
+(JSON lines) or `bad_row` (a CSV row with the wrong number of fields). Unknown extra fields are ignored.
 
 Derived event ids. An event without `event_id` gets
 `"h" + md5(key).hexdigest()[:24]` (96 bits) with the UTF-8 key
@@ -22,9 +22,6 @@ compute it; a replayed event always gets the same id and is stored once.
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
 import json
 import logging
 import os
@@ -34,24 +31,30 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
-from pathlib import Path
 from typing import Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
-import pyarrow.json as pjson
-import pyarrow.parquet as pq
 
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, REQUIRED_COLUMNS, TIMESTAMP, USER_ID, VALUE
-from recflow.errors import InputFileError
 
 logger = logging.getLogger(__name__)
 
 TIMESTAMP_TYPE = pa.timestamp("ms", tz="UTC")
+# What importers and the synthetic generator produce: the contract's columns and types, no event_id yet.
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field(USER_ID, pa.string()),
+        pa.field(ITEM_ID, pa.string()),
+        pa.field(ACTION, pa.string()),
+        pa.field(TIMESTAMP, TIMESTAMP_TYPE),
+        pa.field(VALUE, pa.float64()),
+    ]
+)
+# What the store holds: every event validated, with its event_id.
 STORE_SCHEMA = pa.schema(
     [
         pa.field(EVENT_ID, pa.string(), nullable=False),
@@ -63,10 +66,9 @@ STORE_SCHEMA = pa.schema(
     ]
 )
 FIELD_ORDER = (USER_ID, ITEM_ID, ACTION, TIMESTAMP, VALUE, EVENT_ID)
-# read_event_file adds these: the record number of each row and, for JSON, the line as written.
+# eventio.read_event_file adds these: the record number of each row and, for JSON, the line as written.
 RECORD_COLUMN = "__record__"
 RAW_COLUMN = "__raw__"
-EVENT_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_RAW_CHARS = 2000
 
 REJECTION_CODES = (
@@ -112,28 +114,6 @@ class ValidatedBatch:
     rejected: list[Rejection]
 
 
-def read_event_file(path: Path) -> tuple[pa.Table, list[Rejection]]:
-    """The raw rows of one .jsonl/.json (one object per line), .csv or .parquet file, and the records that
-    could not even be read as rows. The table carries RECORD_COLUMN (and RAW_COLUMN for JSON) for
-    `validate_table`. CSV cells are read as text so that validation decides about types."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in EVENT_FILE_SUFFIXES:
-        raise InputFileError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(EVENT_FILE_SUFFIXES)}")
-    if not path.is_file():
-        raise InputFileError(f"{path} does not exist or is not a file; check the path")
-    if suffix == ".csv":
-        return _read_csv(path)
-    if suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise InputFileError(f"{path} is not a readable Parquet file ({exc}); rewrite it or remove it") from exc
-        _require_columns(path, table.column_names)
-        return table.append_column(RECORD_COLUMN, pa.array(np.arange(1, table.num_rows + 1))), []
-    return _read_json_lines(path)
-
-
 def validate_table(
     table: pa.Table,
     *,
@@ -143,7 +123,7 @@ def validate_table(
     record_offset: int = 0,
 ) -> ValidatedBatch:
     """Check every row of `table` against the event contract. Rows are numbered `record_offset + 1, ...`
-    unless the table carries RECORD_COLUMN (as tables from `read_event_file` do)."""
+    unless the table carries RECORD_COLUMN (as tables from `eventio.read_event_file` do)."""
     if RECORD_COLUMN in table.column_names:
         records = np.asarray(table[RECORD_COLUMN].to_numpy(), dtype=np.int64)
     else:
@@ -151,9 +131,9 @@ def validate_table(
 
     def raw_of(rows: np.ndarray) -> list[str]:
         if RAW_COLUMN in table.column_names:
-            return [text[:MAX_RAW_CHARS] for text in table[RAW_COLUMN].take(rows).to_pylist()]
+            return [text[:MAX_RAW_CHARS] for text in _take(table[RAW_COLUMN], rows).to_pylist()]
         shown = table.drop_columns([c for c in (RECORD_COLUMN,) if c in table.column_names])
-        return [text[:MAX_RAW_CHARS] for text in json_objects(shown.take(rows)).to_pylist()]
+        return [text[:MAX_RAW_CHARS] for text in json_objects(_take(shown, rows)).to_pylist()]
 
     return _validate(table, settings=settings, source=source, now=now, records=records, raw_of=raw_of)
 
@@ -167,7 +147,7 @@ def validate_records(
 ) -> ValidatedBatch:
     """Validate JSON-decoded records (the HTTP service's path). Never raises for bad input: a record of the
     wrong shape or type is a Rejection numbered by its 1-based position."""
-    table, rejected, kept = _records_table(records, range(1, len(records) + 1), source=source)
+    table, rejected, kept = records_table(records, range(1, len(records) + 1), source=source)
     batch = _validate(
         table,
         settings=settings,
@@ -222,118 +202,7 @@ def duckdb_cursor() -> duckdb.DuckDBPyConnection:
         return _DUCKDB[1].cursor()
 
 
-# -- reading files ---------------------------------------------------------------------------------------
-
-
-def _require_columns(path: Path, names: Sequence[str]) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise InputFileError(
-            f"{path} has no column {', '.join(missing)} (found: {', '.join(names) or 'nothing'}); "
-            f"an event file needs {', '.join(REQUIRED_COLUMNS)} and may add {EVENT_ID}, {VALUE}"
-        )
-
-
-def _read_csv(path: Path) -> tuple[pa.Table, list[Rejection]]:
-    with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
-        header = next(csv.reader(handle), [])
-    _require_columns(path, header)
-    bad_rows: list[Any] = []
-
-    def read(use_threads: bool) -> pa.Table:
-        bad_rows.clear()
-        return pcsv.read_csv(
-            path,
-            read_options=pcsv.ReadOptions(use_threads=use_threads),
-            parse_options=pcsv.ParseOptions(invalid_row_handler=lambda row: bad_rows.append(row) or "skip"),
-            convert_options=pcsv.ConvertOptions(column_types={name: pa.string() for name in header}),
-        )
-
-    try:
-        table = read(use_threads=True)
-        if bad_rows:  # only a single-threaded read knows the line numbers of malformed rows
-            table = read(use_threads=False)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputFileError(f"{path} is not a readable CSV file ({exc}); check its encoding and quoting") from exc
-    rejected = [
-        Rejection(
-            str(path),
-            row.number - 1,
-            "bad_row",
-            f"CSV row has {row.actual_columns} fields but the header has {row.expected_columns}; "
-            "quote values that contain commas",
-            row.text[:MAX_RAW_CHARS],
-        )
-        for row in bad_rows
-    ]
-    numbers = np.arange(1, table.num_rows + len(rejected) + 1)
-    numbers = np.setdiff1d(numbers, [r.record for r in rejected]) if rejected else numbers
-    return table.append_column(RECORD_COLUMN, pa.array(numbers)), rejected
-
-
-def _read_json_lines(path: Path) -> tuple[pa.Table, list[Rejection]]:
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-    if data.lstrip()[:1] == b"[":
-        raise InputFileError(f"{path} holds a JSON array; write one JSON object per line (JSON Lines) instead")
-    try:
-        lines = pc.list_flatten(pc.split_pattern(pa.array([data.decode()], pa.large_string()), "\n"))
-        lines = pc.cast(pc.utf8_rtrim(lines, "\r"), pa.string())
-        filled = np.flatnonzero(~_np(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(lines)), 0)))
-        raw, numbers = lines.take(filled), pa.array(filled + 1)
-        table = _fast_json(data, raw)
-        if table is not None:
-            return table.append_column(RECORD_COLUMN, numbers).append_column(RAW_COLUMN, raw), []
-    except UnicodeDecodeError:
-        pass
-    logger.debug("%s: mixed field types or bad lines, parsing line by line", path)
-    records: list[Any] = []
-    rejected: list[Rejection] = []
-    numbers_kept: list[int] = []
-    raws: dict[int, str] = {}
-    for number, chunk in enumerate(data.split(b"\n"), 1):
-        line = raws[number] = chunk.decode(errors="replace").rstrip("\r")
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(chunk))
-            numbers_kept.append(number)
-        except ValueError as exc:
-            detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-            reason = f"line is not valid JSON ({detail}); write one JSON object per line"
-            rejected.append(Rejection(str(path), number, "bad_json", reason, line[:MAX_RAW_CHARS]))
-    table, shape_rejected, _ = _records_table(records, numbers_kept, source=str(path), raws=raws)
-    return table, sorted(rejected + shape_rejected, key=lambda r: r.record)
-
-
-def _fast_json(data: bytes, lines: pa.Array) -> pa.Table | None:
-    """pyarrow's JSON reader, with column types guessed from the first line; None when the file needs the
-    slow path (a line that is not an object, mixed types, ...)."""
-    if len(lines) == 0:
-        return None
-    try:
-        first = json.loads(lines[0].as_py())
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(first, dict):
-        return None
-
-    def kind(name: str) -> pa.DataType:
-        sample = first.get(name)
-        number = isinstance(sample, int | float) and not isinstance(sample, bool)
-        if (name == VALUE and not isinstance(sample, str)) or (name == TIMESTAMP and number):
-            return pa.float64()
-        return pa.int64() if isinstance(sample, int) and not isinstance(sample, bool) else pa.string()
-
-    schema = pa.schema([(name, kind(name)) for name in FIELD_ORDER])
-    options = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-    try:
-        table = pjson.read_json(io.BytesIO(data), parse_options=options)
-    except pa.ArrowException:
-        return None
-    return table if table.num_rows == len(lines) else None
-
-
-def _records_table(
+def records_table(
     records: Sequence[Any],
     numbers: Sequence[int],
     *,
@@ -341,8 +210,9 @@ def _records_table(
     raws: Mapping[int, str] | None = None,
 ) -> tuple[pa.Table, list[Rejection], list[int]]:
     """Check the shape of JSON-decoded records (object, required fields present, acceptable types) and
-    turn the rest into a table of text columns for `_validate`. Returns the table, the rejections and, for
-    each table row, the position of its record in `records`."""
+    turn the rest into a table of text columns for `validate_table`, with RECORD_COLUMN from `numbers` (and
+    RAW_COLUMN from `raws`, the text of each record by number, when given). Returns the table, the
+    rejections and, for each table row, the position of its record in `records`."""
     columns: dict[str, list[Any]] = {name: [] for name in FIELD_ORDER}
     rejected: list[Rejection] = []
     kept: list[int] = []
@@ -404,33 +274,38 @@ def _validate(
     n = table.num_rows
     cols = {name: _plain(table[name]) if name in table.column_names else pa.nulls(n) for name in FIELD_ORDER}
     limit_ms = (now - _EPOCH) // timedelta(milliseconds=1) + int(settings.max_future_skew_seconds * 1000)
-    parts = _parallel(
-        lambda start: _check_rows({k: c.slice(start, _SLICE) for k, c in cols.items()}, settings, limit_ms),
-        range(0, max(n, 1), _SLICE),
-    )
-    code, field, ms, values, no_value = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
-    keep = code == 0
-    mask = pa.array(keep)
-    accepted = pa.table(
-        {
-            **{name: pc.filter(_text(cols[name]), mask) for name in (EVENT_ID, USER_ID, ITEM_ID, ACTION)},
-            TIMESTAMP: pa.array(ms[keep]).cast(TIMESTAMP_TYPE),
-            VALUE: pa.array(values[keep], mask=no_value[keep]),
-        }
-    )
-    rows = np.flatnonzero(code)
 
-    def explain() -> list[Rejection]:
-        reasons = _reasons(cols, rows, code[rows], field[rows], ms[rows], settings, now)
+    def check(start: int) -> tuple[pa.Table, list[Rejection]]:
+        """One slice: check the rows, derive the ids of the accepted ones, explain the rejected ones. Slices
+        run on all cores, so duckdb hashes the ids of one while Python explains the rejections of another."""
+        part = {name: col.slice(start, _SLICE) for name, col in cols.items()}
+        code, field, ms, values, no_value = _check_rows(part, settings, limit_ms)
+        rows = np.flatnonzero(code)
+        kept = {name: _text(part[name]) for name in (EVENT_ID, USER_ID, ITEM_ID, ACTION)}
+        kept_ms, kept_values, kept_no_value = ms, values, no_value
+        if len(rows):  # when every row is accepted, nothing is copied
+            keep = code == 0
+            kept = {name: pc.filter(text, pa.array(keep)) for name, text in kept.items()}
+            kept_ms, kept_values, kept_no_value = ms[keep], values[keep], no_value[keep]
+        accepted = _fill_event_ids(
+            pa.table(
+                {
+                    **kept,
+                    TIMESTAMP: pa.array(kept_ms).cast(TIMESTAMP_TYPE),
+                    VALUE: pa.array(kept_values, mask=kept_no_value),
+                }
+            )
+        )
+        if not len(rows):
+            return accepted, []
+        reasons = _reasons(part, rows, code[rows], field[rows], ms[rows], settings, now)
         codes = np.array(REJECTION_CODES, dtype=object)[code[rows] - 1].tolist()
-        return list(map(Rejection, repeat(source), records[rows].tolist(), codes, reasons, raw_of(rows)))
+        at = start + rows
+        return accepted, list(map(Rejection, repeat(source), records[at].tolist(), codes, reasons, raw_of(at)))
 
-    if len(rows) < 1000:
-        rejected, accepted = explain(), _fill_event_ids(accepted)
-    else:
-        with ThreadPoolExecutor(max_workers=1) as pool:  # duckdb hashes ids while Python explains rejections
-            with_ids = pool.submit(_fill_event_ids, accepted)
-            rejected, accepted = explain(), with_ids.result()
+    parts = _parallel(check, range(0, max(n, 1), _SLICE))
+    accepted = pa.concat_tables([kept for kept, _ in parts])
+    rejected = [rejection for _, rejections in parts for rejection in rejections]
     if rejected:
         logger.debug("%s: %d of %d records rejected", source, len(rejected), n)
     return ValidatedBatch(accepted=accepted, rejected=rejected)
@@ -523,6 +398,7 @@ def _parse_timestamps(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.n
             return _np(pc.cast(col, TIMESTAMP_TYPE).cast(pa.int64()), 0), status
         except pa.ArrowInvalid:
             pass  # sort the strings by form, cheapest test first
+        col = _contiguous(col)  # for the takes below
         digits = valid & _np(pc.ascii_is_decimal(col)) & _np(pc.less_equal(pc.utf8_length(col), 15))
         todo = valid & ~digits
         at = np.flatnonzero(digits)
@@ -581,7 +457,7 @@ def _parse_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarr
     """value as float64 (NaN where absent) and where it is absent (null or "")."""
     n = len(col)
     if _is_text(col.type):
-        col = pc.cast(col, pa.string())
+        col = _contiguous(pc.cast(col, pa.string()))
         at = np.flatnonzero(_np(pc.greater(pc.utf8_length(col), 0)))
         some = col.take(at)
         try:
@@ -612,7 +488,7 @@ def _reasons(
     for f, c in sorted(set(zip(fields.tolist(), codes.tolist(), strict=True))):
         at = np.flatnonzero((fields == f) & (codes == c))
         name = FIELD_ORDER[f]
-        values = cols[name].take(rows[at]).to_pylist()
+        values = _take(cols[name], rows[at]).to_pylist()
         reasons[at] = _reason_texts(REJECTION_CODES[c - 1], name, values, ms[at], settings, now)
     return reasons.tolist()
 
@@ -680,6 +556,19 @@ def _is_text(kind: pa.DataType) -> bool:
 
 def _plain(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.cast(col, col.type.value_type) if pa.types.is_dictionary(col.type) else col
+
+
+def _contiguous(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """`col` as one array, to take from it: a take from a ChunkedArray concatenates its chunks on every call."""
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _take(data: pa.ChunkedArray | pa.Table, rows: np.ndarray) -> pa.Array | pa.Table:
+    """`data.take(rows)` for sorted `rows`, concatenating only the chunks between the first and the last row."""
+    if len(rows) == 0:
+        return data.take(rows)
+    span = data.slice(int(rows[0]), int(rows[-1]) - int(rows[0]) + 1)
+    return span.combine_chunks().take(rows - rows[0])
 
 
 def _np(arr: pa.ChunkedArray | pa.Array, fill: Any = False) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Importers from public dataset formats to the event contract (columns and types of `synth.EVENT_SCHEMA`).
+"""Importers from public dataset formats to the event contract (columns and types of `events.EVENT_SCHEMA`).
 
 Importers convert formats; they do not validate business rules (id length, known actions, future
 timestamps): the store does that and rejects records with a reason. They never drop a row silently: a row
@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 
 from recflow.constants import ACTION, EVENT_COLUMNS, EVENT_ID, ITEM_ID, REQUIRED_COLUMNS, TIMESTAMP, USER_ID, VALUE
 from recflow.errors import InputFileError
-from recflow.synth import EVENT_SCHEMA, TIMESTAMP_TYPE
+from recflow.events import EVENT_SCHEMA, TIMESTAMP_TYPE
 
 logger = logging.getLogger(__name__)
 

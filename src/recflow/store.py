@@ -7,10 +7,10 @@ place with os.replace (each file is fsynced first). A crash leaves no half-writt
 is safe because every event whose event_id is already stored is counted as a duplicate and not written again.
 The rejected log of a batch (`<rejected>/rejected-<UTC time>-<uuid8>.jsonl`) is written the same way.
 
-Dedup compares event_id strings exactly, within the batch (the first occurrence wins) and against the
-event_id column of every stored file, in one DuckDB anti-join. Its cost grows with the store (one column is
-read); see benchmarks/bench_ingest.py. One writer at a time: two concurrent ingests of the same events can
-both store them.
+Dedup compares event_id strings exactly, within the batch (the first occurrence wins; hashes single out the
+rows that can repeat) and against the event_id column of every stored file, in one DuckDB semi-join. Its cost
+grows with the store (one column is read); see benchmarks/bench_ingest.py. One writer at a time: two concurrent
+ingests of the same events can both store them.
 """
 
 from __future__ import annotations
@@ -36,22 +36,15 @@ import pyarrow.parquet as pq
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
 from recflow.errors import InputFileError
-from recflow.events import (
-    EVENT_FILE_SUFFIXES,
-    STORE_SCHEMA,
-    Rejection,
-    duckdb_cursor,
-    json_objects,
-    read_event_file,
-    validate_records,
-    validate_table,
-)
+from recflow.eventio import EVENT_FILE_SUFFIXES, read_event_file
+from recflow.events import STORE_SCHEMA, Rejection, duckdb_cursor, json_objects, validate_records, validate_table
 
 logger = logging.getLogger(__name__)
 
 _DAY_MS = 86_400_000
 _EPOCH_DAY = date(1970, 1, 1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HASH_SLOTS = 1 << 20  # _first_occurrences: slots of the filter table (1 MB)
 _WRITE_OPTIONS: dict[str, Any] = {
     # snappy writes fastest; zstd level 1 makes the files ~45% smaller (hex event ids compress) for ~40% more
     # write CPU (2M events: 73 vs 41 MB, 0.86 vs 1.22 CPU s)
@@ -226,69 +219,123 @@ def _commit(
 
 def _new_rows(batch: pa.Table, store: Path) -> np.ndarray:
     """Which rows of `batch` have an event_id that is neither stored yet nor seen earlier in the batch."""
-    new = np.zeros(batch.num_rows, bool)
     if batch.num_rows == 0:
-        return new
+        return np.zeros(0, bool)
+    new = _first_occurrences(batch[EVENT_ID])
     files = [str(f) for f in _data_files(store)]
-    ids = pa.table({EVENT_ID: batch[EVENT_ID], "row": pa.array(np.arange(batch.num_rows))})
-    with duckdb_cursor() as con:
-        con.register("batch", ids)
-        if files:
-            query = (f"SELECT min(b.row) AS row FROM batch b ANTI JOIN read_parquet($files) s "
-                     f"ON b.{EVENT_ID} = s.{EVENT_ID} GROUP BY b.{EVENT_ID}")  # fmt: skip
-            found = con.sql(query, params={"files": files}).to_arrow_table()
-        else:
-            found = con.sql(f"SELECT min(row) AS row FROM batch GROUP BY {EVENT_ID}").to_arrow_table()
-    new[found["row"].to_numpy()] = True
+    if files:
+        ids = pa.table({EVENT_ID: batch[EVENT_ID], "row": pa.array(np.arange(batch.num_rows)), "new": pa.array(new)})
+        with duckdb_cursor() as con:
+            con.register("batch", ids)
+            query = (f"SELECT b.row FROM batch b SEMI JOIN read_parquet($files) s "
+                     f"ON b.{EVENT_ID} = s.{EVENT_ID} WHERE b.new")  # fmt: skip
+            stored = con.sql(query, params={"files": files}).to_arrow_table()["row"]
+        new[stored.to_numpy()] = False
     return new
 
 
+def _first_occurrences(ids: pa.ChunkedArray) -> np.ndarray:
+    """True at the first row of each distinct id, comparing ids exactly. A 64-bit hash of every id finds the
+    rows whose hash repeats in the batch (a row with a unique hash has a unique id), and only those rows are
+    compared as strings: one hash per id instead of a hash table of all the strings."""
+    hashes = _id_hashes(ids)
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    first = np.ones(len(hashes), bool)
+    if len(repeated) == 0:
+        return first
+    slots = np.zeros(_HASH_SLOTS, bool)  # the low bits of the repeated hashes: a cheap first filter
+    slots[repeated % _HASH_SLOTS] = True
+    maybe = np.flatnonzero(slots[hashes % _HASH_SLOTS])
+    rows = maybe[np.isin(hashes[maybe], repeated)]
+    # dictionary codes count distinct ids in order of first appearance: a row is first when its code is new
+    codes = ids.take(rows).combine_chunks().dictionary_encode().indices.to_numpy()
+    seen = np.maximum.accumulate(codes)
+    first[rows] = np.concatenate([[True], seen[1:] > seen[:-1]])
+    return first
+
+
+def _id_hashes(ids: pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash (uint64) of each id; equal ids have equal hashes."""
+    with duckdb_cursor() as con:
+        con.register("ids", pa.table({"id": ids}))
+        return con.sql("SELECT hash(id) AS h FROM ids").to_arrow_table()["h"].to_numpy()
+
+
 def _write_partitions(table: pa.Table, keep: np.ndarray, store: Path) -> list[Path]:
-    """Write the `keep` rows, one file per UTC date, atomically (hidden name, then rename); returns the files.
-    Rows are filtered inside the parallel writers, so the batch is copied once."""
+    """Write the `keep` rows, one file per UTC date in time order, atomically (hidden name, then rename);
+    returns the files. The parallel writers cut their partition out of the batch themselves: a slice (filtered
+    when it holds rows not to keep) when the kept rows are in time order, else a take of its rows. The files
+    are named by `_digest`, which is computed while they are written."""
     day = pc.cast(table[TIMESTAMP], pa.int64()).to_numpy() // _DAY_MS
-    if np.any(day[1:] < day[:-1]):  # not in time order: one take both filters and sorts
-        rows = np.flatnonzero(keep)
+    rows = np.flatnonzero(keep)
+    in_order = not np.any(day[rows][1:] < day[rows][:-1])
+    if not in_order:
         rows = rows[np.argsort(day[rows], kind="stable")]
-        table, day, keep = table.take(rows), day[rows], np.ones(len(rows), bool)
-    bounds = np.flatnonzero(np.diff(day)) + 1
-    starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(day)]])
-    name = f"part-{_digest(table[EVENT_ID], keep)}.parquet"
-    jobs = []
-    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-        if keep[start:end].any():
-            folder = store / f"date={(_EPOCH_DAY + timedelta(days=int(day[start]))).isoformat()}"
-            jobs.append((start, end, folder / f".{name}.tmp", folder / name))
+    kept_day = day[rows]
+    parts = np.split(rows, np.flatnonzero(kept_day[1:] != kept_day[:-1]) + 1)
+    hidden = f".part-{uuid.uuid4().hex}.tmp"
+    temps = [store / f"date={(_EPOCH_DAY + timedelta(days=int(day[part[0]]))).isoformat()}" / hidden for part in parts]
 
-    def write(job: tuple[int, int, Path, Path]) -> None:
-        start, end, temp, _ = job
-        part = table.slice(start, end - start)
-        _write_file(part if keep[start:end].all() else part.filter(pa.array(keep[start:end])), temp)
+    def write(part: np.ndarray, temp: Path) -> None:
+        if not in_order:
+            _write_file(table.take(part), temp)
+            return
+        start, end = int(part[0]), int(part[-1]) + 1
+        rows_in_range = table.slice(start, end - start)
+        _write_file(
+            rows_in_range if len(part) == end - start else rows_in_range.filter(pa.array(keep[start:end])), temp
+        )
 
-    for _, _, temp, _ in jobs:
+    for temp in temps:
         temp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-            list(pool.map(write, jobs))
-        for _, _, temp, final in jobs:
+        with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
+            written = pool.map(write, parts, temps)
+            ids = table[EVENT_ID] if in_order else table[EVENT_ID].take(rows)
+            name = f"part-{_digest(ids, keep if in_order else None)}.parquet"
+            list(written)
+        finals = [temp.with_name(name) for temp in temps]
+        for temp, final in zip(temps, finals, strict=True):
             os.replace(temp, final)
     finally:
-        for _, _, temp, _ in jobs:
+        for temp in temps:
             temp.unlink(missing_ok=True)
-    logger.debug("wrote %d rows to %d partitions of %s", int(keep.sum()), len(jobs), store)
-    return [final for _, _, _, final in jobs]
+    logger.debug("wrote %d rows to %d partitions of %s", len(rows), len(parts), store)
+    return finals
 
 
-def _digest(event_ids: pa.ChunkedArray, keep: np.ndarray) -> str:
+def _digest(event_ids: pa.ChunkedArray, keep: np.ndarray | None = None) -> str:
     """A name for a batch's files that depends only on the events stored, so the same data step on another
     machine (a fresh clone) writes byte-identical files under identical names and `data.dvc` stays valid.
-    Two different batches cannot share a digest: the second would have been deduplicated against the first."""
-    ids = pc.filter(event_ids, pa.array(keep)).combine_chunks()
-    if ids.offset:  # a sliced array's buffers hold rows outside the slice
-        ids = pa.concat_arrays([pa.array(ids.to_pylist(), pa.string())])
+    Two different batches cannot share a digest: the second would have been deduplicated against the first.
+
+    It hashes the kept ids (all when `keep` is None) as one string array would lay them out, offsets (int32,
+    from 0) then characters, read from the chunks as they are: nothing is filtered or copied where every row
+    of a chunk is kept."""
+    lengths, characters = [], []
+    done = 0
+    for chunk in event_ids.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        _, offsets, data = chunk.buffers()
+        bounds = np.frombuffer(offsets, np.int32, count=n + 1, offset=4 * chunk.offset)
+        text = memoryview(data if data is not None else b"")[bounds[0] : bounds[-1]]
+        sizes = np.diff(bounds)
+        kept = None if keep is None else keep[done : done + n]
+        done += n
+        if kept is None or kept.all():
+            lengths.append(sizes)
+            characters.append(text)
+        elif kept.any():
+            lengths.append(sizes[kept])
+            characters.append(memoryview(np.frombuffer(text, np.uint8)[np.repeat(kept, sizes)]))
+    sizes = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
     digest = hashlib.blake2b(digest_size=16)
-    for buffer in ids.buffers()[1:]:
-        digest.update(memoryview(buffer))
+    digest.update(np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype("<i4").tobytes())
+    for text in characters:
+        digest.update(text)
     return digest.hexdigest()
 
 

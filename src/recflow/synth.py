@@ -23,41 +23,25 @@ loop over events, users or items.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from recflow.config import GenerateSettings
 from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID, VALUE
-from recflow.errors import ConfigError, InputFileError
+from recflow.errors import ConfigError
+from recflow.events import EVENT_SCHEMA, TIMESTAMP_TYPE
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
 ACTIONS = ("view", "click", "add_to_cart", "purchase")
-TIMESTAMP_TYPE = pa.timestamp("ms", tz="UTC")
-EVENT_SCHEMA = pa.schema(
-    [
-        pa.field(USER_ID, pa.string()),
-        pa.field(ITEM_ID, pa.string()),
-        pa.field(ACTION, pa.string()),
-        pa.field(TIMESTAMP, TIMESTAMP_TYPE),
-        pa.field(VALUE, pa.float64()),
-    ]
-)
-WRITE_FORMATS = (".parquet", ".csv", ".jsonl")
 
 _DAY_MS = 86_400_000
 _FUNNEL = (0.30, 0.35, 0.50)  # P(click | view), P(add_to_cart | click), P(purchase | add_to_cart)
@@ -115,7 +99,7 @@ def generate_events(
 ) -> pa.Table:
     """Exactly `settings.events` events over `settings.days` days from `start` (default 2024-01-01 UTC).
 
-    Deterministic given the seed. Columns as `EVENT_SCHEMA`, sorted by timestamp; no event_id (the store
+    Deterministic given the seed. Columns as `events.EVENT_SCHEMA`, sorted by timestamp; no event_id (the store
     derives it). `progress(done, total)` is called after each of a handful of stages.
     """
     cat = _catalogue(settings, drift)
@@ -211,34 +195,6 @@ def item_catalogue(
             "drift_only": pa.array(np.arange(n) >= cat.n_base),
         }
     )
-
-
-def write_events(table: pa.Table, path: Path) -> None:
-    """Write events by extension (.parquet, .csv, .jsonl), atomically; CSV/JSONL timestamps as ISO-8601 + 'Z'."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in WRITE_FORMATS:
-        raise InputFileError(
-            f"cannot write events to {path}: unknown extension {suffix!r}; use {', '.join(WRITE_FORMATS)}"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        if suffix == ".parquet":
-            pq.write_table(table, tmp)
-        elif suffix == ".csv":
-            pacsv.write_csv(_iso_timestamps(table), tmp)
-        else:
-            with tmp.open("wb") as out:
-                for batch in _iso_timestamps(table).to_batches(max_chunksize=500_000):
-                    out.write(_json_lines(batch))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    logger.info("wrote %d events to %s", table.num_rows, path)
 
 
 def _catalogue(settings: GenerateSettings, drift: DriftSpec | None) -> _Catalogue:
@@ -396,67 +352,3 @@ def _epoch_ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         raise ConfigError(f"start {moment.isoformat()} has no time zone; pass an aware datetime, e.g. tzinfo=UTC")
     return round(moment.timestamp() * 1000)
-
-
-def _iso_timestamps(table: pa.Table) -> pa.Table:
-    """Timestamp columns as ISO-8601 strings in UTC with a 'Z' (the store rejects naive timestamps)."""
-    for index, field in enumerate(table.schema):
-        if pa.types.is_timestamp(field.type):
-            if field.type.tz is None:
-                raise InputFileError(f"column {field.name} has no time zone; cast it to UTC before writing")
-            table = table.set_column(index, field.name, _iso_utc(table.column(index).combine_chunks()))
-    return table
-
-
-def _iso_utc(array: pa.Array) -> pa.Array:
-    """Fixed-width "2024-01-01T10:00:00.000Z" strings written byte by byte (pc.strftime is ~10x slower)."""
-    digits = {"s": 0, "ms": 3, "us": 6, "ns": 9}[array.type.unit]
-    seconds, fraction = np.divmod(array.cast(pa.int64()).fill_null(0).to_numpy(), 10**digits)
-    days, second = np.divmod(seconds, 86_400)
-    first = int(days.min()) if len(days) else 0
-    span = int(days.max()) - first + 1 if len(days) else 1
-    if span > 10**6 or first < -719_528 or first + span > 2_932_897:  # beyond 0000-9999 or too spread: Arrow
-        return pc.strftime(array.cast(pa.timestamp(array.type.unit, tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
-    width = 20 + digits + (digits > 0)
-    chars = np.empty((len(days), width), dtype=np.uint8)
-    dates = np.datetime_as_string(np.arange(first, first + span).astype("datetime64[D]")).astype("S10")
-    chars[:, :10] = np.frombuffer(dates.tobytes(), dtype=np.uint8).reshape(span, 10)[days - first]
-    for at, text in ((10, "T"), (13, ":"), (16, ":"), (19, "." if digits else "Z"), (width - 1, "Z")):
-        chars[:, at] = ord(text)
-    for at, value, size in (
-        (11, second // 3600, 2),
-        (14, second // 60 % 60, 2),
-        (17, second % 60, 2),
-        (20, fraction, digits),
-    ):
-        value = value.astype(np.int32)
-        for k in range(size):
-            chars[:, at + k] = value // 10 ** (size - 1 - k) % 10 + 48
-    offsets = np.arange(len(days) + 1, dtype=np.int64) * width
-    text = pa.LargeStringArray.from_buffers(len(days), pa.py_buffer(offsets), pa.py_buffer(chars))
-    return pc.if_else(array.is_valid(), text, pa.scalar(None, text.type)) if array.null_count else text
-
-
-def _json_lines(batch: pa.RecordBatch) -> memoryview:
-    """One JSON object per row, built with Arrow string kernels (strings escaped as JSON requires)."""
-    if batch.num_columns == 0 or batch.num_rows == 0:
-        return memoryview(b"{}\n" * batch.num_rows)
-    text_type = pa.large_string()
-    parts: list[pa.Array | pa.Scalar] = []
-    for index, field in enumerate(batch.schema):
-        column = batch.column(index)
-        text = column.cast(text_type)
-        if pa.types.is_floating(field.type):  # NaN and infinities are not JSON: null
-            text = pc.if_else(pc.is_finite(column), text, pa.scalar(None, text_type))
-        elif not (pa.types.is_integer(field.type) or pa.types.is_boolean(field.type)):
-            text = pc.replace_substring(pc.replace_substring(text, "\\", "\\\\"), '"', '\\"')
-            if pc.any(pc.match_substring_regex(text, r"[\x00-\x1f]")).as_py():  # rare: control characters
-                for code in range(32):
-                    text = pc.replace_substring(text, chr(code), f"\\u{code:04x}")
-            quote = pa.scalar('"', text_type)
-            text = pc.binary_join_element_wise(quote, text, quote, pa.scalar("", text_type))
-        key = ("," if index else "{") + json.dumps(field.name) + ":"
-        parts += [pa.scalar(key, text_type), pc.fill_null(text, pa.scalar("null", text_type))]
-    lines = pc.binary_join_element_wise(*parts, pa.scalar("}\n", text_type), pa.scalar("", text_type))
-    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)[lines.offset : lines.offset + len(lines) + 1]
-    return memoryview(lines.buffers()[2])[offsets[0] : offsets[-1]]

@@ -7,21 +7,17 @@ import hashlib
 import json
 import struct
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+import recflow.events as events_module
 from recflow.config import EventSettings
-from recflow.errors import InputFileError
 from recflow.events import (
-    MAX_RAW_CHARS,
     REJECTION_CODES,
     STORE_SCHEMA,
     derive_event_ids,
-    read_event_file,
     validate_records,
     validate_table,
 )
@@ -140,6 +136,26 @@ def test_every_record_is_accepted_or_rejected_exactly_once() -> None:
     assert batch.accepted.num_rows == 25
     assert sorted(r.record for r in batch.rejected) == list(range(2, 51, 2))
     assert sorted(batch.accepted["user_id"].to_pylist()) == sorted(f"u{i}" for i in range(0, 50, 2))
+
+
+def test_a_batch_checked_in_slices_equals_the_batch_checked_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are checked in slices on all cores; slicing must not change what is accepted, in which order, with
+    which id, nor which record a rejection names."""
+    table = pa.table(
+        {
+            "user_id": [f"u{i}" if i % 5 else "" for i in range(40)],
+            "item_id": ["i1"] * 40,
+            "action": ["view" if i % 7 else "clik" for i in range(40)],
+            "timestamp": ["2024-05-01T12:00:00Z" if i % 3 else str(1714564800 + i) for i in range(40)],
+            "event_id": [f"e{i}" if i % 4 == 0 else None for i in range(40)],
+        }
+    )
+    whole = validate_table(table, settings=SETTINGS, source="t", now=NOW)
+    monkeypatch.setattr(events_module, "_SLICE", 2)  # rows 14-15 and 20-21 form slices rejected whole
+    sliced = validate_table(table, settings=SETTINGS, source="t", now=NOW)
+    assert sliced.accepted.equals(whole.accepted)
+    assert sliced.rejected == whole.rejected
+    assert [r.record for r in whole.rejected] == [i + 1 for i in range(40) if i % 5 == 0 or i % 7 == 0]
 
 
 SAME_INSTANT = [
@@ -273,144 +289,6 @@ def test_derive_event_ids_keeps_row_order_on_large_tables() -> None:
         assert ids[i] == reference_id(f"u{i}", "i", "view", i, None)
 
 
-# -- files -------------------------------------------------------------------------------------------------
-
-
-def test_jsonl_bad_lines_are_rejected_with_their_line_numbers(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    lines = [json.dumps(event()), "{not json", "[1, 2]", "", json.dumps(event(user_id="u2", extra={"x": 1}))]
-    path.write_text("\n".join(lines) + "\n")
-    table, rejected = read_event_file(path)
-    assert [(r.record, r.code) for r in rejected] == [(2, "bad_json"), (3, "not_an_object")]
-    assert rejected[0].raw == "{not json"
-    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
-    assert batch.rejected == []
-    assert batch.accepted["user_id"].to_pylist() == ["u1", "u2"]
-
-
-def test_jsonl_rejections_carry_the_line_as_written(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    lines = [json.dumps(event(user_id=7)), json.dumps(event(user_id=[1])), json.dumps(event(action="clik"))]
-    path.write_text("\n".join(lines))
-    table, rejected = read_event_file(path)
-    assert table.schema.field("user_id").type == pa.string()  # mixed types: read line by line
-    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
-    found = sorted(rejected + batch.rejected, key=lambda r: r.record)
-    assert [(r.record, r.code, r.raw) for r in found] == [(2, "wrong_type", lines[1]), (3, "unknown_action", lines[2])]
-    assert batch.accepted["user_id"].to_pylist() == ["7"]
-
-
-def test_jsonl_of_uniform_types_takes_the_fast_path(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    rows = [event(user_id=f"u{i}", value=i, timestamp=1714564800 + i) for i in range(5)]
-    rows.append(event(action="buy", timestamp=1714564800))
-    path.write_text("\n\n".join(json.dumps(r) for r in rows))  # blank lines between records
-    table, rejected = read_event_file(path)
-    assert rejected == []
-    assert table.schema.field("value").type == pa.float64()  # typed by pyarrow's reader, not line by line
-    assert table.schema.field("timestamp").type == pa.float64()
-    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
-    assert batch.accepted.num_rows == 5
-    assert [(r.record, r.code, r.raw) for r in batch.rejected] == [(11, "unknown_action", json.dumps(rows[-1]))]
-
-
-def test_csv_is_read_as_text_and_validated(tmp_path: Path) -> None:
-    path = tmp_path / "events.csv"
-    path.write_text(
-        "timestamp,user_id,item_id,action,value,event_id,comment\n"
-        "2024-05-01T12:00:00Z,u1,i1,view,,,hello\n"
-        "2024-05-01T12:00:00Z,u2,i1,click,4.5,e-2,\n"
-        "2024-05-01T12:00:00Z,u3,i1,view,abc,,\n"
-        "1714564800,007,i1,purchase,1,,\n"
-    )
-    table, rejected = read_event_file(path)
-    assert rejected == []
-    assert all(pa.types.is_string(t) for t in table.schema.types[:7])
-    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
-    assert batch.accepted["user_id"].to_pylist() == ["u1", "u2", "007"]
-    assert batch.accepted["value"].to_pylist() == [None, 4.5, 1.0]
-    assert batch.accepted["event_id"][1].as_py() == "e-2"
-    assert batch.accepted["event_id"][0].as_py() == reference_id("u1", "i1", "view", 1_714_564_800_000, None)
-    [bad] = batch.rejected
-    assert (bad.record, bad.code) == (3, "bad_value")
-    assert json.loads(bad.raw) == {
-        "timestamp": "2024-05-01T12:00:00Z",
-        "user_id": "u3",
-        "item_id": "i1",
-        "action": "view",
-        "value": "abc",
-        "event_id": "",
-        "comment": "",
-    }
-
-
-def test_csv_row_with_wrong_field_count_is_rejected_and_numbering_stays_right(tmp_path: Path) -> None:
-    path = tmp_path / "events.csv"
-    path.write_text(
-        "user_id,item_id,action,timestamp\n"
-        "u1,i1,view,2024-05-01T12:00:00Z\n"
-        "u2,i1,view\n"
-        "u3,i1,clik,2024-05-01T12:00:00Z\n"
-    )
-    table, rejected = read_event_file(path)
-    assert [(r.record, r.code, r.raw) for r in rejected] == [(2, "bad_row", "u2,i1,view")]
-    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
-    assert [(r.record, r.code) for r in batch.rejected] == [(3, "unknown_action")]
-
-
-def test_csv_without_required_columns_is_an_input_file_error(tmp_path: Path) -> None:
-    path = tmp_path / "events.csv"
-    path.write_text("user,item_id,action,ts\nu1,i1,view,2024-05-01T12:00:00Z\n")
-    with pytest.raises(InputFileError) as error:
-        read_event_file(path)
-    message = str(error.value)
-    assert "user_id, timestamp" in message
-    assert "found: user, item_id, action, ts" in message
-
-
-def test_raw_text_is_truncated(tmp_path: Path) -> None:
-    path = tmp_path / "events.csv"
-    path.write_text(f"user_id,item_id,action,timestamp\nu1,{'i' * 5000},view,2024-05-01T12:00:00Z\n")
-    table, _ = read_event_file(path)
-    [rejection] = validate_table(table, settings=SETTINGS, source=str(path), now=NOW).rejected
-    assert rejection.code == "id_too_long"
-    assert len(rejection.raw) == MAX_RAW_CHARS
-    assert len(rejection.reason) < 300
-
-
-def test_parquet_rows_are_numbered(tmp_path: Path) -> None:
-    path = tmp_path / "events.parquet"
-    pq.write_table(pa.table({"user_id": ["u1", "u2"], "item_id": ["i", "i"], "action": ["view", "x"],
-                             "timestamp": ["2024-05-01T12:00:00Z"] * 2}), path)  # fmt: skip
-    table, rejected = read_event_file(path)
-    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
-    assert rejected == []
-    assert [(r.record, r.code) for r in batch.rejected] == [(2, "unknown_action")]
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "words"),
-    [
-        ("events.txt", "x", ["unknown file type '.txt'"]),
-        ("events.parquet", "not parquet", ["not a readable Parquet file"]),
-        ("events.json", '[{"user_id": "u1"}]', ["JSON array", "one JSON object per line"]),
-        ("events.csv", "", ["has no column user_id, item_id, action, timestamp", "found: nothing"]),
-    ],
-)
-def test_unusable_files_are_input_file_errors(tmp_path: Path, name: str, content: str, words: list[str]) -> None:
-    path = tmp_path / name
-    path.write_text(content)
-    with pytest.raises(InputFileError) as error:
-        read_event_file(path)
-    for word in words:
-        assert word in str(error.value)
-
-
-def test_missing_file_is_an_input_file_error(tmp_path: Path) -> None:
-    with pytest.raises(InputFileError, match="does not exist"):
-        read_event_file(tmp_path / "nope.jsonl")
-
-
 def test_now_must_be_timezone_aware() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         validate_records([event()], settings=SETTINGS, now=datetime(2024, 6, 1))
@@ -421,14 +299,3 @@ def test_rejection_codes_are_the_documented_set() -> None:
         "bad_json", "not_an_object", "bad_row", "missing_field", "wrong_type", "empty_id", "id_too_long",
         "unknown_action", "bad_timestamp", "naive_timestamp", "future_timestamp", "bad_value",
     }  # fmt: skip
-
-
-def test_jsonl_with_a_bom_and_a_line_that_is_not_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    good = json.dumps(event()).encode()
-    path.write_bytes(b"\xef\xbb\xbf" + good + b'\n{"user_id": "\xff"}\n' + good.replace(b"u1", b"u2") + b"\n")
-    table, rejected = read_event_file(path)
-    assert [(r.record, r.code) for r in rejected] == [(2, "bad_json")]
-    assert "not UTF-8" in rejected[0].reason
-    batch = validate_table(table, settings=SETTINGS, source=str(path), now=NOW)
-    assert batch.accepted["user_id"].to_pylist() == ["u1", "u2"]

@@ -9,10 +9,8 @@ import pyarrow as pa
 import pytest
 
 from recflow.errors import InputFileError
+from recflow.events import EVENT_SCHEMA
 from recflow.importers import import_mapped_csv, import_movielens, import_retailrocket, parse_mapping
-from recflow.synth import EVENT_SCHEMA
-
-ML_100K = Path(__file__).parents[2].parent / "shared/data/ml-100k"
 
 
 def write(path: Path, text: str) -> Path:
@@ -115,9 +113,8 @@ def test_a_bad_line_deep_in_a_large_file_is_found(tmp_path: Path) -> None:
 
 
 @pytest.mark.movielens
-@pytest.mark.skipif(not (ML_100K / "u.data").is_file(), reason=f"MovieLens 100K not found at {ML_100K}")
-def test_real_movielens_100k() -> None:
-    table = import_movielens(ML_100K)
+def test_real_movielens_100k(movielens_dir: Path) -> None:
+    table = import_movielens(movielens_dir)
     assert table.num_rows == 100_000
     assert len(table.column("user_id").unique()) == 943
     assert len(table.column("item_id").unique()) == 1682

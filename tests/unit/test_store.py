@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -85,6 +86,38 @@ def test_resent_event_id_with_another_timestamp_is_a_duplicate(dirs: dict[str, P
                            **dirs)  # fmt: skip
     assert (again.stored, again.duplicate) == (0, 1)
     assert scan_store(dirs["store"])["timestamp"].to_pylist() == [datetime(2024, 5, 1, 12, tzinfo=UTC)]
+
+
+def test_dedup_stays_exact_when_different_ids_share_a_hash(
+    dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dedup hashes event ids to find the rows that can repeat; a hash collision must not drop an event."""
+    monkeypatch.setattr(store_module, "_id_hashes", lambda ids: np.zeros(len(ids), np.uint64))
+    ids = ["e1", "e2", "e1", "e3", "e2", "e4"]
+    records = [{"event_id": e, "user_id": f"u{i}", "item_id": "i1", "action": "view", "timestamp": 1714564800 + i}
+               for i, e in enumerate(ids)]  # fmt: skip
+    report = ingest_records(records, source="request", settings=SETTINGS, now=NOW, **dirs)
+    assert (report.stored, report.duplicate) == (4, 2)
+    stored = scan_store(dirs["store"])
+    assert stored["event_id"].to_pylist() == ["e1", "e2", "e3", "e4"]
+    assert stored["user_id"].to_pylist() == ["u0", "u1", "u3", "u5"]  # the first of each id
+
+
+def test_file_names_depend_only_on_the_stored_events(tmp_path: Path) -> None:
+    """The same events stored give the same file names and bytes (a fresh clone reproduces data.dvc), whatever
+    else the batch held; other events give other names."""
+    events = [line("u1"), line("u2", ts="2024-05-02T08:00:00Z"), line("u3")]
+    noisy = [line("u1"), line("u9", action="clik"), events[1], line("u1"), events[2]]
+
+    def store_files(name: str, lines: list[str]) -> dict[str, bytes]:
+        store = tmp_path / name
+        ingest_files([write_jsonl(tmp_path / f"{name}.jsonl", lines)], store=store, rejected=tmp_path / "rejected",
+                     settings=SETTINGS, now=NOW)  # fmt: skip
+        return {f: (store / f).read_bytes() for f in visible_files(store)}
+
+    clean = store_files("clean", events)
+    assert store_files("noisy", noisy) == clean
+    assert set(store_files("other", events[:2])).isdisjoint(clean)
 
 
 def test_partitions_are_utc_dates(tmp_path: Path, dirs: dict[str, Path]) -> None:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
 
 from recflow.config import GenerateSettings
-from recflow.errors import ConfigError, InputFileError
-from recflow.synth import EVENT_SCHEMA, DriftSpec, generate_events, item_catalogue, write_events
+from recflow.errors import ConfigError
+from recflow.events import EVENT_SCHEMA
+from recflow.synth import DriftSpec, generate_events, item_catalogue
 
 SMALL = GenerateSettings(seed=3, users=400, items=300, events=40_000, days=30, groups=6)
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -225,36 +222,3 @@ def test_progress_reports_each_stage() -> None:
     calls: list[tuple[int, int]] = []
     generate_events(SMALL, progress=lambda done, total: calls.append((done, total)))
     assert [done for done, _ in calls] == list(range(1, calls[-1][1] + 1))
-
-
-@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
-def test_write_events_round_trips(tmp_path: Path, suffix: str) -> None:
-    table = generate_events(GenerateSettings(seed=2, users=20, items=15, events=500, days=2, groups=3))
-    path = tmp_path / "nested" / f"events{suffix}"
-    write_events(table, path)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
-    if suffix == ".parquet":
-        assert pq.read_table(path).equals(table)
-        return
-    if suffix == ".csv":
-        read = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={"timestamp": pa.string()}))
-        stamps = read.column("timestamp").to_pylist()
-        values = read.column("value").to_pylist()
-    else:
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        stamps = [record["timestamp"] for record in records]
-        values = [record["value"] for record in records]
-        assert [record["user_id"] for record in records] == table.column("user_id").to_pylist()
-    assert all(stamp.endswith("Z") for stamp in stamps)
-    assert stamps[0].count("T") == 1 and "." in stamps[0]
-    assert (
-        pa.array(stamps).cast(table.schema.field("timestamp").type).equals(table.column("timestamp").combine_chunks())
-    )
-    assert values == table.column("value").to_pylist()
-
-
-def test_write_events_rejects_unknown_extension(tmp_path: Path) -> None:
-    table = generate_events(GenerateSettings(seed=2, users=5, items=5, events=10, days=1, groups=2))
-    with pytest.raises(InputFileError, match=r"\.parquet, \.csv, \.jsonl"):
-        write_events(table, tmp_path / "events.txt")
-    assert list(tmp_path.iterdir()) == []
