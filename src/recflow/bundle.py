@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
-from recflow.candidates import ALSParams, ImplicitCandidates, PopularityCandidates
+from recflow.candidates import ALSParams, ImplicitCandidates, MergedCandidates, PopularityCandidates
 from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import ModelNotFoundError
 from recflow.features import atomic_path
@@ -30,6 +30,7 @@ from recflow.ranker import FeatureContext, rerank
 logger = logging.getLogger(__name__)
 
 BUNDLE_FILE = "bundle.json"
+RERANK_BATCH = 16_384  # users reranked at once
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ModelBundle:
     context: FeatureContext
     ranker: lgb.Booster | None
     n_candidates: int
+    n_popular: int  # popular candidates merged with the ALS ones (candidates.popular when trained)
     info: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
@@ -64,16 +66,27 @@ class ModelBundle:
         return PopularityCandidates(self.history)
 
     @cached_property
+    def candidates(self) -> MergedCandidates:
+        return MergedCandidates(self.als_candidates, self.popular, self.n_popular)
+
+    @cached_property
     def user_index(self) -> dict[str, int]:
         return {user: i for i, user in enumerate(self.user_ids)}
 
     def recommend(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two-stage top-k for known user indices: ALS top-N candidates, reranked when there is a ranker."""
+        """Two-stage top-k for known user indices: ALS top-N plus popular candidates, reranked by the ranker;
+        without a ranker, ALS alone."""
         n = max(self.n_candidates, k)
-        items, scores = self.als_candidates.recommend(users, n)
         if self.ranker is None:
-            return items[:, :k], scores[:, :k]
-        return rerank(self.ranker, self.context, users, items, scores, k)
+            return self.als_candidates.recommend(users, k)
+        users = np.asarray(users)
+        items = np.full((len(users), k), PAD, dtype=np.int64)
+        scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        for start in range(0, len(users), RERANK_BATCH):  # bounds the memory of candidates and their features
+            batch = slice(start, start + RERANK_BATCH)
+            candidates = self.candidates.candidates(users[batch], n)
+            items[batch], scores[batch] = rerank(self.ranker, self.context, users[batch], candidates, k)
+        return items, scores
 
     def recommend_ids(self, user_ids: list[str], k: int) -> list[dict[str, Any]]:
         """Recommendations by external id: known users get the two-stage model, unknown users the popular items."""
@@ -126,6 +139,7 @@ class ModelBundle:
             "half_life_days": self.half_life_days,
             "als_params": asdict(self.als_params),
             "n_candidates": self.n_candidates,
+            "n_popular": self.n_popular,
             "has_ranker": self.ranker is not None,
             "info": self.info,
         }
@@ -153,5 +167,6 @@ class ModelBundle:
             context=FeatureContext.load(path / "context.npz"),
             ranker=ranker,
             n_candidates=int(meta["n_candidates"]),
+            n_popular=int(meta.get("n_popular", 0)),
             info=meta["info"],
         )

@@ -163,6 +163,59 @@ class PopularityCandidates:
         return ids, scores
 
 
+SOURCE_ALS, SOURCE_POPULAR = 1, 2  # bits of CandidateSet.sources
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Each user's candidates for the ranker: users x width item indices (PAD-padded at the end of each source's
+    block), their ALS scores, and which generator(s) proposed them."""
+
+    items: np.ndarray  # int64
+    scores: np.ndarray  # float32, the ALS score user . item (-inf at PAD)
+    sources: np.ndarray  # int8 bit mask of SOURCE_*, 0 at PAD
+
+
+class MergedCandidates:
+    """ALS top-n plus the top `n_popular` popular items each user has not had and ALS did not propose.
+
+    Popular items are the ones a plain popularity baseline would show (strong when the near future is driven by
+    what is popular now); the ranker sees both sources through `CandidateSet.sources` and the ALS score of every
+    candidate, so it can promote a popular item that ALS ranked low.
+    """
+
+    def __init__(self, als: ImplicitCandidates, popular: PopularityCandidates, n_popular: int) -> None:
+        self.als = als
+        self.popular = popular
+        self.n_popular = n_popular
+
+    def candidates(self, users: np.ndarray, n: int) -> CandidateSet:
+        users = np.asarray(users)
+        items, scores = self.als.recommend(users, n)
+        sources = np.where(items != PAD, SOURCE_ALS, 0).astype(np.int8)
+        if self.n_popular <= 0 or len(users) == 0:
+            return CandidateSet(items, scores, sources)
+        popular, _ = self.popular.recommend(users, self.n_popular)
+        extra = np.full(popular.shape, PAD, dtype=np.int64)
+        extra_scores = np.full(popular.shape, -np.inf, dtype=np.float32)
+        user_factors, item_factors = self.als.model.user_factors, self.als.model.item_factors
+        for start in range(0, len(users), BATCH_USERS):
+            batch = slice(start, start + BATCH_USERS)
+            als_block, popular_block = items[batch], popular[batch]
+            same = (popular_block[:, :, None] == als_block[:, None, :]) & (popular_block != PAD)[:, :, None]
+            sources[batch][same.any(axis=1)] |= SOURCE_POPULAR
+            new = np.where(same.any(axis=2), PAD, popular_block)
+            order = np.argsort(new == PAD, axis=1, kind="stable")  # keep popularity order, padding last
+            new = np.take_along_axis(new, order, axis=1)
+            dots = np.einsum("uf,ukf->uk", user_factors[users[batch]], item_factors[np.where(new == PAD, 0, new)])
+            extra[batch] = new
+            extra_scores[batch] = np.where(new == PAD, -np.inf, dots)
+        extra_sources = np.where(extra != PAD, SOURCE_POPULAR, 0).astype(np.int8)
+        return CandidateSet(
+            np.hstack([items, extra]), np.hstack([scores, extra_scores]), np.hstack([sources, extra_sources])
+        )
+
+
 @dataclass(frozen=True)
 class TuneResult:
     params: ALSParams
@@ -188,9 +241,9 @@ def tune_als(
 ) -> TuneResult:
     """Coordinate search over alpha, regularization and factors, scored by NDCG@k on the validation window.
 
-    Starts from params.yaml, then sweeps each searched parameter over its grid keeping the best value, until
-    the grid is exhausted or the time budget or trial count runs out. With tuning disabled the params.yaml
-    values are used as they are (pinned).
+    Starts from params.yaml (always scored), then sweeps each searched parameter over its grid keeping the best
+    value, until the grid is exhausted, the trial count runs out, or the next trial (as long as the average one)
+    would end past `budget_seconds`. With tuning disabled the params.yaml values are used as they are (pinned).
     """
     start_params = ALSParams.from_settings(settings)
     tune = settings.tune
@@ -224,8 +277,9 @@ def tune_als(
     if tune.enabled:
         for name in tune.search:
             for value in SEARCH_GRID[name]:
-                if time.perf_counter() >= deadline or len(trials) >= tune.max_trials:
-                    break
+                typical = float(np.mean([trial["seconds"] for trial in trials]))
+                if time.perf_counter() + typical > deadline or len(trials) >= tune.max_trials:
+                    break  # a trial that would end past the budget is not started
                 candidate = replace(best, **{name: type(getattr(best, name))(value)})
                 if score(candidate) > score(best):
                     best = candidate

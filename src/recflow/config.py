@@ -79,6 +79,7 @@ class ALSSettings:
 @dataclass(frozen=True)
 class CandidateSettings:
     n: int = 100
+    popular: int = 20
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,11 @@ class RankerSettings:
     enabled: bool = True
     n_estimators: int = 300
     learning_rate: float = 0.05
-    num_leaves: int = 31
+    num_leaves: int = 4
     min_child_samples: int = 20
     early_stopping_rounds: int = 30
     max_train_users: int = 20_000
+    windows: int = 4
     popularity_windows_days: tuple[float, ...] = (1.0, 7.0, 30.0)
     recent_items: int = 5
 

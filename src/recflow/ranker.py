@@ -1,8 +1,9 @@
-"""The second stage: LightGBM LambdaRank over the top-N ALS candidates of each user.
+"""The second stage: LightGBM LambdaRank over each user's candidates (ALS top-N plus popular items).
 
-Features of a (user, candidate) pair come only from history before the user's reference time, so a ranker
-trained on one window can be applied to the next without leakage. Labels are graded by the strongest
-action the user took on the candidate in the target window (0 = none).
+Features of a (user, candidate) pair come only from the window's history, never its target (the time-windowed
+popularity counts only from events before the user's reference time), so a ranker trained on one window can be
+applied to the next without leakage. Labels are graded by the strongest action the user took on the candidate
+in the target window (0 = none).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 
+from recflow.candidates import SOURCE_ALS, SOURCE_POPULAR, CandidateSet
 from recflow.config import RankerSettings
 from recflow.features import SECONDS_PER_DAY, Interactions
 from recflow.metrics import PAD
@@ -21,6 +23,8 @@ from recflow.metrics import PAD
 logger = logging.getLogger(__name__)
 
 _TS_BITS = 32
+_TS_MASK = 2**_TS_BITS - 1
+BATCH_USERS = 4096  # users whose candidate vectors are in memory at once
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ class FeatureContext:
     item_keys: np.ndarray  # int64, sorted: item_idx << 32 | (ts - t0)
     item_first_ts: np.ndarray  # float64 per item, inf when never seen
     item_action_counts: np.ndarray  # float32, items x actions
+    transition_keys: np.ndarray  # int64, sorted: a * n_items + b for item b right after item a in a user's history
+    transition_counts: np.ndarray  # float32, times each transition occurred
+    item_out_counts: np.ndarray  # float32 per item: transitions leaving it
     user_last_ts: np.ndarray  # float64 per user, nan when never seen
     user_n_items: np.ndarray  # float32 per user
     user_action_counts: np.ndarray  # float32, users x actions
@@ -57,45 +64,62 @@ def build_context(
 ) -> FeatureContext:
     n_users, n_items, n_actions = history.n_users, history.n_items, len(history.actions)
     t0 = int(history.ts.min()) if len(history) else 0
-    keys = (history.item_idx.astype(np.int64) << _TS_BITS) | (history.ts - t0).astype(np.int64)
+    item_keys = np.sort((history.item_idx.astype(np.int64) << _TS_BITS) | (history.ts - t0))
+    key_items = item_keys >> _TS_BITS
+    firsts = np.flatnonzero(np.r_[True, key_items[1:] != key_items[:-1]]) if len(item_keys) else item_keys
     first = np.full(n_items, np.inf)
-    np.minimum.at(first, history.item_idx, history.ts.astype(np.float64))
-    item_actions = np.zeros((n_items, n_actions), dtype=np.float32)
-    np.add.at(item_actions, (history.item_idx, history.action_idx), 1.0)
-    user_actions = np.zeros((n_users, n_actions), dtype=np.float32)
-    np.add.at(user_actions, (history.user_idx, history.action_idx), 1.0)
-    last = np.full(n_users, -np.inf)
-    np.maximum.at(last, history.user_idx, history.ts.astype(np.float64))
-    last[np.isinf(last)] = np.nan
-    pairs = np.unique((history.user_idx.astype(np.int64) << _TS_BITS) | history.item_idx)
-    n_items_per_user = np.bincount((pairs >> _TS_BITS).astype(np.int64), minlength=n_users).astype(np.float32)
+    first[key_items[firsts]] = (item_keys[firsts] & _TS_MASK) + t0
+    item_actions = np.bincount(
+        history.item_idx.astype(np.int64) * n_actions + history.action_idx, minlength=n_items * n_actions
+    )
+    user_actions = np.bincount(
+        history.user_idx.astype(np.int64) * n_actions + history.action_idx, minlength=n_users * n_actions
+    )
+    by_user = np.argsort(history.user_idx, kind="stable")  # per user, still in time order
+    users, items = history.user_idx[by_user], history.item_idx[by_user].astype(np.int64)
+    last_of_user = np.r_[users[1:] != users[:-1], True] if len(users) else np.zeros(0, dtype=bool)
+    last = np.full(n_users, np.nan)
+    last[users[last_of_user]] = history.ts[by_user][last_of_user]
+    pairs = _unique_counts((users.astype(np.int64) << _TS_BITS) | items)[0]
+    n_items_per_user = np.bincount(pairs >> _TS_BITS, minlength=n_users).astype(np.float32)
     norms = np.linalg.norm(item_factors, axis=1, keepdims=True)
     unit = np.divide(item_factors, norms, out=np.zeros_like(item_factors), where=norms > 0).astype(np.float32)
+    same_user = ~last_of_user[:-1]
+    moves = (items[:-1] * n_items + items[1:])[same_user & (items[:-1] != items[1:])]
+    transition_keys, transition_counts = _unique_counts(moves)
+    out_counts = np.bincount(transition_keys // n_items, weights=transition_counts, minlength=n_items)
     return FeatureContext(
         ref_time=ref_time.astype(np.float64),
         t0=t0,
-        item_keys=np.sort(keys),
+        item_keys=item_keys,
         item_first_ts=first,
-        item_action_counts=item_actions,
+        item_action_counts=item_actions.reshape(n_items, n_actions).astype(np.float32),
+        transition_keys=transition_keys,
+        transition_counts=transition_counts.astype(np.float32),
+        item_out_counts=out_counts.astype(np.float32),
         user_last_ts=last,
         user_n_items=n_items_per_user,
-        user_action_counts=user_actions,
-        recent_items=_recent_items(history, settings.recent_items),
+        user_action_counts=user_actions.reshape(n_users, n_actions).astype(np.float32),
+        recent_items=_recent_items(users, items, n_users, settings.recent_items),
         item_vectors=unit,
         windows_days=tuple(settings.popularity_windows_days),
     )
 
 
-def _recent_items(history: Interactions, k: int) -> np.ndarray:
-    """Each user's last k items (most recent first), from a history sorted by time."""
-    recent = np.full((history.n_users, k), PAD, dtype=np.int64)
-    order = np.argsort(history.user_idx, kind="stable")  # per user, still in time order
-    users = history.user_idx[order]
-    counts = np.bincount(users, minlength=history.n_users)
-    ends = np.cumsum(counts)
-    from_end = ends[users] - np.arange(len(order))  # 1 = the user's last event
+def _unique_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct keys and how often each occurs."""
+    keys = np.sort(keys)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
+    return keys[starts], np.diff(np.r_[starts, len(keys)])
+
+
+def _recent_items(users: np.ndarray, items: np.ndarray, n_users: int, k: int) -> np.ndarray:
+    """Each user's last k items (most recent first), from events sorted by user and then time."""
+    recent = np.full((n_users, k), PAD, dtype=np.int64)
+    ends = np.cumsum(np.bincount(users, minlength=n_users))
+    from_end = ends[users] - np.arange(len(users))  # 1 = the user's last event
     keep = from_end <= k
-    recent[users[keep], from_end[keep] - 1] = history.item_idx[order][keep]
+    recent[users[keep], from_end[keep] - 1] = items[keep]
     return recent
 
 
@@ -105,6 +129,8 @@ def feature_names(actions: tuple[str, ...], windows_days: tuple[float, ...]) -> 
         "als_score",
         "als_rank",
         "als_gap_to_top",
+        "from_als",
+        "from_popular",
         *windows,
         "item_pop_trend",
         "item_pop_all",
@@ -117,70 +143,110 @@ def feature_names(actions: tuple[str, ...], windows_days: tuple[float, ...]) -> 
         "sim_last_item",
         "sim_recent_max",
         "sim_recent_mean",
+        "next_after_last",
+        "next_after_recent",
     ]
 
 
 def candidate_features(
-    ctx: FeatureContext, users: np.ndarray, items: np.ndarray, scores: np.ndarray
+    ctx: FeatureContext, users: np.ndarray, candidates: CandidateSet
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features of every non-padded (user, candidate) pair of a users x n candidate matrix.
+    """Features of every non-padded (user, candidate) pair of a users x width candidate set.
 
     Returns (X, row_user, row_item): one row per candidate, grouped by user in input order.
     """
+    users = np.asarray(users)
+    items, all_scores = candidates.items, candidates.scores
     valid = items != PAD
-    rank = np.broadcast_to(np.arange(items.shape[1], dtype=np.float32), items.shape)[valid]
-    top = np.where(valid, scores, -np.inf).max(axis=1, keepdims=True)
-    gap = np.broadcast_to(top, items.shape)[valid] - scores[valid]
-    row_user = np.broadcast_to(np.asarray(users)[:, None], items.shape)[valid].astype(np.int64)
+    masked = np.where(valid, all_scores, -np.inf)
+    order = np.argsort(-masked, axis=1, kind="stable")
+    ranks = np.empty(items.shape, dtype=np.float32)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(items.shape[1], dtype=np.float32), items.shape), 1)
+    row_user = np.broadcast_to(users[:, None], items.shape)[valid].astype(np.int64)
     row_item = items[valid].astype(np.int64)
+    sources = candidates.sources[valid]
     ref = ctx.ref_time[row_user]
-
-    base = row_item << _TS_BITS
-    rel_ref = np.clip(ref - ctx.t0, 0, 2**_TS_BITS - 1).astype(np.int64)
-    upto = np.searchsorted(ctx.item_keys, base | rel_ref, side="left")
-    start = np.searchsorted(ctx.item_keys, base, side="left")
-    windows = []
-    for days in ctx.windows_days:
-        since = np.clip(ref - days * SECONDS_PER_DAY - ctx.t0, 0, 2**_TS_BITS - 1).astype(np.int64)
-        windows.append(upto - np.searchsorted(ctx.item_keys, base | since, side="left"))
-    short_rate = windows[0] / ctx.windows_days[0]
-    long_rate = windows[-1] / ctx.windows_days[-1]
-    trend = (short_rate + 1e-3) / (long_rate + 1e-3)
+    pop_windows, pop_all = _popularity(ctx, row_item, ref)
+    short_rate = pop_windows[0] / ctx.windows_days[0]
+    long_rate = pop_windows[-1] / ctx.windows_days[-1]
     age = (ref - ctx.item_first_ts[row_item]) / SECONDS_PER_DAY
     age[~np.isfinite(age)] = np.nan
-
     user_actions = ctx.user_action_counts[row_user]
-    recency = (ref - ctx.user_last_ts[row_user]) / SECONDS_PER_DAY
-
-    recent = ctx.recent_items[row_user]
-    cand_vec = ctx.item_vectors[row_item]
-    recent_vec = ctx.item_vectors[np.where(recent == PAD, 0, recent)]
-    sims = np.einsum("rf,rkf->rk", cand_vec, recent_vec)
-    sims[recent == PAD] = np.nan
-    has_recent = (recent != PAD).any(axis=1)
-    with np.errstate(invalid="ignore"):
-        sim_max = np.where(has_recent, np.nanmax(np.where(recent == PAD, -np.inf, sims), axis=1), np.nan)
-        sim_mean = np.where(has_recent, np.nansum(sims, axis=1) / np.maximum((recent != PAD).sum(axis=1), 1), np.nan)
+    similarity = _recent_similarity(ctx, users, items)[valid]  # rows x 5
 
     columns = [
-        scores[valid],
-        rank,
-        gap,
-        *windows,
-        trend,
-        upto - start,
+        all_scores[valid],
+        ranks[valid],
+        masked.max(axis=1, keepdims=True).repeat(items.shape[1], axis=1)[valid] - all_scores[valid],
+        (sources & SOURCE_ALS) > 0,
+        (sources & SOURCE_POPULAR) > 0,
+        *pop_windows,
+        (short_rate + 1e-3) / (long_rate + 1e-3),
+        pop_all,
         age,
         *ctx.item_action_counts[row_item].T,
         user_actions.sum(axis=1),
         ctx.user_n_items[row_user],
-        recency,
+        (ref - ctx.user_last_ts[row_user]) / SECONDS_PER_DAY,
         *user_actions.T,
-        sims[:, 0],
-        sim_max,
-        sim_mean,
+        *similarity.T,
     ]
-    X = np.column_stack([np.asarray(c, dtype=np.float32) for c in columns])
+    X = np.empty((len(row_user), len(columns)), dtype=np.float32)
+    for j, column in enumerate(columns):
+        X[:, j] = column
     return X, row_user, row_item
+
+
+def _popularity(ctx: FeatureContext, row_item: np.ndarray, ref: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Events of each row's item in each popularity window before the row's reference time, and in all time
+    before it. Counted once per distinct (item, reference time): with a global split that is once per item."""
+    rel_ref = np.clip(ref - ctx.t0, 0, _TS_MASK).astype(np.int64)
+    keys, inverse = np.unique((row_item << _TS_BITS) | rel_ref, return_inverse=True)
+    base = (keys >> _TS_BITS) << _TS_BITS
+    upto = np.searchsorted(ctx.item_keys, keys, side="left")
+    windows = []
+    for days in ctx.windows_days:
+        since = np.clip((keys & _TS_MASK) - int(days * SECONDS_PER_DAY), 0, None)
+        windows.append((upto - np.searchsorted(ctx.item_keys, base | since, side="left"))[inverse])
+    return windows, (upto - np.searchsorted(ctx.item_keys, base, side="left"))[inverse]
+
+
+def _recent_similarity(ctx: FeatureContext, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """users x width x 5: cosine similarity of each candidate to the user's last item, max and mean over the
+    user's recent items, and how often the candidate followed the last item / the recent items (as a share of
+    the transitions leaving them). Computed in user batches to bound memory."""
+    out = np.full((*items.shape, 5), np.nan, dtype=np.float32)
+    n_items = len(ctx.item_out_counts)
+    for start in range(0, len(users), BATCH_USERS):
+        batch = slice(start, start + BATCH_USERS)
+        cand = np.where(items[batch] == PAD, 0, items[batch])
+        recent = ctx.recent_items[users[batch]]
+        has = recent != PAD
+        safe_recent = np.where(has, recent, 0)
+        sims = np.einsum("uwf,ukf->uwk", ctx.item_vectors[cand], ctx.item_vectors[safe_recent])
+        sims = np.where(has[:, None, :], sims, np.nan)
+        any_recent = has.any(axis=1)[:, None]
+        with np.errstate(invalid="ignore"):
+            block = out[batch]
+            block[..., 0] = sims[..., 0]
+            block[..., 1] = np.where(any_recent, np.max(np.where(has[:, None, :], sims, -np.inf), axis=2), np.nan)
+            block[..., 2] = np.where(
+                any_recent, np.nansum(sims, axis=2) / np.maximum(has.sum(axis=1), 1)[:, None], np.nan
+            )
+        keys = np.where(has[:, None, :], safe_recent[:, None, :] * n_items + cand[:, :, None], -1)
+        followed = _lookup(ctx.transition_keys, ctx.transition_counts, keys)
+        leaving = (ctx.item_out_counts[safe_recent] * has)[:, None, :]
+        out[batch, :, 3] = followed[..., 0] / np.maximum(leaving[..., 0], 1.0)
+        out[batch, :, 4] = followed.sum(axis=2) / np.maximum(leaving.sum(axis=2), 1.0)
+    return out
+
+
+def _lookup(sorted_keys: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """values[i] where sorted_keys[i] == key, 0 where the key is absent."""
+    if len(sorted_keys) == 0:
+        return np.zeros(keys.shape, dtype=np.float32)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return np.where(sorted_keys[pos] == keys, values[pos], 0.0).astype(np.float32)
 
 
 def action_grades(weights: np.ndarray) -> np.ndarray:
@@ -188,9 +254,7 @@ def action_grades(weights: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(weights, kind="stable"), kind="stable").astype(np.int32) + 1
 
 
-def grade_labels(
-    target: Interactions, row_user: np.ndarray, row_item: np.ndarray, grades: np.ndarray
-) -> np.ndarray:
+def grade_labels(target: Interactions, row_user: np.ndarray, row_item: np.ndarray, grades: np.ndarray) -> np.ndarray:
     """Label of each row: the grade of the strongest action the user took on the item in the target
     window, 0 when the user did not touch it."""
     labels = np.zeros(len(row_user), dtype=np.int32)
@@ -223,16 +287,16 @@ class RankerFit:
 def train_ranker(
     X: np.ndarray,
     labels: np.ndarray,
-    row_user: np.ndarray,
+    query: np.ndarray,
     names: list[str],
     settings: RankerSettings,
     *,
     seed: int = 0,
 ) -> RankerFit:
-    """LambdaRank with early stopping on a held-out 20% of the queries (users). Rows must be grouped by user."""
-    boundaries = np.flatnonzero(np.diff(row_user)) + 1
-    starts = np.concatenate(([0], boundaries))
-    sizes = np.diff(np.concatenate((starts, [len(row_user)])))
+    """LambdaRank with early stopping on a held-out 20% of the queries. `query` names each row's query (a user,
+    or a user in one window); rows of one query must be contiguous."""
+    starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]]) if len(query) else np.zeros(0, dtype=np.int64)
+    sizes = np.diff(np.r_[starts, len(query)])
     positive = np.add.reduceat(labels > 0, starts) > 0 if len(starts) else np.zeros(0, dtype=bool)
     query_ids = np.flatnonzero(positive)  # a query without any positive teaches LambdaRank nothing
     if len(query_ids) < 2:
@@ -242,12 +306,12 @@ def train_ranker(
     if held_out.all() or not held_out.any():
         held_out[:] = False
         held_out[-1] = True
-
-    def rows_of(queries: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.arange(starts[q], starts[q] + sizes[q]) for q in queries])
-
     train_q, valid_q = query_ids[~held_out], query_ids[held_out]
-    train_rows, valid_rows = rows_of(train_q), rows_of(valid_q)
+    row_query = np.repeat(np.arange(len(starts)), sizes)
+    role = np.zeros(len(starts), dtype=np.int8)  # 0 dropped, 1 train, 2 validation
+    role[train_q], role[valid_q] = 1, 2
+    train_rows = np.flatnonzero(role[row_query] == 1)
+    valid_rows = np.flatnonzero(role[row_query] == 2)
     model = lgb.LGBMRanker(
         objective="lambdarank",
         n_estimators=settings.n_estimators,
@@ -282,10 +346,11 @@ def train_ranker(
 
 
 def rerank(
-    booster: lgb.Booster, ctx: FeatureContext, users: np.ndarray, items: np.ndarray, scores: np.ndarray, k: int
+    booster: lgb.Booster, ctx: FeatureContext, users: np.ndarray, candidates: CandidateSet, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score every candidate with the ranker and keep each user's top k (PAD where fewer)."""
-    X, _, _ = candidate_features(ctx, users, items, scores)
+    X, _, _ = candidate_features(ctx, users, candidates)
+    items = candidates.items
     out_items = np.full((len(users), k), PAD, dtype=np.int64)
     out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
     if len(X) == 0:

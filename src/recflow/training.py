@@ -1,8 +1,9 @@
 """The train stage: tune and fit ALS, train the ranker, and write the backtest and production bundles.
 
 Windows (see features.py):
-    1. FIT -> VALIDATION: ALS is tuned here; the best model's candidates, with features from FIT only and
-       labels from VALIDATION, train the ranker.
+    1. FIT -> VALIDATION: ALS is tuned here. The tuned model's candidates (ALS top-N plus popular items),
+       with features from FIT only and labels from VALIDATION, are the ranker's training queries; earlier
+       windows (the cut moved back, each with its own ALS fit) add queries when one window has few users.
     2. FIT + VALIDATION -> TEST: ALS refit with the chosen parameters; with the ranker this is the
        backtest bundle that `evaluate` scores on TEST, which nothing above has seen.
     3. everything: ALS refit on all events; with the same ranker this is the bundle to deploy.
@@ -21,10 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
 
 from recflow.bundle import ModelBundle
-from recflow.candidates import ALSParams, ImplicitCandidates, fit_als, tune_als
-from recflow.config import Settings
+from recflow.candidates import (
+    ALSParams,
+    ImplicitCandidates,
+    MergedCandidates,
+    PopularityCandidates,
+    fit_als,
+    tune_als,
+)
+from recflow.config import Settings, SplitSettings
+from recflow.errors import EmptyDataError
 from recflow.features import (
     PRODUCTION,
     SPLIT_TEST,
@@ -32,12 +43,13 @@ from recflow.features import (
     Interactions,
     Window,
     action_weights,
+    assign_split,
     atomic_path,
     confidence_matrix,
     load_interactions,
     window,
 )
-from recflow.metrics import ground_truth, recall_curve
+from recflow.metrics import GroundTruth, ground_truth, recall_curve
 from recflow.ranker import (
     RankerFit,
     action_grades,
@@ -61,7 +73,7 @@ class TrainReport:
     als_params: dict[str, Any]
     tuned: bool
     tuning_trials: list[dict[str, float]]
-    candidate_recall: float  # validation recall@N of the ALS candidates handed to the ranker
+    candidate_recall: float  # validation recall of all candidates (ALS and popular) handed to the ranker
     n_candidates: int
     ranker: dict[str, Any] | None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -96,24 +108,16 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         tuned = tune_als(inner_matrix, truth, settings.als)
     params = tuned.params
     n_candidates = settings.candidates.n
-    inner_candidates = ImplicitCandidates(tuned.model, inner_matrix)
-
-    rng = np.random.default_rng(settings.als.random_state)
-    users = truth.users
-    if len(users) > settings.ranker.max_train_users:
-        users = np.sort(rng.choice(users, settings.ranker.max_train_users, replace=False))
-    cand_items, cand_scores = inner_candidates.recommend(users, n_candidates)
-    rows = np.searchsorted(truth.users, users)
-    candidate_recall = recall_curve(cand_items, truth.relevant[rows], (n_candidates,))[n_candidates]
 
     ranker_fit: RankerFit | None = None
+    with _timed(seconds, "ranker examples", progress):
+        examples = ranker_examples(inner, inner_matrix, truth, tuned.model, params, method, settings, weights)
     if settings.ranker.enabled:
         with _timed(seconds, "train ranker", progress):
-            ctx = build_context(inner.history, inner.ref_time, tuned.model.item_factors, settings.ranker)
-            X, row_user, row_item = candidate_features(ctx, users, cand_items, cand_scores)
-            labels = grade_labels(inner.target, row_user, row_item, action_grades(weights))
             names = feature_names(inter.actions, settings.ranker.popularity_windows_days)
-            ranker_fit = train_ranker(X, labels, row_user, names, settings.ranker, seed=settings.als.random_state)
+            ranker_fit = train_ranker(
+                examples.X, examples.labels, examples.query, names, settings.ranker, seed=settings.als.random_state
+            )
 
     for name, target_split, directory in (
         ("fit backtest ALS", SPLIT_TEST, BACKTEST_DIR),
@@ -129,7 +133,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         als_params=asdict(params),
         tuned=tuned.tuned,
         tuning_trials=tuned.trials,
-        candidate_recall=candidate_recall,
+        candidate_recall=examples.candidate_recall,
         n_candidates=n_candidates,
         ranker=None
         if ranker_fit is None
@@ -138,12 +142,97 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
             "validation_ndcg@10": ranker_fit.validation_ndcg,
             "train_queries": ranker_fit.train_queries,
             "validation_queries": ranker_fit.validation_queries,
+            "windows": examples.windows,  # stacked windows the training queries came from
             "feature_importance": ranker_fit.importances,
         },
         seconds=seconds,
     )
     _write_report(report, models)
     return report
+
+
+@dataclass(frozen=True)
+class RankerExamples:
+    """The ranker's training set: one row per (window, user, candidate), rows of one query contiguous."""
+
+    X: np.ndarray
+    labels: np.ndarray
+    query: np.ndarray  # int64, window * n_users + user
+    candidate_recall: float  # recall of all candidates in the newest window
+    windows: int
+
+
+def earlier_window(history: Interactions, method: str, fraction: float) -> Window:
+    """The window at the end of a history: its last `fraction` of events, cut as the features stage cuts."""
+    labels, cuts = assign_split(history, SplitSettings(method=method, test_fraction=fraction, validation_fraction=0.0))
+    return window(Interactions(**{**history.__dict__, "split": labels}), SPLIT_TEST, method, cuts)
+
+
+def ranker_examples(
+    first: Window,
+    first_matrix: sp.csr_matrix,
+    first_truth: GroundTruth,
+    first_model: AlternatingLeastSquares,
+    params: ALSParams,
+    method: str,
+    settings: Settings,
+    weights: np.ndarray,
+) -> RankerExamples:
+    """Candidates, features and labels of up to `ranker.windows` windows, the FIT -> VALIDATION one first.
+
+    Each earlier window moves the cut back by as many events as the validation window holds and gets its own
+    ALS fit on its own history (with the tuned parameters), so no window's features or candidates see its
+    labels. Earlier windows are added only while fewer than `ranker.max_train_users` queries were collected:
+    where one window already has enough users (large data) no extra ALS fit is paid for.
+    """
+    conf = settings.ranker
+    n = settings.candidates.n
+    half_life = settings.features.half_life_days
+    grades = action_grades(weights)
+    rng = np.random.default_rng(settings.als.random_state)
+    fraction = len(first.target) / max(len(first.history), 1)
+    n_users = first_matrix.shape[0]
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    collected, recall = 0, 0.0
+    win, matrix, truth, model = first, first_matrix, first_truth, first_model
+    for index in range(max(conf.windows, 1) if conf.enabled else 1):
+        if index > 0:
+            if collected >= conf.max_train_users or not 0.0 < fraction < 1.0:
+                break
+            try:
+                win = earlier_window(win.history, method, fraction)
+            except EmptyDataError:
+                break
+            matrix = confidence_matrix(win.history, weights, half_life, win.ref_time)
+            truth = ground_truth(win, matrix)
+            if len(truth.users) == 0:
+                break
+            model = fit_als(matrix, params)
+        users = truth.users
+        quota = conf.max_train_users - collected
+        if len(users) > quota:
+            users = np.sort(rng.choice(users, quota, replace=False))
+        generator = MergedCandidates(
+            ImplicitCandidates(model, matrix), PopularityCandidates(matrix), settings.candidates.popular
+        )
+        candidates = generator.candidates(users, n)
+        if index == 0:
+            rows = np.searchsorted(truth.users, users)
+            width = candidates.items.shape[1]
+            recall = recall_curve(candidates.items, truth.relevant[rows], (width,))[width]
+            if not conf.enabled:
+                break
+        ctx = build_context(win.history, win.ref_time, model.item_factors, conf)
+        X, row_user, row_item = candidate_features(ctx, users, candidates)
+        labels = grade_labels(win.target, row_user, row_item, grades)
+        parts.append((X, labels, index * n_users + row_user))
+        collected += len(users)
+        logger.info("ranker window %d: %d users, %d candidates", index, len(users), len(X))
+    if not parts:
+        empty = np.zeros(0)
+        return RankerExamples(empty.reshape(0, 0), empty.astype(np.int32), empty.astype(np.int64), recall, 0)
+    X, labels, query = (np.concatenate(column) for column in zip(*parts, strict=True))
+    return RankerExamples(X, labels, query, recall, len(parts))
 
 
 def _fit_bundle(
@@ -169,6 +258,7 @@ def _fit_bundle(
         context=build_context(win.history, win.ref_time, model.item_factors, settings.ranker),
         ranker=None if ranker_fit is None else ranker_fit.booster,
         n_candidates=settings.candidates.n,
+        n_popular=settings.candidates.popular,
     )
 
 

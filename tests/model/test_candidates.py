@@ -7,8 +7,11 @@ import pytest
 import scipy.sparse as sp
 
 from recflow.candidates import (
+    SOURCE_ALS,
+    SOURCE_POPULAR,
     ALSParams,
     ImplicitCandidates,
+    MergedCandidates,
     PopularityCandidates,
     Recommender,
     fit_als,
@@ -92,9 +95,7 @@ def test_tuning_keeps_the_best_trial_and_respects_pinning() -> None:
     matrix, held_out = block_matrix()
     truth = GroundTruth(
         users=np.arange(matrix.shape[0]),
-        relevant=sp.csr_matrix(
-            (np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape
-        ),
+        relevant=sp.csr_matrix((np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape),
     )
     base = ALSSettings(factors=8, regularization=0.01, alpha=5.0, iterations=10, random_state=1)
     tuned = tune_als(matrix, truth, base.__class__(**{**base.__dict__, "tune": TuneSettings(max_trials=6)}))
@@ -104,3 +105,48 @@ def test_tuning_keeps_the_best_trial_and_respects_pinning() -> None:
     assert len(tuned.trials) <= 6
     pinned = tune_als(matrix, truth, base.__class__(**{**base.__dict__, "tune": TuneSettings(enabled=False)}))
     assert pinned.params == ALSParams.from_settings(base) and len(pinned.trials) == 1
+
+
+@pytest.mark.parametrize("n_popular", [0, 3, 30])
+def test_merged_candidates_add_unseen_popular_items_once_with_their_source(n_popular: int) -> None:
+    """Popular items come from every block, ALS proposes in-block items: the lists overlap only in part."""
+    matrix, _ = block_matrix()
+    model = fit_als(matrix, PARAMS)
+    als = ImplicitCandidates(model, matrix)
+    users = np.arange(matrix.shape[0])
+    merged = MergedCandidates(als, PopularityCandidates(matrix), n_popular).candidates(users, 2)
+    als_items, _ = als.recommend(users, 2)
+    assert merged.items.shape == merged.scores.shape == merged.sources.shape == (len(users), 2 + n_popular)
+    assert np.array_equal(merged.items[:, :2], als_items), "the ALS top-n comes first, unchanged"
+    cold = {matrix.shape[1] - 2, matrix.shape[1] - 1}
+    popular_top, _ = PopularityCandidates(matrix).recommend(users, n_popular)
+    for user in users:
+        row, sources = merged.items[user], merged.sources[user]
+        real = row[row != PAD]
+        assert len(set(real)) == len(real), "an item proposed by both sources must appear once"
+        assert not set(real) & set(matrix[user].indices) and not set(real) & cold
+        wanted = set(popular_top[user][popular_top[user] != PAD]) | set(als_items[user][als_items[user] != PAD])
+        assert set(real) == wanted
+        for item, source in zip(row, sources, strict=True):
+            expected = (SOURCE_ALS if item in als_items[user] else 0) | (
+                SOURCE_POPULAR if item in popular_top[user] else 0
+            )
+            assert source == (expected if item != PAD else 0)
+    if n_popular == 30:  # every unseen item is popular enough: both kinds of candidates occur
+        assert (merged.sources == SOURCE_ALS | SOURCE_POPULAR).any() and (merged.sources == SOURCE_POPULAR).any()
+    valid = merged.items != PAD
+    dots = np.einsum("uf,ukf->uk", model.user_factors, model.item_factors[np.where(valid, merged.items, 0)])
+    assert np.allclose(merged.scores[valid], dots[valid], atol=1e-5), "every candidate carries its ALS score"
+
+
+def test_tuning_does_not_start_a_trial_past_its_budget() -> None:
+    """Regression: the budget was checked only before a trial, so a search could overrun it by a whole trial."""
+    matrix, held_out = block_matrix()
+    truth = GroundTruth(
+        users=np.arange(matrix.shape[0]),
+        relevant=sp.csr_matrix((np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape),
+    )
+    base = ALSSettings(factors=8, regularization=0.01, alpha=5.0, iterations=10, random_state=1)
+    settings = base.__class__(**{**base.__dict__, "tune": TuneSettings(budget_seconds=0.0, max_trials=16)})
+    tuned = tune_als(matrix, truth, settings)
+    assert len(tuned.trials) == 1 and tuned.params == ALSParams.from_settings(base)

@@ -1,4 +1,5 @@
-"""The ranker learns a known order, grades labels by the strongest action, and sees no future."""
+"""The ranker learns a known order, grades labels by the strongest action, sees no future, and trains on
+stacked windows that each end where their labels begin."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
+from recflow.candidates import SOURCE_ALS, CandidateSet
 from recflow.config import RankerSettings
 from recflow.features import SECONDS_PER_DAY, encode_events
 from recflow.metrics import PAD
@@ -19,6 +22,7 @@ from recflow.ranker import (
     rerank,
     train_ranker,
 )
+from recflow.training import earlier_window
 
 ACTIONS = ("view", "click", "add_to_cart", "purchase")
 DAY0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
@@ -36,6 +40,12 @@ def table(rows: list[tuple[str, str, str, float]]) -> pa.Table:
             "timestamp": pa.array(stamps, pa.timestamp("ms", tz="UTC")),
         }
     )
+
+
+def als_candidates(items: list[list[int]] | np.ndarray, scores: np.ndarray) -> CandidateSet:
+    items = np.asarray(items, dtype=np.int64)
+    sources = np.where(items != PAD, SOURCE_ALS, 0).astype(np.int8)
+    return CandidateSet(items, np.where(items != PAD, scores, -np.inf).astype(np.float32), sources)
 
 
 def test_ranker_learns_a_known_order() -> None:
@@ -80,7 +90,7 @@ def test_features_use_only_history_before_the_reference_time() -> None:
     ref = np.array([DAY0 + 10 * SECONDS_PER_DAY, DAY0 + 6 * SECONDS_PER_DAY, DAY0 + 10 * SECONDS_PER_DAY])
     ctx = build_context(inter, ref, np.eye(2, dtype=np.float32), RankerSettings(popularity_windows_days=(1, 7)))
     names = feature_names(ACTIONS, (1, 7))
-    X, row_user, _ = candidate_features(ctx, np.array([0, 1]), np.array([[0, 1], [0, PAD]]), np.ones((2, 2)))
+    X, row_user, _ = candidate_features(ctx, np.array([0, 1]), als_candidates([[0, 1], [0, PAD]], np.ones((2, 2))))
     features = {name: X[:, i] for i, name in enumerate(names)}
     assert row_user.tolist() == [0, 0, 1]
     # user a at day 10: x was seen at days 0, 5 and 9.5 -> 1 in the last day, 2 in the last week, 3 in all
@@ -90,6 +100,48 @@ def test_features_use_only_history_before_the_reference_time() -> None:
     assert features["item_age_days"][2] == 6
     # user a's last item is x, so candidate x is identical to it and y orthogonal
     assert features["sim_last_item"][0] == 1 and features["sim_last_item"][1] == 0
+    assert features["from_als"].tolist() == [1, 1, 1] and features["from_popular"].tolist() == [0, 0, 0]
+
+
+def test_next_after_counts_what_followed_the_users_last_item() -> None:
+    """In other users' histories y followed x twice and z followed x once; user d's last item is x."""
+    rows = [("a", "x", "view", 1), ("a", "y", "view", 2), ("b", "x", "view", 1), ("b", "y", "view", 2)]
+    rows += [("c", "x", "view", 1), ("c", "z", "view", 2), ("d", "w", "view", 1), ("d", "x", "view", 3)]
+    inter = encode_events(table(rows), ACTIONS)
+    ids = {item: i for i, item in enumerate(inter.item_ids)}
+    user_d = list(inter.user_ids).index("d")
+    ctx = build_context(inter, np.full(4, DAY0 + 5 * SECONDS_PER_DAY), np.eye(4, dtype=np.float32), SETTINGS)
+    items = np.array([[ids["y"], ids["z"], ids["w"]]])
+    X, _, _ = candidate_features(ctx, np.array([user_d]), als_candidates(items, np.ones((1, 3))))
+    after_last = X[:, feature_names(ACTIONS, SETTINGS.popularity_windows_days).index("next_after_last")]
+    assert after_last.tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
+
+
+def test_stacked_windows_keep_a_users_queries_apart() -> None:
+    """The same user in two windows is two queries: rows are grouped by query id, not by user."""
+    rng = np.random.default_rng(1)
+    queries, per_query = 200, 8
+    X = rng.random((queries * per_query, 1)).astype(np.float32)
+    labels = (X[:, 0] > 0.8).astype(np.int32)
+    query = np.repeat(np.arange(queries), per_query)
+    fit = train_ranker(X, labels, query, ["signal"], SETTINGS)
+    assert fit.train_queries + fit.validation_queries == (np.bincount(query, weights=labels) > 0).sum()
+
+
+@pytest.mark.parametrize("method", ["global_time", "per_user"])
+def test_an_earlier_window_ends_where_its_target_begins(method: str) -> None:
+    rows = [(u, f"i{j}", "view", 10 * k + j) for k, u in enumerate("abc") for j in range(10)]
+    inter = encode_events(table(rows), ACTIONS)
+    earlier = earlier_window(inter, method, 0.2)
+    assert len(earlier.history) + len(earlier.target) == len(inter)
+    if method == "global_time":  # the last 20% of all events, after one cut shared by every user
+        assert earlier.history.ts.max() < earlier.target.ts.min()
+        assert np.all(earlier.ref_time == earlier.target.ts.min())
+    else:  # each user's last 2 events
+        assert np.bincount(earlier.target.user_idx).tolist() == [2, 2, 2]
+        for user in range(3):
+            assert earlier.history.ts[earlier.history.user_idx == user].max() < earlier.ref_time[user]
+            assert earlier.ref_time[user] <= earlier.target.ts[earlier.target.user_idx == user].min()
 
 
 def test_rerank_keeps_only_real_candidates_in_ranker_order() -> None:
@@ -98,11 +150,12 @@ def test_rerank_keeps_only_real_candidates_in_ranker_order() -> None:
     names = feature_names(ACTIONS, SETTINGS.popularity_windows_days)
     items = np.array([[0, 1, 2, PAD]])
     scores = np.array([[3.0, 2.0, 1.0, -np.inf]], dtype=np.float32)
-    Xr, _, _ = candidate_features(ctx, np.array([0]), items, scores)
+    candidates = als_candidates(items, scores)
+    Xr, _, _ = candidate_features(ctx, np.array([0]), candidates)
     labels = np.array([0, 0, 1])
     booster = train_ranker(
         np.tile(Xr, (30, 1)), np.tile(labels, 30), np.repeat(np.arange(30), 3), names, SETTINGS
     ).booster
-    top, top_scores = rerank(booster, ctx, np.array([0]), items, scores, k=4)
+    top, top_scores = rerank(booster, ctx, np.array([0]), candidates, k=4)
     assert top[0, 0] == 2 and set(top[0, :3]) == {0, 1, 2} and top[0, 3] == PAD
     assert np.isneginf(top_scores[0, 3])
