@@ -93,6 +93,7 @@ _MIN_MS = (datetime(1, 1, 2, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
 _MAX_MS = (datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
 _OK, _BAD, _NAIVE = 0, 1, 2
 _SLICE = 1 << 18  # rows checked per task; slices run on all cores
+_INLINE_ROWS = 10_000  # smaller batches are checked without a thread pool
 _DUCKDB: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (pid, database), see duckdb_cursor
 _DUCKDB_LOCK = threading.Lock()
 
@@ -275,40 +276,58 @@ def _validate(
     cols = {name: _plain(table[name]) if name in table.column_names else pa.nulls(n) for name in FIELD_ORDER}
     limit_ms = (now - _EPOCH) // timedelta(milliseconds=1) + int(settings.max_future_skew_seconds * 1000)
 
-    def check(start: int) -> tuple[pa.Table, list[Rejection]]:
-        """One slice: check the rows, derive the ids of the accepted ones, explain the rejected ones. Slices
-        run on all cores, so duckdb hashes the ids of one while Python explains the rejections of another."""
+    def check(start: int) -> _Checked:
         part = {name: col.slice(start, _SLICE) for name, col in cols.items()}
         code, field, ms, values, no_value = _check_rows(part, settings, limit_ms)
-        rows = np.flatnonzero(code)
         kept = {name: _text(part[name]) for name in (EVENT_ID, USER_ID, ITEM_ID, ACTION)}
-        kept_ms, kept_values, kept_no_value = ms, values, no_value
-        if len(rows):  # when every row is accepted, nothing is copied
+        kept_ms = ms
+        if code.any():  # when every row is accepted, nothing is copied
             keep = code == 0
             kept = {name: pc.filter(text, pa.array(keep)) for name, text in kept.items()}
-            kept_ms, kept_values, kept_no_value = ms[keep], values[keep], no_value[keep]
-        accepted = _fill_event_ids(
-            pa.table(
-                {
-                    **kept,
-                    TIMESTAMP: pa.array(kept_ms).cast(TIMESTAMP_TYPE),
-                    VALUE: pa.array(kept_values, mask=kept_no_value),
-                }
-            )
+            kept_ms, values, no_value = ms[keep], values[keep], no_value[keep]
+        accepted = pa.table(
+            {**kept, TIMESTAMP: pa.array(kept_ms).cast(TIMESTAMP_TYPE), VALUE: pa.array(values, mask=no_value)}
         )
-        if not len(rows):
-            return accepted, []
-        reasons = _reasons(part, rows, code[rows], field[rows], ms[rows], settings, now)
-        codes = np.array(REJECTION_CODES, dtype=object)[code[rows] - 1].tolist()
-        at = start + rows
-        return accepted, list(map(Rejection, repeat(source), records[at].tolist(), codes, reasons, raw_of(at)))
+        return _Checked(start, part, code, field, ms, accepted)
 
-    parts = _parallel(check, range(0, max(n, 1), _SLICE))
-    accepted = pa.concat_tables([kept for kept, _ in parts])
-    rejected = [rejection for _, rejections in parts for rejection in rejections]
+    def explain(checked: _Checked) -> list[Rejection]:
+        rows = np.flatnonzero(checked.code)
+        if not len(rows):
+            return []
+        code = checked.code[rows]
+        reasons = _reasons(checked.cols, rows, code, checked.field[rows], checked.ms[rows], settings, now)
+        codes = np.array(REJECTION_CODES, dtype=object)[code - 1].tolist()
+        at = checked.start + rows
+        return list(map(Rejection, repeat(source), records[at].tolist(), codes, reasons, raw_of(at)))
+
+    starts = range(0, max(n, 1), _SLICE)
+    if n < _INLINE_ROWS:  # a thread pool would cost more than it saves
+        slices = [check(start) for start in starts]
+        rejected = [rejection for checked in slices for rejection in explain(checked)]
+        accepted = pa.concat_tables([_fill_event_ids(checked.accepted) for checked in slices])
+    else:  # the pool checks the slices, then derives their ids in duckdb, while this thread explains rejections
+        with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
+            with_ids, rejected = [], []
+            for checked in pool.map(check, starts):
+                with_ids.append(pool.submit(_fill_event_ids, checked.accepted))
+                rejected += explain(checked)
+            accepted = pa.concat_tables([future.result() for future in with_ids])
     if rejected:
         logger.debug("%s: %d of %d records rejected", source, len(rejected), n)
     return ValidatedBatch(accepted=accepted, rejected=rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """One checked slice of a batch: its columns, each row's rejection code (0: accepted) and failing field, its
+    timestamp in epoch ms, and the accepted rows (event ids not derived yet)."""
+
+    start: int
+    cols: dict[str, pa.ChunkedArray | pa.Array]
+    code: np.ndarray
+    field: np.ndarray
+    ms: np.ndarray
+    accepted: pa.Table
 
 
 def _check_rows(
@@ -485,10 +504,13 @@ def _reasons(
 ) -> list[str]:
     """The reason text of each rejected row, built per (field, code) group."""
     reasons = np.empty(len(rows), dtype=object)
+    contiguous: dict[str, pa.Array] = {}  # each column concatenated once, not once per group
     for f, c in sorted(set(zip(fields.tolist(), codes.tolist(), strict=True))):
         at = np.flatnonzero((fields == f) & (codes == c))
         name = FIELD_ORDER[f]
-        values = _take(cols[name], rows[at]).to_pylist()
+        if name not in contiguous:
+            contiguous[name] = _contiguous(cols[name])
+        values = contiguous[name].take(rows[at]).to_pylist()
         reasons[at] = _reason_texts(REJECTION_CODES[c - 1], name, values, ms[at], settings, now)
     return reasons.tolist()
 
@@ -577,11 +599,3 @@ def _np(arr: pa.ChunkedArray | pa.Array, fill: Any = False) -> np.ndarray:
     if isinstance(filled, pa.ChunkedArray):
         filled = filled.combine_chunks() if filled.num_chunks != 1 else filled.chunk(0)
     return filled.to_numpy(zero_copy_only=False)
-
-
-def _parallel(task: Callable[[int], Any], items: Sequence[int]) -> list[Any]:
-    """task over items on all cores (pyarrow and numpy release the GIL), in order."""
-    if len(items) <= 1:
-        return [task(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
-        return list(pool.map(task, items))

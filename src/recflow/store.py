@@ -8,7 +8,7 @@ is safe because every event whose event_id is already stored is counted as a dup
 The rejected log of a batch (`<rejected>/rejected-<UTC time>-<uuid8>.jsonl`) is written the same way.
 
 Dedup compares event_id strings exactly, within the batch (the first occurrence wins; hashes single out the
-rows that can repeat) and against the event_id column of every stored file, in one DuckDB semi-join. Its cost
+rows that can repeat) and against the event_id column of every stored file, in one DuckDB anti-join. Its cost
 grows with the store (one column is read); see benchmarks/bench_ingest.py. One writer at a time: two concurrent
 ingests of the same events can both store them.
 """
@@ -219,47 +219,51 @@ def _commit(
 
 def _new_rows(batch: pa.Table, store: Path) -> np.ndarray:
     """Which rows of `batch` have an event_id that is neither stored yet nor seen earlier in the batch."""
-    if batch.num_rows == 0:
-        return np.zeros(0, bool)
-    new = _first_occurrences(batch[EVENT_ID])
-    files = [str(f) for f in _data_files(store)]
-    if files:
-        ids = pa.table({EVENT_ID: batch[EVENT_ID], "row": pa.array(np.arange(batch.num_rows)), "new": pa.array(new)})
-        with duckdb_cursor() as con:
-            con.register("batch", ids)
-            query = (f"SELECT b.row FROM batch b SEMI JOIN read_parquet($files) s "
-                     f"ON b.{EVENT_ID} = s.{EVENT_ID} WHERE b.new")  # fmt: skip
-            stored = con.sql(query, params={"files": files}).to_arrow_table()["row"]
-        new[stored.to_numpy()] = False
+    new = np.zeros(batch.num_rows, bool)
+    if batch.num_rows:
+        rows, hashes = _unstored(batch[EVENT_ID], store)
+        new[rows[_first_occurrences(batch[EVENT_ID], rows, hashes)]] = True
     return new
 
 
-def _first_occurrences(ids: pa.ChunkedArray) -> np.ndarray:
-    """True at the first row of each distinct id, comparing ids exactly. A 64-bit hash of every id finds the
-    rows whose hash repeats in the batch (a row with a unique hash has a unique id), and only those rows are
-    compared as strings: one hash per id instead of a hash table of all the strings."""
-    hashes = _id_hashes(ids)
+def _unstored(ids: pa.ChunkedArray, store: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (ascending) whose id is not in the store yet, and a 64-bit hash (uint64) of each of their ids."""
+    files = [str(f) for f in _data_files(store)]
+    with duckdb_cursor() as con:
+        con.register("batch", pa.table({EVENT_ID: ids, "row": pa.array(np.arange(len(ids)))}))
+        if files:
+            query = (f"SELECT b.row, hash(b.{EVENT_ID}) AS h FROM batch b ANTI JOIN read_parquet($files) s "
+                     f"ON b.{EVENT_ID} = s.{EVENT_ID}")  # fmt: skip
+            found = con.sql(query, params={"files": files}).to_arrow_table()
+        else:
+            found = con.sql(f"SELECT row, hash({EVENT_ID}) AS h FROM batch").to_arrow_table()
+    rows, hashes = found["row"].to_numpy(), found["h"].to_numpy()
+    if files:  # a join returns rows in any order
+        by_row = np.zeros(len(ids), np.uint64)
+        by_row[rows] = hashes
+        rows = np.sort(rows)
+        hashes = by_row[rows]
+    return rows, hashes
+
+
+def _first_occurrences(ids: pa.ChunkedArray, rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Which of `rows` (ascending, with the hash of each one's id) hold the first occurrence of their id among
+    `rows`, comparing ids exactly. Only the rows whose hash repeats are compared as strings: a row with a
+    unique hash has a unique id. That is one hash per id instead of a hash table of all the strings."""
+    first = np.ones(len(rows), bool)
     ordered = np.sort(hashes)
     repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-    first = np.ones(len(hashes), bool)
     if len(repeated) == 0:
         return first
     slots = np.zeros(_HASH_SLOTS, bool)  # the low bits of the repeated hashes: a cheap first filter
     slots[repeated % _HASH_SLOTS] = True
     maybe = np.flatnonzero(slots[hashes % _HASH_SLOTS])
-    rows = maybe[np.isin(hashes[maybe], repeated)]
+    maybe = maybe[np.isin(hashes[maybe], repeated)]
     # dictionary codes count distinct ids in order of first appearance: a row is first when its code is new
-    codes = ids.take(rows).combine_chunks().dictionary_encode().indices.to_numpy()
+    codes = ids.take(rows[maybe]).combine_chunks().dictionary_encode().indices.to_numpy()
     seen = np.maximum.accumulate(codes)
-    first[rows] = np.concatenate([[True], seen[1:] > seen[:-1]])
+    first[maybe] = np.concatenate([[True], seen[1:] > seen[:-1]])
     return first
-
-
-def _id_hashes(ids: pa.ChunkedArray) -> np.ndarray:
-    """A 64-bit hash (uint64) of each id; equal ids have equal hashes."""
-    with duckdb_cursor() as con:
-        con.register("ids", pa.table({"id": ids}))
-        return con.sql("SELECT hash(id) AS h FROM ids").to_arrow_table()["h"].to_numpy()
 
 
 def _write_partitions(table: pa.Table, keep: np.ndarray, store: Path) -> list[Path]:

@@ -152,10 +152,22 @@ def test_a_batch_checked_in_slices_equals_the_batch_checked_whole(monkeypatch: p
     )
     whole = validate_table(table, settings=SETTINGS, source="t", now=NOW)
     monkeypatch.setattr(events_module, "_SLICE", 2)  # rows 14-15 and 20-21 form slices rejected whole
+    monkeypatch.setattr(events_module, "_INLINE_ROWS", 0)  # on a thread pool, as big batches are
     sliced = validate_table(table, settings=SETTINGS, source="t", now=NOW)
     assert sliced.accepted.equals(whole.accepted)
     assert sliced.rejected == whole.rejected
     assert [r.record for r in whole.rejected] == [i + 1 for i in range(40) if i % 5 == 0 or i % 7 == 0]
+
+
+def test_a_table_without_a_required_column_rejects_every_row() -> None:
+    """The absent column is checked as a column of nulls (a plain array, not chunked): explaining its rejections
+    must not assume chunks."""
+    table = pa.table({"user_id": ["u1", "u2"], "item_id": ["i1", "i1"], "action": ["view", "click"]})
+    batch = validate_table(table, settings=SETTINGS, source="t", now=NOW)
+    assert batch.accepted.num_rows == 0
+    assert [(r.record, r.code) for r in batch.rejected] == [(1, "missing_field"), (2, "missing_field")]
+    assert batch.rejected[0].reason.startswith("timestamp is missing")
+    assert json.loads(batch.rejected[1].raw) == {"user_id": "u2", "item_id": "i1", "action": "click"}
 
 
 SAME_INSTANT = [

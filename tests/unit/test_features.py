@@ -96,9 +96,7 @@ def test_window_reference_times_leave_the_target_in_the_future() -> None:
 
 
 def test_confidence_is_weight_times_half_life_decay_summed() -> None:
-    inter = encode_events(
-        events([("a", "x", "purchase", 0), ("a", "x", "view", 10), ("a", "y", "click", 10)]), ACTIONS
-    )
+    inter = encode_events(events([("a", "x", "purchase", 0), ("a", "x", "view", 10), ("a", "y", "click", 10)]), ACTIONS)
     weights = np.array([0.5, 1.0, 1.5, 2.0])
     ref = np.array([DAY0 + 10 * SECONDS_PER_DAY])
     matrix = confidence_matrix(inter, weights, half_life_days=10.0, ref_time=ref)

@@ -92,15 +92,25 @@ def test_dedup_stays_exact_when_different_ids_share_a_hash(
     dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Dedup hashes event ids to find the rows that can repeat; a hash collision must not drop an event."""
-    monkeypatch.setattr(store_module, "_id_hashes", lambda ids: np.zeros(len(ids), np.uint64))
-    ids = ["e1", "e2", "e1", "e3", "e2", "e4"]
-    records = [{"event_id": e, "user_id": f"u{i}", "item_id": "i1", "action": "view", "timestamp": 1714564800 + i}
-               for i, e in enumerate(ids)]  # fmt: skip
-    report = ingest_records(records, source="request", settings=SETTINGS, now=NOW, **dirs)
-    assert (report.stored, report.duplicate) == (4, 2)
-    stored = scan_store(dirs["store"])
-    assert stored["event_id"].to_pylist() == ["e1", "e2", "e3", "e4"]
-    assert stored["user_id"].to_pylist() == ["u0", "u1", "u3", "u5"]  # the first of each id
+    unstored = store_module._unstored
+
+    def colliding(ids: pa.ChunkedArray, store: Path) -> tuple[np.ndarray, np.ndarray]:
+        rows, hashes = unstored(ids, store)
+        return rows, np.zeros_like(hashes)  # every id gets the same hash
+
+    monkeypatch.setattr(store_module, "_unstored", colliding)
+
+    def records(ids: list[str], first_user: int) -> list[dict[str, Any]]:
+        return [{"event_id": e, "user_id": f"u{first_user + i}", "item_id": "i1", "action": "view",
+                 "timestamp": 1714564800 + i} for i, e in enumerate(ids)]  # fmt: skip
+
+    first = ingest_records(records(["e1", "e2", "e1", "e3", "e2", "e4"], 0), source="a", settings=SETTINGS,
+                           now=NOW, **dirs)  # fmt: skip
+    second = ingest_records(records(["e4", "e5", "e6", "e5"], 10), source="b", settings=SETTINGS, now=NOW, **dirs)
+    assert (first.stored, first.duplicate, second.stored, second.duplicate) == (4, 2, 2, 2)
+    stored = scan_store(dirs["store"]).sort_by("event_id")
+    assert stored["event_id"].to_pylist() == ["e1", "e2", "e3", "e4", "e5", "e6"]
+    assert stored["user_id"].to_pylist() == ["u0", "u1", "u3", "u5", "u11", "u12"]  # the first of each id
 
 
 def test_file_names_depend_only_on_the_stored_events(tmp_path: Path) -> None:
