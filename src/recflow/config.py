@@ -72,6 +72,7 @@ class ALSSettings:
     regularization: float = 0.05
     alpha: float = 10.0
     iterations: int = 15
+    refit_iterations: int = 5
     random_state: int = 7
     tune: TuneSettings = field(default_factory=TuneSettings)
 

@@ -119,13 +119,14 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
                 examples.X, examples.labels, examples.query, names, settings.ranker, seed=settings.als.random_state
             )
 
+    previous = tuned.model  # each refit starts from the factors of the fit before it, which saw only earlier events
     for name, target_split, directory in (
         ("fit backtest ALS", SPLIT_TEST, BACKTEST_DIR),
         ("fit production ALS", PRODUCTION, BUNDLE_DIR),
     ):
         with _timed(seconds, name, progress):
             win = window(inter, target_split, method, cuts)
-            bundle = _fit_bundle(inter, win, params, ranker_fit, settings, weights)
+            bundle, previous = _fit_bundle(inter, win, params, ranker_fit, settings, weights, previous)
             bundle.info.update(window=directory, trained_at=datetime.now(UTC).isoformat(timespec="seconds"))
             bundle.save(models / directory)
 
@@ -242,10 +243,12 @@ def _fit_bundle(
     ranker_fit: RankerFit | None,
     settings: Settings,
     weights: np.ndarray,
-) -> ModelBundle:
+    previous: AlternatingLeastSquares,
+) -> tuple[ModelBundle, AlternatingLeastSquares]:
     matrix = confidence_matrix(win.history, weights, settings.features.half_life_days, win.ref_time)
-    model = fit_als(matrix, params)
-    return ModelBundle(
+    model = fit_als(matrix, params, warm_start=previous if settings.als.refit_iterations else None,
+                    iterations=settings.als.refit_iterations)  # fmt: skip
+    bundle = ModelBundle(
         user_ids=inter.user_ids,
         item_ids=inter.item_ids,
         actions=inter.actions,
@@ -260,6 +263,7 @@ def _fit_bundle(
         n_candidates=settings.candidates.n,
         n_popular=settings.candidates.popular,
     )
+    return bundle, model
 
 
 def _write_report(report: TrainReport, models: Path) -> None:

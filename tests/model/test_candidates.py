@@ -51,6 +51,25 @@ def test_als_recommends_the_held_out_in_block_item() -> None:
     assert (items[:, 0] == held_out).mean() == 1.0
 
 
+def test_a_warm_started_refit_needs_few_iterations_and_leaves_its_start_untouched() -> None:
+    """The backtest and production fits start from the previous fit's factors (training.py)."""
+    matrix, held_out = block_matrix()
+    earlier = sp.diags((np.arange(matrix.shape[0]) % 2).astype(np.float32)) @ matrix  # even users had nothing yet
+    start = fit_als(earlier, PARAMS)
+    before = start.item_factors.copy()
+    model = fit_als(matrix, PARAMS, warm_start=start, iterations=2)
+    assert model.iterations == 2
+    assert np.array_equal(start.item_factors, before)
+    items, _ = ImplicitCandidates(model, matrix).recommend(np.arange(matrix.shape[0]), 1)
+    assert (items[:, 0] == held_out).mean() == 1.0
+
+
+def test_a_warm_start_of_another_shape_falls_back_to_a_full_fit() -> None:
+    matrix, _ = block_matrix()
+    start = fit_als(matrix[:, :-1], PARAMS)
+    assert fit_als(matrix, PARAMS, warm_start=start, iterations=2).iterations == PARAMS.iterations
+
+
 def test_item_knn_stays_in_block() -> None:
     matrix, held_out = block_matrix()
     items, _ = item_knn(matrix, neighbours=10).recommend(np.arange(matrix.shape[0]), 1)
