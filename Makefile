@@ -39,6 +39,7 @@ repro: install ## Reproduce features, train and evaluate with DVC (after the dat
 bench: install ## Run the benchmarks (MovieLens accuracy needs ../shared/data/ml-100k)
 	python benchmarks/bench_movielens.py
 	python benchmarks/bench_ingest.py
+	python benchmarks/bench_stream.py
 	python benchmarks/bench_scale.py
 
 clean: ## Remove generated outputs (keeps the event store and the virtualenv)

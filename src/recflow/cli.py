@@ -313,6 +313,248 @@ def demo(params: ParamsOption = DEFAULT_PARAMS) -> None:
     evaluate(params=params)
 
 
+@app.command()
+def publish(
+    file: Annotated[Path, typer.Argument(help="Event file (.jsonl, .csv or .parquet) whose records to publish.")],
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Append the events of a file to the event log: the Redis stream (eventlog.redis_url or RECFLOW_REDIS_URL)
+    or, without Redis, the local spool. `recflow consume` then stores them."""
+    from recflow.eventlog import open_event_log, publish_file
+
+    settings = _settings(params)
+    log = open_event_log(settings.eventlog)
+    log.ping()
+    with _steps("publish") as progress:
+        task = progress.add_task(f"publishing {file.name}", total=None, step="")
+        report = publish_file(
+            log, file, progress=lambda done, total: progress.update(task, completed=done, total=total, step=f"{done:,}")
+        )
+    out.print(f"published {report.published:,} events to {log.where}; next: recflow consume")
+    if report.unreadable:
+        shown = "; ".join(f"record {r.record}: {r.reason}" for r in report.unreadable[:3])
+        count = len(report.unreadable)
+        out.print(f"[bold yellow]{count:,} records could not be read and were not published:[/] {shown}")
+
+
+@app.command()
+def consume(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep storing new events until Ctrl-C.")] = False,
+    consumer: Annotated[
+        str | None, typer.Option(help="Consumer name (default: eventlog.consumer in params.yaml, else the host name).")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Store the events waiting in the event log into the event store, acknowledging each batch once it is
+    stored; invalid events go to the rejected log, poison entries to the dead-letter log."""
+    import signal
+    import threading
+
+    from recflow.consumer import DrainReport, drain
+    from recflow.eventlog import open_event_log
+
+    settings = _settings(params)
+    open_event_log(settings.eventlog).ping()  # an unreachable log: one error line, before any progress
+    stop = threading.Event()
+
+    def request_stop(*_: object) -> None:  # the first signal finishes the batch in hand, a second one aborts
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
+    def lag_text(report: DrainReport) -> str:
+        lag = report.lag
+        return "?" if lag is None or lag.total is None else f"{lag.total:,}"
+
+    with _steps("consume") as progress:
+        task = progress.add_task("following" if follow else "draining", total=None, step="")
+        report = drain(
+            settings,
+            follow=follow,
+            consumer=consumer,
+            stop=stop,
+            on_batch=lambda r: progress.update(
+                task, step=f"{r.read:,} read, {r.stored:,} stored, {r.dead_lettered:,} dead-lettered, lag {lag_text(r)}"
+            ),
+        )
+    table = Table(title=f"consume {report.where}")
+    columns = ("read", "stored", "duplicate", "rejected", "dead_lettered")
+    for column in (*columns, "lag"):
+        table.add_column(column.replace("_", "-"), justify="right")
+    table.add_row(*(f"{getattr(report, c):,}" for c in columns), lag_text(report))
+    out.print(table)
+    if report.rejected:
+        reasons = ", ".join(f"{code}: {count:,}" for code, count in sorted(report.reasons.items()))
+        out.print(f"rejected by reason: {reasons}; rejected records with their reasons: {settings.paths.rejected}")
+    if report.dead_lettered:
+        kinds = ", ".join(f"{kind}: {count:,}" for kind, count in sorted(report.dead_letter_reasons.items()))
+        out.print(f"dead-lettered ({kinds}), each with its reason: {report.dead_letters}")
+
+
+@app.command()
+def deploy(
+    user: Annotated[str | None, typer.Option(help="Who deploys (recorded in the history); default: OS user.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (still recorded).")] = False,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Save the trained model as a version and promote it if it passes the gate (NDCG@10 on the current test
+    window at least production's minus registry.tolerance); otherwise production stays and this says why."""
+    from recflow import registry
+
+    settings = _settings(params)
+    with console.status("saving the candidate and scoring it against production on the current test window"):
+        decision = registry.deploy(settings, user=user, force=force)
+    table = Table(title=f"deploy: {decision.metric} on the current test window ({decision.users or 'no'} users)")
+    table.add_column("version", no_wrap=True)
+    for column in ("role", decision.metric, "at training", "data"):
+        table.add_column(column, justify="left" if column in ("role", "data") else "right")
+    rows = [(decision.candidate, "candidate", decision.candidate_score)]
+    if decision.previous is not None and decision.previous != decision.candidate:
+        rows.append((decision.previous, "production before", decision.production_score))
+    for version, role, score in rows:
+        offline = version.metrics.get(decision.metric)
+        table.add_row(
+            version.version,
+            role,
+            "-" if score is None else f"{score:.4f}",
+            "-" if offline is None else f"{offline:.4f}",
+            version.data_version if version.data_version == "untracked" else version.data_version[:8],
+        )
+    out.print(table)
+    verdict = "[bold green]promoted[/]" if decision.promoted else "[bold yellow]not promoted[/]"
+    out.print(f"{verdict}: {decision.reason}")
+    production = decision.production
+    out.print(f"production: {production.version if production else 'none'}")
+    if decision.promoted and settings.service.reload_check_seconds > 0:
+        out.print(f"a running service switches within {settings.service.reload_check_seconds:g} s (or POST /reload)")
+
+
+@app.command()
+def rollback(
+    user: Annotated[str | None, typer.Option(help="Who rolls back (recorded in the history).")] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Return production to the version that was in production before the current one."""
+    import time
+
+    from recflow import registry
+
+    settings = _settings(params)
+    began = time.perf_counter()
+    before = registry.production(settings)
+    restored = registry.rollback(settings, user=user)
+    seconds = time.perf_counter() - began
+    out.print(f"rolled back from {before.version if before else '?'} to {restored.version} in {seconds:.2f} s")
+
+
+@app.command()
+def versions(
+    show_history: Annotated[bool, typer.Option("--history", help="Also list promotions, refusals, rollbacks.")] = False,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """List the model versions in the store with their offline metrics; the production one is marked."""
+    from recflow import registry
+
+    settings = _settings(params)
+    found = registry.versions(settings)
+    current = registry.production(settings)
+    if not found:
+        out.print(f"no versions in {registry.bentoml_home(settings)}: run recflow train, evaluate and deploy")
+        return
+    names = [n for n in found[-1].metrics if n.split("@")[0] in ("ndcg", "recall", "map")]
+    table = Table(title=f"model versions in {registry.bentoml_home(settings)} (* = production)")
+    table.add_column("")
+    table.add_column("version", no_wrap=True)
+    for column in ("data", "model", *names):
+        table.add_column(column, justify="right" if "@" in column else "left")
+    for version in found:
+        marker = "*" if current is not None and version.version == current.version else ""
+        table.add_row(
+            marker,
+            version.version,
+            version.data_version if version.data_version == "untracked" else version.data_version[:8],
+            version.model,
+            *(f"{version.metrics[n]:.4f}" if n in version.metrics else "-" for n in names),
+        )
+    out.print(table)
+    if show_history:
+        records = Table(title="deployment history")
+        for column in ("when", "who", "action", "version", "reason"):
+            records.add_column(column)
+        for record in registry.history(settings):
+            records.add_row(record["at"], record["user"], record["action"], record["version"], record["reason"])
+        out.print(records)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 3000,
+    bentos: Annotated[Path, typer.Option(help="Folder with service.py and bentofile.yaml.")] = Path("bentos"),
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Serve the production model over HTTP (`bentoml serve` in bentos/, for the project of --params)."""
+    if not (bentos / "service.py").exists():
+        raise typer.BadParameter(f"no service.py in {bentos}: run this in the project folder or pass --bentos")
+    executable = Path(sys.executable).parent / "bentoml"
+    os.environ["RECFLOW_PROJECT"] = str(params.resolve().parent)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    os.chdir(bentos)
+    os.execv(executable, [str(executable), "serve", "--host", host, "--port", str(port)])
+
+
+@app.command("drift")
+def drift_check(
+    fail_on_drift: Annotated[bool, typer.Option(help="Exit with status 1 when drift is flagged.")] = False,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Compare the current window of events and of the ranker's inputs with the reference window (params.yaml
+    drift); writes reports/drift/drift-<UTC time>.html (the Evidently reports) and .json (the verdict)."""
+    from recflow.driftreport import run_drift
+
+    settings = _settings(params)
+    with console.status("checking drift (Evidently)"):
+        result = run_drift(settings)
+    w = result.windows
+    table = Table(
+        title=f"drift: current {w.current_start:%Y-%m-%d %H:%M} .. {w.end:%Y-%m-%d %H:%M} UTC "
+        f"vs the reference window from {w.reference_start:%Y-%m-%d %H:%M}"
+    )
+    for column in ("data set", "rows (ref / cur)", "drifted columns", "share", "drift"):
+        table.add_column(column)
+    for d in result.datasets:
+        names = ", ".join(c.column for c in d.columns if c.drifted) or "-"
+        share = f"{d.share:.2f} (>= {d.drift_share:g} flags)"
+        flag = "[bold red]yes[/]" if d.drifted else "no"
+        table.add_row(d.name, f"{d.reference_rows:,} / {d.current_rows:,}", names, share, flag)
+    out.print(table)
+    for name, why in result.skipped.items():
+        out.print(f"not compared: {name}: {why}")
+    out.print(f"verdict: {'DRIFT, retrain' if result.drifted else 'no drift'}")
+    out.print(f"report: {result.html_path}\nsummary: {result.json_path}")
+    if fail_on_drift and result.drifted:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schedule(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Serve the scheduled flows (ingest every 5 minutes, drift hourly, pipeline nightly) from this process
+    against the Prefect server at PREFECT_API_URL: `python -m flows.serve` (see flows/README.md)."""
+    from recflow.errors import ConfigError
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(
+            "PREFECT_API_URL is not set: run `prefect server start` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (schedules never fire on Prefect's temporary server)"
+        )
+    if not Path("flows/serve.py").exists():
+        raise ConfigError("no flows/serve.py here: run `recflow schedule` in the recflow project folder")
+    os.execv(sys.executable, [sys.executable, "-m", "flows.serve", "--params", str(params)])
+
+
 def main() -> None:
     # Before numpy is imported (the stages import it lazily): implicit and the ranker run several times
     # slower when OpenBLAS starts its own threads next to theirs.

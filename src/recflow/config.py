@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,6 +110,144 @@ class EvaluateSettings:
 
 
 @dataclass(frozen=True)
+class ServiceSettings:
+    """The HTTP service (bentos/service.py). `token` and `redis_url` may be overridden by the environment
+    variables RECFLOW_SERVICE_TOKEN and RECFLOW_SERVICE_REDIS_URL (see `resolved`)."""
+
+    token: str | None = None  # bearer token required by the write endpoints (/events, /reload); null: open
+    max_body_bytes: int = 1_048_576  # larger request bodies are refused with 413
+    max_events: int = 1000  # events per POST /events (and recent_events per /recommend)
+    k_max: int = 200  # the largest k a request may ask for
+    redis_url: str | None = None  # user state in Redis (shared by workers and replicas); null: state_path
+    redis_prefix: str = "recflow:state:"  # key prefix of the user state in Redis
+    state_path: Path = Path("models/serving/user_state.jsonl")  # append-only log of user state without Redis
+    reload_check_seconds: float = 5.0  # how often a request may check whether production changed (0: never)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_max <= 200:
+            raise ConfigError(f"service.k_max must be between 1 and 200 (the API's limit), got {self.k_max}")
+        for name in ("max_body_bytes", "max_events"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"service.{name} must be at least 1, got {getattr(self, name)}")
+        if self.reload_check_seconds < 0:
+            raise ConfigError(f"service.reload_check_seconds must not be negative, got {self.reload_check_seconds}")
+
+    def resolved(self, environ: Mapping[str, str]) -> ServiceSettings:
+        """These settings with the environment's overrides applied."""
+        return dataclasses.replace(
+            self,
+            token=environ.get("RECFLOW_SERVICE_TOKEN") or self.token,
+            redis_url=environ.get("RECFLOW_SERVICE_REDIS_URL") or self.redis_url,
+        )
+
+
+@dataclass(frozen=True)
+class EventLogSettings:
+    """The real-time event log (recflow.eventlog) and its consumer (recflow.consumer). The environment
+    variable RECFLOW_REDIS_URL overrides `redis_url` (see `resolved`)."""
+
+    redis_url: str | None = None  # null: the local spool file (embedded, single machine)
+    stream: str = "recflow:events"  # Redis stream the events are appended to
+    group: str = "recflow-store"  # consumer group that stores them
+    consumer: str | None = None  # consumer name; null: the host name (a restart takes back its own pending entries)
+    maxlen: int = 1_000_000  # length cap: acknowledged entries beyond it are trimmed (never unacknowledged ones)
+    batch_size: int = 10_000  # entries read and stored per batch (one store write each)
+    block_ms: int = 1000  # how long one read waits for new entries
+    linger_ms: int = 200  # after the first new entry, wait up to this long to fill a batch (fewer store files)
+    claim_idle_ms: int = 60_000  # pending entries of another consumer idle this long are claimed (dead consumer)
+    max_deliveries: int = 5  # an entry delivered this often is stored alone; past it, dead-lettered
+    dead_letter_stream: str = "recflow:events:dead"  # poison entries with their reason
+    spool: Path = Path("spool")  # folder of the spool file and its consumer position (outside data/)
+
+    def __post_init__(self) -> None:
+        for name in ("maxlen", "batch_size", "max_deliveries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eventlog.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("block_ms", "linger_ms", "claim_idle_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eventlog.{name} must not be negative, got {getattr(self, name)}")
+        if self.stream == self.dead_letter_stream:
+            raise ConfigError("eventlog.dead_letter_stream must differ from eventlog.stream")
+
+    def resolved(self, environ: Mapping[str, str]) -> EventLogSettings:
+        """These settings with the environment's override (RECFLOW_REDIS_URL) applied."""
+        return dataclasses.replace(self, redis_url=environ.get("RECFLOW_REDIS_URL") or self.redis_url)
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """The model registry (recflow.registry): versions in the BentoML model store and the promotion gate."""
+
+    home: Path = Path(".bentoml")  # BentoML home (model store, bentos), relative to the project folder
+    model_name: str = "recflow"  # BentoML model name of the deployable versions
+    tolerance: float = 0.005  # promote when candidate NDCG@k >= production's - tolerance, on the same test window
+
+    def __post_init__(self) -> None:
+        if self.tolerance < 0:
+            raise ConfigError(f"registry.tolerance must not be negative, got {self.tolerance}")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.model_name):  # a BentoML tag name (lower case)
+            raise ConfigError(
+                f"registry.model_name must be lower case a-z, 0-9, '-', '_' or '.', got {self.model_name!r}"
+            )
+
+
+DRIFT_METHODS = ("jensenshannon", "wasserstein", "psi", "hellinger", "kl_div", "ks", "chisquare", "z", "mannw")
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """How Evidently compares one data set of the drift check (recflow.drift). Methods are Evidently stat-test
+    names; distance methods flag a column when score >= threshold, p-value methods (ks, chisquare, z, mannw)
+    when p < threshold. A data set drifts when the share of its drifted columns reaches `drift_share`."""
+
+    num_method: str = "wasserstein"
+    num_threshold: float = 0.1
+    cat_method: str = "jensenshannon"
+    cat_threshold: float = 0.1
+    drift_share: float = 0.5
+    per_column_threshold: dict[str, float] = field(default_factory=dict)  # column -> threshold (overrides)
+
+    def __post_init__(self) -> None:
+        for name in ("num_method", "cat_method"):
+            if getattr(self, name) not in DRIFT_METHODS:
+                known = ", ".join(DRIFT_METHODS)
+                raise ConfigError(f"drift.*.{name} must be one of {known}, got {getattr(self, name)!r}")
+        if not 0.0 < self.drift_share <= 1.0:
+            raise ConfigError(f"drift.*.drift_share must be in (0, 1], got {self.drift_share}")
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """The drift check (recflow.drift): a reference window, the current window after it, and what is compared."""
+
+    current_days: float = 7.0  # the current window: the last days of the store
+    reference_days: float = 7.0  # the reference window: the days before the current one
+    lookback_days: float = 14.0  # history before each window: new items/users, popularity buckets, ranker context
+    popularity_buckets: int = 10  # items bucketed by their share of the lookback's events
+    min_events: int = 1000  # fewer events in either window: no verdict (EmptyDataError)
+    max_rows: int = 50_000  # rows per window handed to Evidently; a seeded random sample above it
+    candidate_users: int = 500  # active users per window whose candidates the ranker scores
+    seed: int = 0
+    keep_reports: int = 48  # report pairs kept in reports/drift (older ones are removed)
+    events: DriftCheck = field(  # one row per event
+        default_factory=lambda: DriftCheck(
+            drift_share=0.25,
+            per_column_threshold={"action": 0.05, "item_popularity": 0.17, "new_item": 0.2, "new_user": 0.1},
+        )
+    )
+    users: DriftCheck = field(default_factory=lambda: DriftCheck(num_threshold=0.15))  # one row per active user
+    candidates: DriftCheck = field(default_factory=lambda: DriftCheck(num_threshold=0.15))  # (user, candidate) rows
+
+    def __post_init__(self) -> None:
+        for name in ("current_days", "reference_days", "lookback_days"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"drift.{name} must be positive, got {getattr(self, name)}")
+        for name in ("popularity_buckets", "min_events", "max_rows", "candidate_users", "keep_reports"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"drift.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: Paths = field(default_factory=Paths)
     events: EventSettings = field(default_factory=EventSettings)
@@ -116,6 +257,10 @@ class Settings:
     candidates: CandidateSettings = field(default_factory=CandidateSettings)
     ranker: RankerSettings = field(default_factory=RankerSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    eventlog: EventLogSettings = field(default_factory=EventLogSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
 
     def replace(self, section: str, **changes: Any) -> Settings:
         """A copy with some fields of one section changed: `settings.replace("als", alpha=5.0)`."""
@@ -143,6 +288,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union) and type(None) in typing.get_args(hint):  # `X | None`: null allowed
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _coerce(inner, value, where)
     try:
         if hint is Path:
             return Path(value)

@@ -5,7 +5,13 @@ RecflowError
 ├── InputFileError       an input file cannot be read at all (missing, wrong format, no header)
 ├── UnknownActionError   an action that params.yaml does not define
 ├── EmptyDataError       a stage has no data to work on (empty store, empty split)
-└── ModelNotFoundError   a stage needs a trained model that is not there
+├── ModelNotFoundError   a stage needs a trained model that is not there
+├── EventLogUnavailableError  the event log (Redis, the local spool) cannot be reached or opened
+├── StoreWriteError      the consumer cannot write what it read into the event store (disk, permissions)
+├── UserStateUnavailableError  the service's user state (Redis, the local log) cannot be read or written
+├── NoProductionError   nothing is deployed yet, or nothing to roll back to (the registry)
+├── RegistryError       the model registry (BentoML model store) is unreadable or inconsistent
+└── DataVersionError    `dvc add` of the data folder failed (recflow.dataversion)
 """
 
 from __future__ import annotations
@@ -32,4 +38,28 @@ class EmptyDataError(RecflowError):
 
 
 class ModelNotFoundError(RecflowError):
+    pass
+
+
+class EventLogUnavailableError(RecflowError):
+    pass
+
+
+class StoreWriteError(RecflowError):
+    pass
+
+
+class UserStateUnavailableError(RecflowError):
+    pass
+
+
+class NoProductionError(RecflowError):
+    pass
+
+
+class RegistryError(RecflowError):
+    pass
+
+
+class DataVersionError(RecflowError):
     pass

@@ -140,6 +140,12 @@ def _read_json_lines(path: Path) -> tuple[pa.Table, list[Rejection]]:
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     if data.lstrip()[:1] == b"[":
         raise InputFileError(f"{path} holds a JSON array; write one JSON object per line (JSON Lines) instead")
+    return read_json_lines(data, source=str(path))
+
+
+def read_json_lines(data: bytes, *, source: str) -> tuple[pa.Table, list[Rejection]]:
+    """`read_event_file` for JSON Lines already in memory (the event stream's batches): the rows, numbered by
+    line, and the lines that could not be read as rows, as Rejections from `source`."""
     try:
         lines = pc.list_flatten(pc.split_pattern(pa.array([data.decode()], pa.large_string()), "\n"))
         lines = pc.cast(pc.utf8_rtrim(lines, "\r"), pa.string())
@@ -151,7 +157,7 @@ def _read_json_lines(path: Path) -> tuple[pa.Table, list[Rejection]]:
             return table.append_column(RECORD_COLUMN, numbers).append_column(RAW_COLUMN, raw), []
     except UnicodeDecodeError:
         pass
-    logger.debug("%s: mixed field types or bad lines, parsing line by line", path)
+    logger.debug("%s: mixed field types or bad lines, parsing line by line", source)
     records: list[Any] = []
     rejected: list[Rejection] = []
     numbers_kept: list[int] = []
@@ -166,8 +172,8 @@ def _read_json_lines(path: Path) -> tuple[pa.Table, list[Rejection]]:
         except ValueError as exc:
             detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
             reason = f"line is not valid JSON ({detail}); write one JSON object per line"
-            rejected.append(Rejection(str(path), number, "bad_json", reason, line[:MAX_RAW_CHARS]))
-    table, shape_rejected, _ = records_table(records, numbers_kept, source=str(path), raws=raws)
+            rejected.append(Rejection(source, number, "bad_json", reason, line[:MAX_RAW_CHARS]))
+    table, shape_rejected, _ = records_table(records, numbers_kept, source=source, raws=raws)
     return table, sorted(rejected + shape_rejected, key=lambda r: r.record)
 
 

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
 from recflow.errors import InputFileError
-from recflow.eventio import EVENT_FILE_SUFFIXES, read_event_file
+from recflow.eventio import EVENT_FILE_SUFFIXES, read_event_file, read_json_lines
 from recflow.events import STORE_SCHEMA, Rejection, duckdb_cursor, json_objects, validate_records, validate_table
 
 logger = logging.getLogger(__name__)
@@ -114,14 +114,27 @@ def ingest_files(
     total = IngestReport()
     for path in files:
         table, unreadable = read_event_file(path)
-        batch = validate_table(table, settings=settings, source=str(path), now=now)
-        rejections = sorted(unreadable + batch.rejected, key=lambda r: r.record) if unreadable else batch.rejected
-        report = _commit(batch.accepted, rejections, read=table.num_rows + len(unreadable), store=store,
-                         rejected=rejected, source=str(path))  # fmt: skip
+        report = _ingest_read(table, unreadable, source=str(path), store=store, rejected=rejected, settings=settings,
+                              now=now)  # fmt: skip
         if on_file is not None:
             on_file(path, report)
         total = total + report
     return total
+
+
+def ingest_json_lines(
+    data: bytes,
+    *,
+    source: str,
+    store: Path,
+    rejected: Path,
+    settings: EventSettings,
+    now: datetime | None = None,
+) -> IngestReport:
+    """Ingest JSON Lines text held in memory (the event stream's batches) exactly as a .jsonl file would be:
+    one batch, records numbered by line, unreadable lines rejected as `bad_json`."""
+    table, unreadable = read_json_lines(data, source=source)
+    return _ingest_read(table, unreadable, source=source, store=store, rejected=rejected, settings=settings, now=now)
 
 
 def ingest_table(
@@ -189,6 +202,23 @@ def store_summary(store: Path) -> StoreSummary:
 
 
 # -- one batch ---------------------------------------------------------------------------------------------
+
+
+def _ingest_read(
+    table: pa.Table,
+    unreadable: list[Rejection],
+    *,
+    source: str,
+    store: Path,
+    rejected: Path,
+    settings: EventSettings,
+    now: datetime | None,
+) -> IngestReport:
+    """Validate and commit the rows read from one input (`eventio`), with the records it could not read."""
+    batch = validate_table(table, settings=settings, source=source, now=now)
+    rejections = sorted(unreadable + batch.rejected, key=lambda r: r.record) if unreadable else batch.rejected
+    read = table.num_rows + len(unreadable)
+    return _commit(batch.accepted, rejections, read=read, store=store, rejected=rejected, source=source)
 
 
 def _commit(

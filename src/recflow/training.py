@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,7 +131,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
             win = window(inter, target_split, method, cuts)
             bundle, previous = _fit_bundle(inter, win, params, ranker_fit, settings, weights, previous)
             bundle.info.update(window=directory, trained_at=datetime.now(UTC).isoformat(timespec="seconds"))
-            bundle.save(models / directory)
+            save_bundle_atomically(bundle, models / directory)
 
     report = TrainReport(
         als_params=asdict(params),
@@ -264,6 +267,24 @@ def _fit_bundle(
         n_popular=settings.candidates.popular,
     )
     return bundle, model
+
+
+def save_bundle_atomically(bundle: ModelBundle, path: Path) -> None:
+    """Save into a fresh hidden sibling folder, then swap it in with two renames: a crash while saving leaves
+    the previous bundle whole (the crash-safety the Prefect train flow relies on; tests/integration/test_flows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle folder is as readable as any other output
+    try:
+        bundle.save(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = path.with_name(f".{path.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+    if path.exists():
+        os.replace(path, retired)
+    os.replace(staging, path)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _write_report(report: TrainReport, models: Path) -> None:

@@ -1,0 +1,46 @@
+"""The deploy flow: register the trained bundle and promote it through the gate (recflow.registry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.tasks import deploy_candidate
+from flows.train import metrics_table
+
+NO_REGISTRY = "recflow.registry is not installed (issue #3): nothing deployed, the pipeline stops after evaluation"
+
+
+@flow(name="deploy", log_prints=True)
+def deploy(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
+    """Save models/bundle as a candidate version and promote it when it passes the gate (candidate NDCG@k on
+    the current test window >= production's - registry.tolerance); production stays otherwise.
+
+    Args:
+        project: the recflow project folder.
+        params: the parameter file, relative to the project folder.
+    """
+    decision = deploy_candidate(project, params)
+    if decision is None:
+        print(NO_REGISTRY)
+        create_markdown_artifact(key="deploy-decision", markdown=f"# Not deployed\n{NO_REGISTRY}")
+        return {"promoted": False, "reason": NO_REGISTRY}
+    create_markdown_artifact(
+        key="deploy-decision",
+        markdown=f"# {'Promoted' if decision['promoted'] else 'Not promoted'}: {decision['candidate']}\n"
+        f"{decision['reason']}\n\nProduction now: {decision['production']}",
+    )
+    create_table_artifact(
+        key="deploy-metrics",
+        table=metrics_table(
+            {"als_ranker": decision["candidate_metrics"]}, {"als_ranker": decision["production_metrics"] or {}}
+        ),
+        description="offline metrics of the candidate and of production before the decision",
+    )
+    return decision
+
+
+if __name__ == "__main__":
+    deploy()

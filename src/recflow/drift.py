@@ -1,0 +1,364 @@
+"""The drift check: does the current window of events (and of ranker inputs) look like the reference window?
+
+Windows, cut back from the store's last event (the data's "now"), lengths in params.yaml `drift`:
+
+    [ lookback | reference window ][ current window ]
+                      each window also looks back `lookback_days` before its own start (or end, see below)
+
+Three data sets per window, each compared by Evidently's DataDriftPreset with the methods and thresholds of
+its `drift.<name>` section (a data set drifts when the share of its drifted columns reaches `drift_share`):
+
+- events (one row per event): the action, the item's popularity bucket (its share of the events in the
+  `lookback_days` before the window: pop01 = the items that drew the first 1/buckets of those events, ...,
+  "new" = an item without events there), whether the item is new, whether the user is new (no events there);
+- users (one row per active user): events and distinct items per user in the window;
+- candidates (one row per user and candidate): the ranker's features and score for the candidates of active
+  users, computed with the trained bundle's own functions (recflow.ranker.build_context / candidate_features)
+  from the `lookback_days` of events before the window's end. Skipped, with the reason, when no bundle exists.
+
+Every aggregate is defined the same way relative to its own window, so two windows of one distribution give
+the same distributions; windows of equal length (the default) keep even the length-dependent ones (new items,
+events per user) comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+
+from recflow.config import DriftCheck, Settings
+from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID
+from recflow.errors import EmptyDataError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+EVENTS, USERS, CANDIDATES = "events", "users", "candidates"
+DATASETS = (EVENTS, USERS, CANDIDATES)
+SCORE = "ranker_score"
+NEW = "new"
+_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class DriftWindows:
+    lookback_start: datetime  # the reference window's lookback starts here (the oldest event read)
+    reference_start: datetime
+    current_start: datetime  # = the reference window's end
+    end: datetime  # exclusive: just after the last stored event
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v.isoformat(timespec="seconds") for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class ColumnDrift:
+    column: str
+    method: str
+    threshold: float
+    score: float
+    drifted: bool
+
+
+@dataclass(frozen=True)
+class DatasetDrift:
+    name: str
+    reference_rows: int
+    current_rows: int
+    drift_share: float  # the data set drifts when this share of its columns drifted
+    share: float  # share of its columns that drifted
+    drifted: bool
+    columns: list[ColumnDrift]
+
+
+@dataclass
+class DriftResult:
+    drifted: bool
+    reasons: list[str]  # why it drifted (empty when it did not)
+    windows: DriftWindows
+    datasets: list[DatasetDrift]
+    skipped: dict[str, str]  # data set -> why it was not compared
+    aggregates: dict[str, dict[str, float]]  # "reference"/"current" -> readable window aggregates
+    checked_at: str
+    html_path: Path | None = None
+    json_path: Path | None = None
+    snapshots: dict[str, Any] = field(default_factory=dict, repr=False)  # data set -> Evidently Snapshot
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary written next to the HTML report."""
+        return {
+            "checked_at": self.checked_at,
+            "drifted": self.drifted,
+            "reasons": self.reasons,
+            "windows": self.windows.as_dict(),
+            "aggregates": self.aggregates,
+            "datasets": [dataclasses.asdict(d) for d in self.datasets],
+            "skipped": self.skipped,
+            "html": None if self.html_path is None else str(self.html_path),
+        }
+
+
+def drift_windows(last_event: datetime, settings: Settings) -> DriftWindows:
+    conf = settings.drift
+    end = last_event + timedelta(milliseconds=1)
+    current_start = end - timedelta(days=conf.current_days)
+    reference_start = current_start - timedelta(days=conf.reference_days)
+    return DriftWindows(reference_start - timedelta(days=conf.lookback_days), reference_start, current_start, end)
+
+
+def load_events(store: Path, settings: Settings, *, end: datetime | None = None) -> tuple[pd.DataFrame, DriftWindows]:
+    """The events the check reads (from the reference window's lookback to `end`, default: the last event),
+    as a frame with user_id, item_id, action (categories) and ts (int64 ms), sorted by time."""
+    from recflow.store import scan_store, store_summary
+
+    summary = store_summary(store)
+    if summary.last is None or summary.first is None:
+        raise EmptyDataError(f"the event store {store} is empty: ingest events first (recflow ingest FILE)")
+    windows = drift_windows(min(end, summary.last) if end else summary.last, settings)
+    if summary.first > windows.lookback_start:
+        days = (windows.end - summary.first).total_seconds() / 86_400
+        conf = settings.drift
+        raise EmptyDataError(
+            f"the store spans {days:.1f} days, the drift check needs lookback + reference + current = "
+            f"{conf.lookback_days:g} + {conf.reference_days:g} + {conf.current_days:g} days "
+            "(params.yaml drift.*_days): shorten them or wait for more events"
+        )
+    table = scan_store(store, columns=[USER_ID, ITEM_ID, ACTION, TIMESTAMP])
+    ts = pc.cast(table[TIMESTAMP], "int64")
+    start_ms, end_ms = _ms(windows.lookback_start), _ms(windows.end)
+    table = table.filter(pc.and_(pc.greater_equal(ts, start_ms), pc.less(ts, end_ms)))
+    frame = pd.DataFrame(
+        {
+            USER_ID: table[USER_ID].to_pandas().astype("category"),
+            ITEM_ID: table[ITEM_ID].to_pandas().astype("category"),
+            ACTION: table[ACTION].to_pandas().astype("category"),
+            "ts": pc.cast(table[TIMESTAMP], "int64").to_numpy(),
+        }
+    )
+    return frame.sort_values("ts", kind="stable", ignore_index=True), windows
+
+
+def event_frames(
+    events: pd.DataFrame, windows: DriftWindows, settings: Settings
+) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """{events, users} -> (reference frame, current frame) of the per-event and per-user aggregates."""
+    conf = settings.drift
+    lookback_ms = round(conf.lookback_days * _DAY_MS)
+    frames: dict[str, list[pd.DataFrame]] = {EVENTS: [], USERS: []}
+    for start, stop in ((windows.reference_start, windows.current_start), (windows.current_start, windows.end)):
+        s, e = _ms(start), _ms(stop)
+        ts = events["ts"].to_numpy()
+        inside = events[(ts >= s) & (ts < e)]
+        before = events[(ts >= s - lookback_ms) & (ts < s)]
+        if len(inside) < conf.min_events:
+            raise EmptyDataError(
+                f"the window {start:%Y-%m-%d %H:%M} .. {stop:%Y-%m-%d %H:%M} holds {len(inside)} events, fewer "
+                f"than drift.min_events={conf.min_events}: lengthen drift.*_days or lower drift.min_events"
+            )
+        bucket = _popularity_buckets(before[ITEM_ID], conf.popularity_buckets)
+        item_bucket = inside[ITEM_ID].map(bucket).astype(object).fillna(NEW)
+        seen_users = set(before[USER_ID].unique())
+        frames[EVENTS].append(
+            pd.DataFrame(
+                {
+                    "action": inside[ACTION].astype(str).to_numpy(),
+                    "item_popularity": item_bucket.to_numpy(),
+                    "new_item": np.where(item_bucket.to_numpy() == NEW, "yes", "no"),
+                    "new_user": np.where(inside[USER_ID].isin(seen_users).to_numpy(), "no", "yes"),
+                }
+            )
+        )
+        per_user = inside.groupby(USER_ID, observed=True).agg(events=(ITEM_ID, "size"), items=(ITEM_ID, "nunique"))
+        frames[USERS].append(per_user.reset_index(drop=True).astype(np.float64))
+    return {name: (ref, cur) for name, (ref, cur) in frames.items()}
+
+
+def _popularity_buckets(items: pd.Series, buckets: int) -> dict[str, str]:
+    """item -> "popNN": bucket k holds the items that drew the k-th 1/buckets of the events (most popular first)."""
+    counts = items.value_counts(sort=True)
+    counts = counts[counts > 0]
+    if counts.empty:
+        return {}
+    before = (counts.cumsum() - counts) / counts.sum()
+    index = np.minimum((before.to_numpy() * buckets).astype(int), buckets - 1)
+    return dict(zip(counts.index.astype(str), (f"pop{i + 1:02d}" for i in index), strict=True))
+
+
+def candidate_frames(
+    bundle_dir: Path, events: pd.DataFrame, windows: DriftWindows, settings: Settings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ranker's features and score for the candidates of each window's active users (reference, current).
+
+    Each window's feature context is built by recflow.ranker from the `lookback_days` of events before the
+    window's end, encoded with the bundle's id maps (events of users or items the bundle does not know cannot
+    reach its factors and are left out); candidates come from the bundle's own generator.
+    """
+    from recflow.bundle import ModelBundle
+    from recflow.features import Interactions
+    from recflow.ranker import build_context, candidate_features, feature_names
+
+    bundle = ModelBundle.load(bundle_dir)
+    conf = settings.drift
+    ranker_conf = dataclasses.replace(
+        settings.ranker,
+        popularity_windows_days=bundle.context.windows_days,
+        recent_items=bundle.context.recent_items.shape[1],
+    )
+    names = feature_names(bundle.actions, bundle.context.windows_days)
+    user_pos = pd.Index(bundle.user_ids).get_indexer(events[USER_ID].astype(str))
+    item_pos = pd.Index(bundle.item_ids).get_indexer(events[ITEM_ID].astype(str))
+    action_pos = pd.Index(list(bundle.actions)).get_indexer(events[ACTION].astype(str))
+    ts = events["ts"].to_numpy()
+    known = (user_pos >= 0) & (item_pos >= 0) & (action_pos >= 0)
+    rng = np.random.default_rng(conf.seed)
+    out = []
+    for start, stop in ((windows.reference_start, windows.current_start), (windows.current_start, windows.end)):
+        s, e = _ms(start), _ms(stop)
+        rows = known & (ts >= e - round(conf.lookback_days * _DAY_MS)) & (ts < e)
+        history = Interactions(
+            user_idx=user_pos[rows].astype(np.int32),
+            item_idx=item_pos[rows].astype(np.int32),
+            action_idx=action_pos[rows].astype(np.int8),
+            ts=ts[rows] // 1000,
+            split=np.zeros(int(rows.sum()), dtype=np.int8),
+            user_ids=bundle.user_ids,
+            item_ids=bundle.item_ids,
+            actions=bundle.actions,
+        )
+        ref_time = np.full(len(bundle.user_ids), e / 1000.0)
+        context = build_context(history, ref_time, bundle.item_factors, ranker_conf)
+        active = np.unique(user_pos[known & (ts >= s) & (ts < e)])
+        if len(active) == 0:
+            raise EmptyDataError(f"no user active in {start:%Y-%m-%d} .. {stop:%Y-%m-%d} is known to the model")
+        if len(active) > conf.candidate_users:
+            active = np.sort(rng.choice(active, conf.candidate_users, replace=False))
+        candidates = bundle.candidates.candidates(active, bundle.n_candidates)
+        X, _, _ = candidate_features(context, active, candidates)
+        frame = pd.DataFrame(X.astype(np.float64), columns=names)
+        if bundle.ranker is not None:
+            frame[SCORE] = bundle.ranker.predict(X, num_iteration=bundle.ranker.best_iteration or None)
+        out.append(frame)
+    return out[0], out[1]
+
+
+def compare(
+    frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Settings
+) -> tuple[list[DatasetDrift], dict[str, Any]]:
+    """Run Evidently's DataDriftPreset (with tests) on each (reference, current) pair; its tests decide."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    results, snapshots = [], {}
+    for name, (reference, current) in frames.items():
+        check: DriftCheck = getattr(settings.drift, name)
+        reference, current = _sample(reference, settings), _sample(current, settings)
+        categorical = [c for c in reference.columns if reference[c].dtype == object]
+        definition = DataDefinition(
+            numerical_columns=[c for c in reference.columns if c not in categorical], categorical_columns=categorical
+        )
+        preset = DataDriftPreset(
+            drift_share=check.drift_share,
+            num_method=check.num_method,
+            num_threshold=check.num_threshold,
+            cat_method=check.cat_method,
+            cat_threshold=check.cat_threshold,
+            per_column_threshold=dict(check.per_column_threshold) or None,
+        )
+        snapshot = Report([preset], include_tests=True).run(  # current first, reference second
+            Dataset.from_pandas(current, data_definition=definition),
+            Dataset.from_pandas(reference, data_definition=definition),
+        )
+        results.append(_read_snapshot(name, snapshot.dict(), len(reference), len(current), check))
+        snapshots[name] = snapshot
+    return results, snapshots
+
+
+def _read_snapshot(name: str, snap: dict[str, Any], n_ref: int, n_cur: int, check: DriftCheck) -> DatasetDrift:
+    scores = {m["config"]["column"]: m for m in snap["metrics"] if m["config"]["type"].endswith(":ValueDrift")}
+    failed = {
+        t["metric_config"]["params"]["column"]: t["status"] == "FAIL" for t in snap["tests"] if t["id"] == "drift"
+    }
+    share_tests = [t for t in snap["tests"] if t["metric_config"]["params"]["type"].endswith(":DriftedColumnsCount")]
+    columns = [
+        ColumnDrift(
+            column=column,
+            method=str(metric["config"]["method"]),
+            threshold=float(metric["config"]["threshold"]),
+            score=float(metric["value"]),
+            drifted=failed[column],
+        )
+        for column, metric in scores.items()
+    ]
+    share = sum(c.drifted for c in columns) / max(len(columns), 1)
+    drifted = any(t["status"] == "FAIL" for t in share_tests)
+    return DatasetDrift(name, n_ref, n_cur, check.drift_share, round(share, 4), drifted, columns)
+
+
+def _sample(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
+    if len(frame) <= settings.drift.max_rows:
+        return frame.reset_index(drop=True)
+    return frame.sample(settings.drift.max_rows, random_state=settings.drift.seed).reset_index(drop=True)
+
+
+def aggregates(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, dict[str, float]]:
+    """Readable per-window numbers for the summary: action mix, new-item and new-user shares, activity."""
+    out = {}
+    for position, label in enumerate(("reference", "current")):
+        ev, us = frames[EVENTS][position], frames[USERS][position]
+        mix = ev["action"].value_counts(normalize=True)
+        out[label] = {
+            "events": float(len(ev)),
+            "active_users": float(len(us)),
+            **{f"share_{a}": round(float(v), 4) for a, v in mix.sort_index().items()},
+            "share_new_items": round(float((ev["new_item"] == "yes").mean()), 4),
+            "share_new_users": round(float((ev["new_user"] == "yes").mean()), 4),
+            "events_per_user": round(float(us["events"].mean()), 3),
+        }
+    return out
+
+
+def verdict(datasets: list[DatasetDrift]) -> list[str]:
+    """Why drift is flagged: one reason per drifted data set (none: no drift)."""
+    return [
+        f"{d.name}: {sum(c.drifted for c in d.columns)} of {len(d.columns)} columns drifted "
+        f"(share {d.share:.2f} >= {d.drift_share:.2f}): "
+        + ", ".join(f"{c.column} {c.method} {c.score:.3f} vs {c.threshold:g}" for c in d.columns if c.drifted)
+        for d in datasets
+        if d.drifted
+    ]
+
+
+def check_drift(settings: Settings, *, root: Path = Path("."), end: datetime | None = None) -> DriftResult:
+    """The drift stage: read the windows from the store, compare them, return the verdict (nothing written)."""
+    paths = settings.paths
+    events, windows = load_events(root / paths.store, settings, end=end)
+    frames = event_frames(events, windows, settings)
+    skipped: dict[str, str] = {}
+    try:
+        frames[CANDIDATES] = candidate_frames(root / paths.models / "bundle", events, windows, settings)
+    except (ModelNotFoundError, EmptyDataError) as exc:
+        skipped[CANDIDATES] = str(exc)
+        logger.info("ranker distributions not compared: %s", exc)
+    datasets, snapshots = compare(frames, settings)
+    reasons = verdict(datasets)
+    return DriftResult(
+        drifted=bool(reasons),
+        reasons=reasons,
+        windows=windows,
+        datasets=datasets,
+        skipped=skipped,
+        aggregates=aggregates(frames),
+        checked_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        snapshots=snapshots,
+    )
+
+
+def _ms(moment: datetime) -> int:
+    return round(moment.timestamp() * 1000)

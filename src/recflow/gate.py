@@ -1,0 +1,139 @@
+"""The promotion gate: versions' backtest bundles scored on the same, current test window, and the rule.
+
+`recflow evaluate` scores the backtest bundle trained from the current features on their test window. The
+gate has to compare that candidate with the version in production, which was trained (and evaluated) on an
+older window, on the *current* one. A bundle trained from older features has its own user and item index, so
+the current window is mapped into each bundle's index by external id:
+
+- users: only test users every bundle knows are scored (the same users for every bundle);
+- relevant items: the items new to each user in the current test window (`metrics.ground_truth`), whether or
+  not a bundle knows them (an item a bundle never saw is a miss for it, as it would be in production);
+- what a user already had: everything before the current test window. A bundle whose id maps differ from the
+  current features is given that history (in its own index) in place of the older one it was trained with, so
+  it excludes the same items the candidate excludes, as the service does with the events it received since.
+  Its popular-item candidates then come from that history too (fresher than production's own: if anything,
+  this favours production). Its user vectors, item factors, ranker and ranker features stay as trained: what
+  it learnt ends where its training data ended, as it does in production.
+
+Both bundles are then scored by the same code as `recflow evaluate` (`ModelBundle.recommend`, then
+`metrics.ranking_metrics`): a bundle whose id maps equal the current features' scores exactly as in
+`models/metrics.json` when every test user is known to all bundles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from recflow.bundle import ModelBundle
+from recflow.config import Settings
+from recflow.errors import EmptyDataError
+from recflow.features import SPLIT_TEST, action_weights, confidence_matrix, load_interactions, window
+from recflow.metrics import PAD, ground_truth, ranking_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WindowScores:
+    """Offline metrics of each bundle (in the order given) on the same users of the current test window."""
+
+    metrics: list[dict[str, float]]
+    users: int  # test users scored (known to every bundle)
+    test_users: int  # test users in the current window (warm, with an item new to them)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's answer for one candidate against production, both scored on the current test window."""
+
+    passed: bool  # candidate >= production - tolerance
+    metric: str
+    candidate: float
+    production: float
+    users: int
+
+
+def gate_metric(settings: Settings) -> str:
+    """The metric the gate compares: NDCG at `evaluate.k`."""
+    return f"ndcg@{settings.evaluate.k}"
+
+
+def judge(candidate_backtest: Path, production_backtest: Path, features: Path, settings: Settings) -> Verdict:
+    """Score both backtest bundles on the test window of `features`; the candidate passes when its metric is at
+    least production's minus `registry.tolerance`."""
+    bundles = [ModelBundle.load(candidate_backtest), ModelBundle.load(production_backtest)]
+    scores = score_on_current_window(bundles, features, settings)
+    metric = gate_metric(settings)
+    candidate, production = scores.metrics[0][metric], scores.metrics[1][metric]
+    passed = candidate >= production - settings.registry.tolerance
+    return Verdict(passed=passed, metric=metric, candidate=candidate, production=production, users=scores.users)
+
+
+def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, settings: Settings) -> WindowScores:
+    """Score every bundle's two-stage model (ALS alone when it has no ranker) on the test window of `features`."""
+    inter, meta = load_interactions(features)
+    cuts = {k: float(v) for k, v in meta["cuts"].items()}
+    test = window(inter, SPLIT_TEST, str(meta["summary"]["method"]), cuts)
+    weights = action_weights(settings, inter.actions)
+    history = confidence_matrix(test.history, weights, settings.features.half_life_days, test.ref_time)
+    truth = ground_truth(test, history)
+    user_maps = [_index_map(inter.user_ids, bundle.user_ids) for bundle in bundles]
+    known = np.all([m[truth.users] >= 0 for m in user_maps], axis=0) if bundles else np.ones(0, dtype=bool)
+    users, relevant = truth.users[known], truth.relevant[np.flatnonzero(known)]
+    if len(users) == 0:
+        raise EmptyDataError(
+            f"no test user in {features} is known to every version compared, so the gate cannot compare them: "
+            "rebuild features from the event store (recflow features) or deploy with --force"
+        )
+    conf = settings.evaluate
+    if len(users) > conf.max_users:  # the same fixed sample as `recflow evaluate`
+        rows = np.sort(np.random.default_rng(conf.seed).choice(len(users), conf.max_users, replace=False))
+        users, relevant = users[rows], relevant[rows]
+    depth = max(conf.k, conf.recall_k)
+    n_catalogue = int((np.asarray(history.getnnz(axis=0)) > 0).sum())
+    scores = []
+    for bundle, user_map in zip(bundles, user_maps, strict=True):
+        item_map = _index_map(inter.item_ids, bundle.item_ids)  # current item -> bundle item (-1: unknown)
+        if _same_ids(bundle, inter.user_ids, inter.item_ids):
+            recs, _ = bundle.recommend(users, depth)
+        else:
+            adapted = dataclasses.replace(bundle, history=_remap(history, user_map, item_map, bundle))
+            bundle_recs, _ = adapted.recommend(user_map[users], depth)
+            back = np.full(len(bundle.item_ids) + 1, PAD, dtype=np.int64)  # bundle item -> current item; PAD -> PAD
+            known_items = np.flatnonzero(item_map >= 0)
+            back[item_map[known_items]] = known_items
+            recs = back[bundle_recs]
+        scores.append(ranking_metrics(recs, relevant, k=conf.k, recall_k=conf.recall_k, n_catalogue=n_catalogue))
+        logger.info("gate: %s", scores[-1])
+    return WindowScores(metrics=scores, users=len(users), test_users=len(truth.users))
+
+
+def _index_map(current_ids: np.ndarray, bundle_ids: np.ndarray) -> np.ndarray:
+    """For each current index, the bundle's index of the same external id, or -1."""
+    index = {value: i for i, value in enumerate(bundle_ids)}
+    return np.fromiter((index.get(value, -1) for value in current_ids), dtype=np.int64, count=len(current_ids))
+
+
+def _same_ids(bundle: ModelBundle, user_ids: np.ndarray, item_ids: np.ndarray) -> bool:
+    return (
+        len(bundle.user_ids) == len(user_ids)
+        and len(bundle.item_ids) == len(item_ids)
+        and bool(np.all(bundle.user_ids == user_ids))
+        and bool(np.all(bundle.item_ids == item_ids))
+    )
+
+
+def _remap(history: sp.csr_matrix, user_map: np.ndarray, item_map: np.ndarray, bundle: ModelBundle) -> sp.csr_matrix:
+    """The current history in the bundle's index; users and items the bundle does not know are left out."""
+    coo = history.tocoo()
+    rows, cols = user_map[coo.row], item_map[coo.col]
+    keep = (rows >= 0) & (cols >= 0)
+    shape = (len(bundle.user_ids), len(bundle.item_ids))
+    return sp.csr_matrix((coo.data[keep], (rows[keep], cols[keep])), shape=shape)

@@ -1,0 +1,346 @@
+"""Online serving: the deployed two-stage model, answering for users whose newest events it has folded in.
+
+`OnlineRecommender` wraps one `ModelBundle` and a `UserState` (userstate.py) and is what the BentoML service
+(bentos/service.py) adapts to HTTP:
+
+- `record_events(records)` validates JSON records with the event store's own rules
+  (`events.validate_records`), stores the accepted ones per user, and folds every affected user's vector in
+  at once. Fold-in is exact ALS: the vector is re-solved (implicit's Cholesky `recalculate_user`) from the
+  user's whole row, the confidence the model was trained on plus the new events weighted exactly as training
+  weighs them (action weight x time decay, `features.confidence_matrix`, relative to the model's reference
+  time, so an event newer than the training data counts in full), against the fixed item factors. Items or
+  actions the model does not know are stored but cannot move the vector until the next training; they are
+  dropped before the solve (implicit does not bounds-check item ids).
+- `recommend(user_id, k, exclude_seen, recent)`: ALS top-N from the (folded) vector plus popular items, then
+  the ranker, then top-k. Items the user had, in training or in events received since, are excluded. The
+  ranker's user features see the new events (recent items, action counts, item count, recency); its item
+  features (popularity windows, transitions) stay as trained until the next training. Events of unknown
+  items or actions change neither the vector nor the features; they are kept for the next training.
+- Unknown users get the popular items, or a folded-in vector when their stored or request events name items
+  the model knows.
+- A new model version takes the events received before it was trained as part of its training data: they
+  still exclude items, but no longer move the vector (`model_events`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+
+from recflow.bundle import ModelBundle
+from recflow.candidates import SOURCE_ALS, SOURCE_POPULAR, CandidateSet
+from recflow.config import EventSettings
+from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
+from recflow.events import Rejection, ValidatedBatch, validate_records
+from recflow.features import Interactions, confidence_matrix
+from recflow.metrics import PAD
+from recflow.ranker import FeatureContext, rerank
+from recflow.userstate import StoredVector, UserEvent, UserState
+
+logger = logging.getLogger(__name__)
+
+Strategy = Literal["personalized", "popular"]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user_id: str
+    items: list[tuple[str, float]]
+    strategy: Strategy
+
+
+@dataclass(frozen=True)
+class EventsOutcome:
+    accepted: int  # valid events (new or duplicate)
+    duplicates: int  # accepted events already stored (same event_id): they change nothing
+    rejected: list[Rejection]
+    users_updated: list[str]  # users whose vector was re-solved (they had an event the model can use)
+    unknown_items: list[str]  # stored, but not in the model: cannot move a vector until the next training
+    unknown_actions: list[str]  # valid in params.yaml but not trained on: stored, cannot move a vector
+
+
+@dataclass(frozen=True)
+class _User:
+    """What serving knows about one user: training row (if any) and the events received since."""
+
+    user_id: str
+    index: int  # row in the bundle, -1 when the model has never seen the user
+    events: list[UserEvent]
+
+
+class OnlineRecommender:
+    """One deployed model version answering requests, with per-user state folded in."""
+
+    def __init__(
+        self, bundle: ModelBundle, version: str, state: UserState, events: EventSettings, *, trained_at: str = ""
+    ) -> None:
+        self.bundle = bundle
+        self.version = version
+        self.state = state
+        self.event_settings = events
+        # events received before the model was trained are taken to be in its training data (see model_events)
+        self.trained_at = datetime.fromisoformat(trained_at).timestamp() if trained_at else 0.0
+        self.item_index = {item: i for i, item in enumerate(bundle.item_ids)}
+        self.action_index = {action: i for i, action in enumerate(bundle.actions)}
+        params = bundle.als_params
+        self.solver = AlternatingLeastSquares(
+            factors=params.factors, regularization=params.regularization, alpha=params.alpha, num_threads=1
+        )
+        self.solver.item_factors = bundle.item_factors
+        self.solver.YtY  # noqa: B018 - computed once here, not on the first request
+        self.cold = np.asarray(bundle.history.getnnz(axis=0)) == 0
+        self.cold_items = np.flatnonzero(self.cold)
+        self.popular_order = bundle.popular.order
+        ctx = bundle.context
+        self.ref_time = float(ctx.ref_time.max()) if len(ctx.ref_time) else 0.0
+
+    # -- events -------------------------------------------------------------------------------------------
+
+    def validate_events(self, records: Sequence[Mapping[str, Any]]) -> ValidatedBatch:
+        """Check JSON records against the event contract with the event store's own rules."""
+        return validate_records(records, settings=self.event_settings, source="request")
+
+    def apply_events(self, batch: ValidatedBatch, *, now: float | None = None) -> EventsOutcome:
+        """Store the accepted events per user and fold every affected user's vector in at once."""
+        received = time.time() if now is None else now
+        by_user = _user_events(batch.accepted, received)
+        new = self.state.add_events(by_user) if by_user else 0
+        folded = self.fold_in(sorted(by_user))
+        table = batch.accepted
+        return EventsOutcome(
+            accepted=table.num_rows,
+            duplicates=table.num_rows - new,
+            rejected=batch.rejected,
+            users_updated=sorted(folded),
+            unknown_items=sorted({i for i in table[ITEM_ID].to_pylist() if i not in self.item_index}),
+            unknown_actions=sorted({a for a in table[ACTION].to_pylist() if a not in self.action_index}),
+        )
+
+    def record_events(self, records: Sequence[Mapping[str, Any]], *, now: float | None = None) -> EventsOutcome:
+        """Validate, store and fold in a batch of event records (see the module docstring)."""
+        return self.apply_events(self.validate_events(records), now=now)
+
+    def validate_recent(
+        self, user_id: str, records: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[UserEvent], list[Rejection]]:
+        """Request-scoped events (`recent_events` of /recommend): validated like any event, never stored."""
+        batch = validate_records([{**r, USER_ID: user_id} for r in records], settings=self.event_settings)
+        return _user_events(batch.accepted, time.time()).get(user_id, []), batch.rejected
+
+    def model_events(self, events: Sequence[UserEvent]) -> list[UserEvent]:
+        """The events this model has not been trained on: those received after it was trained."""
+        return [e for e in events if e.received_at >= self.trained_at]
+
+    # -- fold-in ------------------------------------------------------------------------------------------
+
+    def user_rows(self, users: Sequence[_User]) -> sp.csr_matrix:
+        """Each user's confidence row over the model's items: training row + new events of known items and
+        actions, weighted as `features.confidence_matrix` weighs training events."""
+        index = np.array([u.index for u in users], dtype=np.int64)
+        known = index >= 0
+        base = sp.diags(known.astype(np.float32)) @ self.bundle.history[np.where(known, index, 0)]
+        rows, items, actions, stamps = [], [], [], []
+        for row, user in enumerate(users):
+            for event in self._usable(user.events):  # unknown ids never reach implicit
+                rows.append(row)
+                items.append(self.item_index[event.item_id])
+                actions.append(self.action_index[event.action])
+                stamps.append(event.ts)
+        inter = Interactions(
+            user_idx=np.asarray(rows, dtype=np.int32),
+            item_idx=np.asarray(items, dtype=np.int32),
+            action_idx=np.asarray(actions, dtype=np.int8),
+            ts=np.asarray(stamps, dtype=np.int64),
+            split=np.zeros(len(rows), dtype=np.int8),
+            user_ids=np.asarray([u.user_id for u in users], dtype=object),
+            item_ids=self.bundle.item_ids,
+            actions=self.bundle.actions,
+        )
+        ref = np.array([self._ref_time(u.index) for u in users], dtype=np.float64)
+        new = confidence_matrix(inter, self.bundle.action_weights, self.bundle.half_life_days, ref, len(users))
+        return (base + new).tocsr()
+
+    def solve(self, rows: sp.csr_matrix) -> np.ndarray:
+        """Exact ALS user vectors for confidence rows against the fixed item factors (Cholesky solve)."""
+        if rows.shape[0] == 0:
+            return np.zeros((0, self.bundle.item_factors.shape[1]), dtype=np.float32)
+        return np.atleast_2d(self.solver.recalculate_user(np.arange(rows.shape[0]), rows.astype(np.float32)))
+
+    def fold_in(self, user_ids: Sequence[str]) -> dict[str, StoredVector]:
+        """Re-solve and store the vectors of these users from their training rows and stored events."""
+        users = self._users(user_ids)
+        vectors = self._fold(users)
+        if vectors:
+            self.state.put_vectors(self.version, vectors)
+        logger.debug("folded in %d of %d users", len(vectors), len(users))
+        return vectors
+
+    def _usable(self, events: Sequence[UserEvent]) -> list[UserEvent]:
+        """The events that can move a vector: not trained on yet, of an item and an action the model knows."""
+        return [e for e in self.model_events(events) if e.item_id in self.item_index and e.action in self.action_index]
+
+    def _fold(self, users: Sequence[_User]) -> dict[str, StoredVector]:
+        """Vectors of the users with at least one usable event; the others keep their trained vector (or none)."""
+        users = [u for u in users if self._usable(u.events)]
+        solved = self.solve(self.user_rows(users))
+        return {u.user_id: StoredVector(solved[i], len(u.events)) for i, u in enumerate(users)}
+
+    def _users(self, user_ids: Sequence[str]) -> list[_User]:
+        stored = self.state.events(user_ids)
+        return [_User(u, self.bundle.user_index.get(u, -1), stored.get(u, [])) for u in user_ids]
+
+    def _ref_time(self, index: int) -> float:
+        return float(self.bundle.context.ref_time[index]) if index >= 0 else self.ref_time
+
+    def vector(self, user: _User) -> np.ndarray | None:
+        """The user's current vector: trained, stored folded-in, or folded now (and stored) when stale."""
+        if not self._usable(user.events):
+            return self.bundle.user_factors[user.index] if user.index >= 0 else None
+        stored = self.state.vectors(self.version, [user.user_id]).get(user.user_id)
+        if stored is None or stored.n_events != len(user.events):  # stale (another model, or events since)
+            stored = self._fold([user])[user.user_id]
+            self.state.put_vectors(self.version, {user.user_id: stored})
+        return stored.vector
+
+    # -- answers ------------------------------------------------------------------------------------------
+
+    def recommend(
+        self, user_id: str, k: int, *, exclude_seen: bool = True, recent: Sequence[UserEvent] = ()
+    ) -> Recommendation:
+        (user,) = self._users([user_id])
+        if recent:  # request-scoped history: folded for this answer only
+            known = {e.event_id for e in user.events}
+            user = dataclasses.replace(user, events=[*user.events, *(e for e in recent if e.event_id not in known)])
+            folded = self._fold([user]).get(user_id)
+            vector = folded.vector if folded is not None else self.vector(user)
+        else:
+            vector = self.vector(user)
+        if vector is None:
+            return self.popular(user_id, k, seen=self._seen(user) if exclude_seen else None)
+        seen = self._seen(user)
+        items, scores = self._two_stage(user, vector, seen if exclude_seen else None, k)
+        return Recommendation(user_id, self._answer(items, scores), "personalized")
+
+    def popular(self, user_id: str, k: int, seen: np.ndarray | None = None) -> Recommendation:
+        order = self.popular_order
+        if seen is not None and len(seen):
+            order = order[~np.isin(order, seen)]
+        top = order[:k]
+        return Recommendation(user_id, self._answer(top, self.bundle.popular.scores[top]), "popular")
+
+    def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
+        """The k items closest to `item_id` by cosine of ALS item factors; None when the model lacks it."""
+        index = self.item_index.get(item_id)
+        if index is None:
+            return None
+        unit = self.bundle.context.item_vectors
+        scores = unit @ unit[index]
+        scores[index] = -np.inf
+        scores[self.cold] = -np.inf
+        top = _top(scores, k)
+        return self._answer(top, scores[top])
+
+    def _seen(self, user: _User) -> np.ndarray:
+        """Model item indices the user had: the training row plus every stored event of a known item."""
+        had = self.bundle.history[user.index].indices if user.index >= 0 else np.zeros(0, dtype=np.int64)
+        new = [self.item_index[e.item_id] for e in user.events if e.item_id in self.item_index]
+        return np.union1d(had, np.asarray(new, dtype=np.int64)).astype(np.int64)
+
+    def _two_stage(
+        self, user: _User, vector: np.ndarray, seen: np.ndarray | None, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        bundle = self.bundle
+        scores = (bundle.item_factors @ vector).astype(np.float32)
+        als_scores = scores.copy()
+        als_scores[self.cold_items] = -np.inf
+        seen = np.zeros(0, dtype=np.int64) if seen is None else seen
+        als_scores[seen] = -np.inf
+        if bundle.ranker is None:
+            top = _top(als_scores, k)
+            return top, als_scores[top]
+        als = _top(als_scores, max(bundle.n_candidates, k))
+        # as MergedCandidates: the user's top popular items (never cold) not had; those ALS did not propose are added
+        head = self.popular_order[: bundle.n_popular + len(seen)]
+        popular = head[~np.isin(head, seen)][: bundle.n_popular]
+        extra = popular[~np.isin(popular, als)]
+        items = np.concatenate([als, extra])
+        sources = np.concatenate(
+            [np.full(len(als), SOURCE_ALS, dtype=np.int8), np.full(len(extra), SOURCE_POPULAR, dtype=np.int8)]
+        )
+        sources[: len(als)] |= np.where(np.isin(als, popular), SOURCE_POPULAR, 0).astype(np.int8)
+        candidates = CandidateSet(items[None, :], scores[items][None, :].astype(np.float32), sources[None, :])
+        ranked, ranked_scores = rerank(
+            bundle.ranker, self._context(user), np.zeros(1, dtype=np.int64), candidates, k, num_threads=1
+        )
+        keep = ranked[0] != PAD
+        return ranked[0][keep], ranked_scores[0][keep]
+
+    def _context(self, user: _User) -> FeatureContext:
+        """The ranker's feature context for this one user (row 0): trained user statistics updated with the
+        usable events received since (known items and actions). Item statistics are the bundle's, untouched."""
+        ctx = self.bundle.context
+        n_actions = len(self.bundle.actions)
+        if user.index >= 0:
+            i = user.index
+            counts, n_items = ctx.user_action_counts[i].copy(), float(ctx.user_n_items[i])
+            last, recent = float(ctx.user_last_ts[i]), ctx.recent_items[i].copy()
+            had = set(self.bundle.history[i].indices.tolist())
+        else:
+            counts, n_items = np.zeros(n_actions, dtype=np.float32), 0.0
+            last, recent, had = np.nan, np.full(ctx.recent_items.shape[1], PAD, dtype=np.int64), set()
+        ref = self._ref_time(user.index)
+        events = self._usable(user.events)  # like the vector, the features ignore what the model does not know
+        newest = [self.item_index[e.item_id] for e in sorted(events, key=lambda e: e.ts, reverse=True)]
+        for event in events:
+            counts[self.action_index[event.action]] += 1
+        n_items += len({item for item in newest if item not in had})
+        if events:  # a newer event than the model's reference time counts as happening at it (recency 0)
+            last = max(np.nan_to_num(last, nan=-np.inf), min(float(max(e.ts for e in events)), ref))
+        recent = np.concatenate([np.asarray(newest, dtype=np.int64), recent[recent != PAD]])[: len(recent)]
+        recent = np.pad(recent, (0, ctx.recent_items.shape[1] - len(recent)), constant_values=PAD)
+        return dataclasses.replace(
+            ctx,
+            ref_time=np.array([ref]),
+            user_last_ts=np.array([last]),
+            user_n_items=np.array([n_items], dtype=np.float32),
+            user_action_counts=counts[None, :],
+            recent_items=recent[None, :],
+        )
+
+    def _answer(self, items: np.ndarray, scores: np.ndarray) -> list[tuple[str, float]]:
+        keep = np.isfinite(scores) & (items != PAD)
+        return [
+            (str(self.bundle.item_ids[i]), round(float(s), 6)) for i, s in zip(items[keep], scores[keep], strict=True)
+        ]
+
+
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n highest finite scores, best first."""
+    n = min(n, int(np.isfinite(scores).sum()))
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(-scores, n - 1)[:n]
+    return part[np.argsort(-scores[part], kind="stable")].astype(np.int64)
+
+
+def _user_events(table: pa.Table, received_at: float) -> dict[str, list[UserEvent]]:
+    """Accepted events (events.STORE_SCHEMA) grouped by user."""
+    out: dict[str, list[UserEvent]] = {}
+    stamps = table[TIMESTAMP].cast(pa.int64()).to_pylist()  # epoch milliseconds
+    columns = zip(
+        table[USER_ID].to_pylist(), table[EVENT_ID].to_pylist(), table[ITEM_ID].to_pylist(),
+        table[ACTION].to_pylist(), stamps, strict=True,
+    )  # fmt: skip
+    for user_id, event_id, item_id, action, ms in columns:
+        out.setdefault(user_id, []).append(UserEvent(event_id, item_id, action, ms // 1000, received_at))
+    return out

@@ -1,0 +1,273 @@
+"""The BentoML service in-process, through its full ASGI stack (starlette's TestClient): answers, fold-in over
+HTTP, tokens, bad input, hot reload; and the Redis user state shared by two workers.
+
+The project is trained and deployed twice (a second version for the reload), then rolled back to the first.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+
+with warnings.catch_warnings():
+    # starlette 1.x deprecates its httpx-based TestClient in favour of httpx2, which is not installed here
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
+    from starlette.testclient import TestClient
+
+from recflow.bundle import ModelBundle
+from recflow.config import EventSettings, load_settings
+from recflow.registry import ModelVersion, deploy, production, rollback
+from recflow.serving import OnlineRecommender
+from recflow.userstate import RedisUserState
+
+from ..servingkit import deploy_small_project, load_service
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SERVICE = {"service": {"token": TOKEN, "reload_check_seconds": 0, "max_body_bytes": 20_000, "max_events": 50}}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelVersion, ModelVersion]:
+    """Two versions deployed (the second forced), then rolled back: production is the first."""
+    root = tmp_path_factory.mktemp("service")
+    first = deploy_small_project(root, **SERVICE)
+    second = deploy_small_project(root, force=True, **SERVICE, als={"factors": 12, "tune": {"enabled": False}})
+    rollback(load_settings(root / "params.yaml"), root=root, user="test")
+    return root, first, second
+
+
+@pytest.fixture(scope="module")
+def client(project: tuple[Path, ModelVersion, ModelVersion]) -> Iterator[TestClient]:
+    root = project[0]
+    with load_service(root) as service, TestClient(service.to_asgi()) as client:
+        yield client
+
+
+def bundle_of(version: ModelVersion) -> ModelBundle:
+    return ModelBundle.load(version.bundle_dir)
+
+
+def items(response: Any) -> list[str]:
+    return [entry["item_id"] for entry in response.json()["items"]]
+
+
+def test_a_known_user_gets_the_two_stage_answer_of_the_production_version(client: TestClient, project: Any) -> None:
+    first = project[1]
+    bundle = bundle_of(first)
+    user = str(bundle.user_ids[4])
+    response = client.post("/recommend", json={"user_id": user, "k": 12})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == first.tag and body["strategy"] == "personalized"
+    assert items(response) == bundle.recommend_ids([user], 12)[0]["items"]
+    assert client.post("/recommend", json={"user_id": "someone-new"}).json()["strategy"] == "popular"
+
+
+def test_events_fold_in_at_once_and_the_bought_item_is_excluded(client: TestClient, project: Any) -> None:
+    root, first = project[0], project[1]
+    bundle = bundle_of(first)
+    user = str(bundle.user_ids[17])
+    before = items(client.post("/recommend", json={"user_id": user, "k": 20}))
+    bought = before[0]
+    events = [
+        {"user_id": user, "item_id": bought, "action": "purchase", "timestamp": "2026-11-24T08:00:00Z"},
+        {"user_id": user, "item_id": "brand-new-item", "action": "view", "timestamp": 1795000000},
+        {"user_id": user, "item_id": bought, "action": "clik", "timestamp": "2026-11-24T08:00:00Z"},
+    ]
+    response = client.post("/events", json={"events": events}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["accepted"] == 2 and body["users_updated"] == 1 and body["unknown_items"] == ["brand-new-item"]
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == [(2, "unknown_action")]
+    after = items(client.post("/recommend", json={"user_id": user, "k": 20}))
+    assert bought not in after and after != before
+    # the accepted events went to the event log (the embedded spool) for the next training
+    spool = root / load_settings(root / "params.yaml").eventlog.spool / "events.jsonl"
+    logged = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert {(e["user_id"], e["item_id"]) for e in logged} >= {(user, bought), (user, "brand-new-item")}
+
+
+def test_write_endpoints_need_the_token_and_read_endpoints_do_not(client: TestClient) -> None:
+    event = {"user_id": "u", "item_id": "i", "action": "view", "timestamp": 1795000000}
+    missing = client.post("/events", json={"events": [event]})
+    assert missing.status_code == 401 and "bearer token" in missing.json()["error"]
+    wrong = client.post("/events", json={"events": [event]}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 403 and "wrong" in wrong.json()["error"]
+    assert client.post("/reload", json={}).status_code == 401
+    assert client.post("/recommend", json={"user_id": "u"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "names"),
+    [
+        ("/recommend", {"user_id": "u", "colour": "red"}, 400, "colour"),
+        ("/recommend", {"user_id": "u", "k": "5"}, 400, "k"),
+        ("/recommend", {"user_id": "u", "k": 0}, 400, "k"),
+        ("/recommend", {"user_id": "u", "k": 201}, 400, "k"),
+        ("/recommend", {"user_id": ""}, 400, "user_id"),
+        ("/recommend", {"user_id": "   "}, 400, "user_id"),
+        ("/recommend", {"k": 5}, 400, "user_id"),
+        ("/recommend", {"user_id": "u", "exclude_seen": "no"}, 400, "exclude_seen"),
+        ("/recommend", {"user_id": "u", "recent_events": [{"item_id": "i", "action": "x", "timestamp": 1}]}, 400,
+         "recent_events"),
+        ("/similar", {"item_id": "no-such-item"}, 404, "no-such-item"),
+        ("/similar", {"item_id": "i", "k": -1}, 400, "k"),
+        ("/events", {"events": []}, 400, "events"),
+        ("/events", {"events": [{"user_id": "u", "item_id": "i", "action": "view"}]}, 400, "timestamp"),
+        ("/events", {"events": [{"user_id": "u", "item_id": "i", "action": "view", "timestamp": 1, "x": 1}]}, 400,
+         "x"),
+        ("/events", {"events": [{"user_id": "", "item_id": "i", "action": "view", "timestamp": 1795000000}]}, 422,
+         "user_id"),
+        ("/events", {"events": [{"user_id": "u", "item_id": "i", "action": "view", "timestamp": 1}] * 51}, 413,
+         "max_events"),
+        ("/reload", {"force": True}, 400, "force"),
+    ],
+)  # fmt: skip
+def test_bad_input_gets_a_4xx_naming_the_problem(
+    client: TestClient, path: str, body: dict[str, Any], status: int, names: str
+) -> None:
+    response = client.post(path, json=body, headers=AUTH)
+    assert response.status_code == status, response.text
+    assert names in response.text
+
+
+def test_malformed_oversized_and_non_json_bodies_are_refused(client: TestClient) -> None:
+    malformed = client.post("/recommend", content=b'{"user_id": ', headers={"content-type": "application/json"})
+    assert malformed.status_code == 400 and "json" in malformed.text.lower()
+    big = client.post("/recommend", json={"user_id": "u" * 30_000})
+    assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]
+    form = client.post("/recommend", content=b"user_id=u", headers={"content-type": "multipart/form-data; b=x"})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]
+
+
+def test_model_readyz_and_openapi_describe_the_service(client: TestClient, project: Any) -> None:
+    first = project[1]
+    model = client.get("/model").json()
+    assert model["tag"] == first.tag and model["metrics"]["ndcg@10"] == first.metrics["ndcg@10"]
+    assert model["data_version"] and model["trained_at"] == first.trained_at
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["event_log"] == "ok"
+    spec = client.get("/docs.json").json()
+    for path in ("/recommend", "/events", "/similar", "/reload", "/model"):
+        assert path in spec["paths"]
+    recommend = spec["paths"]["/recommend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert recommend["properties"]["k"]["maximum"] == 200 and recommend["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_request_the_openapi_spec_allows_or_forbids_gets_a_5xx(client: TestClient, mode: GenerationMode) -> None:
+    """schemathesis generates requests for every operation of the service's own OpenAPI spec: valid ones and,
+    in NEGATIVE mode, ones that break it (wrong types, missing or unknown fields, out-of-range numbers). Each is
+    sent with and without the token, through the full ASGI stack; none may get a 5xx. (Runs before the reload
+    test, which changes the version served.)"""
+    schema = schemathesis.openapi.from_dict(client.get("/docs.json").json())
+    # /metrics answers only under `bentoml serve` (BentoML's metrics client is set up by its server; see
+    # test_bentoml_serve.py), so it is left out here
+    operations = [op for op in (result.ok() for result in schema.get_all_operations()) if op.path != "/metrics"]
+    assert {op.path for op in operations} >= {"/recommend", "/events", "/similar", "/reload", "/model"}
+    seen: list[int] = []
+
+    @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def check(data: st.DataObject) -> None:
+        operation = data.draw(st.sampled_from(operations))
+        case = data.draw(operation.as_strategy(generation_mode=mode))
+        headers = AUTH if data.draw(st.booleans()) else {}
+        request = case.as_transport_kwargs(base_url="http://testserver", headers=headers)
+        request.pop("cookies", None)  # the spec has none; httpx deprecates per-request cookies
+        if isinstance(request.get("data"), bytes | str):  # a raw (negative) body: httpx wants it as content
+            request["content"] = request.pop("data")
+        response = client.request(**request)
+        seen.append(response.status_code)
+        assert response.status_code < 500, f"{case.method} {case.path} {case.body!r} -> {response.text}"
+
+    check()
+    assert len(seen) >= 150
+    if mode is GenerationMode.NEGATIVE:
+        assert any(400 <= status < 500 for status in seen)
+
+
+def test_a_promoted_version_is_swapped_in_without_dropping_a_request_and_rolled_back(
+    client: TestClient, project: Any
+) -> None:
+    root, first, second = project
+    settings = load_settings(root / "params.yaml")
+    failures: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            response = client.post("/recommend", json={"user_id": "someone", "k": 5})
+            if response.status_code != 200:
+                failures.append(response.status_code)
+            versions.add(response.json().get("model_version", ""))
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    try:
+        deploy(settings, root=root, user="test", force=True)  # models/bundle holds the second training
+        assert production(settings, root).tag == second.tag
+        reload = client.post("/reload", json={}, headers=AUTH)
+    finally:
+        stop.set()
+        worker.join()
+    assert reload.status_code == 200 and reload.json() == {
+        "model_version": second.tag,
+        "previous": first.tag,
+        "changed": True,
+    }
+    assert failures == [] and versions <= {first.tag, second.tag}
+    assert client.get("/model").json()["tag"] == second.tag
+    assert client.post("/reload", json={}, headers=AUTH).json()["changed"] is False
+    # rollback restores the previous version's answers
+    user = str(bundle_of(first).user_ids[4])
+    rollback(settings, root=root, user="test")
+    assert client.post("/reload", json={}, headers=AUTH).json()["model_version"] == first.tag
+    answer = client.post("/recommend", json={"user_id": user, "k": 12})
+    assert items(answer) == bundle_of(first).recommend_ids([user], 12)[0]["items"]
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    prefix = f"recflow-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis()
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def test_two_workers_share_the_user_state_in_redis(project: Any, redis_prefix: str) -> None:
+    bundle = bundle_of(project[1])
+    states = [RedisUserState("redis://127.0.0.1:6379/0", redis_prefix) for _ in range(2)]
+    one, other = (OnlineRecommender(bundle, "v", state, EventSettings()) for state in states)
+    user = str(bundle.user_ids[30])
+    item = str(bundle.item_ids[bundle.popular.order[0]])
+    before = other.recommend(user, 10)
+    one.record_events([{"user_id": user, "item_id": item, "action": "purchase", "timestamp": 1795000000}])
+    after = other.recommend(user, 10)  # the other worker sees the event and the folded vector
+    assert after != before and item not in [i for i, _ in after.items]
+    assert other.state.vectors("v", [user])[user].n_events == 1
+    restarted = OnlineRecommender(
+        bundle, "v", RedisUserState("redis://127.0.0.1:6379/0", redis_prefix), EventSettings()
+    )
+    assert restarted.recommend(user, 10) == after
+    for recommender in (one, other, restarted):
+        recommender.state.close()

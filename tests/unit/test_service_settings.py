@@ -1,0 +1,38 @@
+"""The `service:` section of params.yaml: environment overrides and the checks that say what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recflow.config import ServiceSettings, load_settings
+from recflow.errors import ConfigError
+
+
+def test_the_environment_overrides_the_token_and_the_redis_url() -> None:
+    settings = ServiceSettings(token="from-params")
+    assert settings.resolved({}).token == "from-params"
+    resolved = settings.resolved({"RECFLOW_SERVICE_TOKEN": "from-env", "RECFLOW_SERVICE_REDIS_URL": "redis://r:1/0"})
+    assert resolved.token == "from-env" and resolved.redis_url == "redis://r:1/0"
+
+
+def test_null_means_no_token_and_no_redis(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("service: {token: null, redis_url: null, k_max: 50}\n")
+    service = load_settings(tmp_path / "params.yaml").service
+    assert service.token is None and service.redis_url is None and service.k_max == 50
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("service: {k_max: 500}", "service.k_max must be between 1 and 200"),
+        ("service: {max_body_bytes: 0}", "service.max_body_bytes must be at least 1"),
+        ("service: {reload_check_seconds: -1}", "service.reload_check_seconds must not be negative"),
+        ("service: {max_events: 0}", "service.max_events must be at least 1"),
+    ],
+)
+def test_bad_service_settings_say_what_to_fix(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "params.yaml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_settings(tmp_path / "params.yaml")

@@ -1,0 +1,266 @@
+"""Online serving: exact ALS fold-in, exclusion of what a user had, the popular fallback, and durable user state.
+
+The bundle is trained once per module on a small generated project (tests/servingkit.py, ~10 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recflow.bundle import ModelBundle
+from recflow.config import EventSettings
+from recflow.serving import OnlineRecommender
+from recflow.userstate import LocalUserState
+
+from ..servingkit import train_small_project
+
+NOW = "2026-11-24T07:00:00Z"  # after the generated data: such an event counts in full (age 0)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    _, path = train_small_project(tmp_path_factory.mktemp("serving"))
+    return ModelBundle.load(path)
+
+
+Factory = Callable[..., OnlineRecommender]
+
+
+@pytest.fixture
+def make(bundle: ModelBundle, tmp_path: Path) -> Iterator[Factory]:
+    states: list[LocalUserState] = []
+
+    def make(state: str = "state.jsonl") -> OnlineRecommender:
+        states.append(LocalUserState(tmp_path / state))
+        return OnlineRecommender(bundle, "v1", states[-1], EventSettings(), trained_at=bundle.info["trained_at"])
+
+    yield make
+    for state in states:
+        state.close()
+
+
+def event(user: str, item: str, action: str = "purchase", timestamp: str | int = NOW) -> dict[str, object]:
+    return {"user_id": user, "item_id": item, "action": action, "timestamp": timestamp}
+
+
+def unseen_items(bundle: ModelBundle, user: int, n: int) -> list[str]:
+    """n items the user never had, of middling ALS score for the user (not already at the top)."""
+    scores = bundle.item_factors @ bundle.user_factors[user]
+    had = set(bundle.history[user].indices.tolist())
+    order = [j for j in np.argsort(scores) if j not in had and bundle.history[:, j].nnz > 0]
+    start = len(order) // 4
+    return [str(bundle.item_ids[j]) for j in order[start : start + n]]
+
+
+def least_squares(bundle: ModelBundle, row: np.ndarray) -> np.ndarray:
+    """From scratch: argmin_x sum_i c_i (p_i - x.y_i)^2 + reg |x|^2 over the WHOLE catalogue, where observed
+    items have p = 1 and c = alpha * confidence, and every other item p = 0, c = 1 (implicit's model)."""
+    params = bundle.als_params
+    Y = bundle.item_factors.astype(np.float64)
+    weights = np.where(row > 0, params.alpha * row, 1.0)
+    target = (row > 0).astype(np.float64)
+    A = np.vstack([np.sqrt(weights)[:, None] * Y, np.sqrt(params.regularization) * np.eye(params.factors)])
+    b = np.concatenate([np.sqrt(weights) * target, np.zeros(params.factors)])
+    return np.linalg.lstsq(A, b, rcond=None)[0]
+
+
+def test_fold_in_is_the_exact_least_squares_solution_of_the_users_full_row(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    user = 7
+    user_id = str(bundle.user_ids[user])
+    new_items = unseen_items(bundle, user, 2)
+    outcome = recommender.record_events(
+        [event(user_id, new_items[0], "purchase"), event(user_id, new_items[1], "view")]
+    )
+    assert outcome.accepted == 2 and outcome.users_updated == [user_id]
+    # the row is the training row plus each new event at its action weight (age 0: no decay)
+    expected_row = bundle.history[user].toarray().ravel().astype(np.float64)
+    weights = dict(zip(bundle.actions, bundle.action_weights, strict=True))
+    for item, action in ((new_items[0], "purchase"), (new_items[1], "view")):
+        expected_row[recommender.item_index[item]] += weights[action]
+    (folded_user,) = recommender._users([user_id])
+    row = recommender.user_rows([folded_user]).toarray().ravel()
+    np.testing.assert_allclose(row, expected_row, rtol=1e-6)
+    stored = recommender.state.vectors("v1", [user_id])[user_id]
+    np.testing.assert_allclose(stored.vector, least_squares(bundle, expected_row), rtol=1e-4, atol=1e-5)
+    assert stored.n_events == 2
+
+
+def test_folding_in_a_training_users_own_history_reproduces_the_trained_vector(
+    bundle: ModelBundle, make: Factory
+) -> None:
+    """Training ends with a CG step and then moves the item factors, so the trained vector is close to, not
+    exactly, the exact solve against the final item factors."""
+    recommender = make()
+    users = np.arange(len(bundle.user_ids))
+    solved = recommender.solve(bundle.history[users])
+    trained = bundle.user_factors[users]
+    cosine = (solved * trained).sum(axis=1) / np.linalg.norm(solved, axis=1) / np.linalg.norm(trained, axis=1)
+    assert np.median(cosine) > 0.999 and cosine.min() > 0.99
+
+
+def test_a_user_without_new_events_gets_the_batch_paths_answer(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    for user in (0, 11, 123):
+        user_id = str(bundle.user_ids[user])
+        answer = recommender.recommend(user_id, 15)
+        batch = bundle.recommend_ids([user_id], 15)[0]
+        assert answer.strategy == "personalized"
+        assert [item for item, _ in answer.items] == batch["items"]
+
+
+def test_unknown_items_are_stored_but_cannot_move_the_vector(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    user_id = str(bundle.user_ids[3])
+    before = recommender.recommend(user_id, 10)
+    outcome = recommender.record_events([event(user_id, "never-trained-item"), event(user_id, "99999999")])
+    assert outcome.accepted == 2 and outcome.unknown_items == ["99999999", "never-trained-item"]
+    assert outcome.users_updated == []
+    assert len(recommender.state.events([user_id])[user_id]) == 2  # stored for the next training
+    assert recommender.state.vectors("v1", [user_id]) == {}  # nothing to fold: the trained vector stays
+    assert recommender.recommend(user_id, 10) == before
+
+
+def test_seen_items_never_come_back(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    user = 21
+    user_id = str(bundle.user_ids[user])
+    had = set(bundle.item_ids[bundle.history[user].indices])
+    first = [item for item, _ in recommender.recommend(user_id, 30).items]
+    assert not had & set(first)
+    recommender.record_events([event(user_id, item, "view") for item in first[:3]])
+    second = [item for item, _ in recommender.recommend(user_id, 30).items]
+    assert not (had | set(first[:3])) & set(second)
+    everything = [item for item, _ in recommender.recommend(user_id, 200, exclude_seen=False).items]
+    assert had & set(everything)  # the exclusion is what keeps them out
+
+
+def test_an_unknown_user_gets_popular_items_until_it_has_history(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    answer = recommender.recommend("stranger", 10)
+    assert answer.strategy == "popular"
+    assert [item for item, _ in answer.items] == [str(i) for i in bundle.item_ids[bundle.popular.order[:10]]]
+    liked = str(bundle.item_ids[bundle.popular.order[0]])
+    recommender.record_events([event("stranger", liked)])
+    folded = recommender.recommend("stranger", 10)
+    assert folded.strategy == "personalized" and liked not in [item for item, _ in folded.items]
+
+
+def test_after_a_purchase_items_similar_to_it_rise(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    risen = 0
+    for user in range(0, 300, 50):
+        user_id = str(bundle.user_ids[user])
+        (bought,) = unseen_items(bundle, user, 1)
+        similar = {item for item, _ in recommender.similar(bought, 10) or []}
+        before = {item for item, _ in recommender.recommend(user_id, 20).items}
+        recommender.record_events([event(user_id, bought)])
+        after = {item for item, _ in recommender.recommend(user_id, 20).items}
+        assert bought not in after
+        assert len(similar & after) >= len(similar & before)
+        risen += len(similar & after) > len(similar & before)
+    assert risen >= 5
+
+
+def test_the_order_of_events_within_a_batch_does_not_matter(bundle: ModelBundle, make: Factory) -> None:
+    user_id = str(bundle.user_ids[42])
+    items = unseen_items(bundle, 42, 4)
+    actions = ("view", "click", "purchase", "view")
+    events = [event(user_id, item, action) for item, action in zip(items, actions, strict=True)]
+    events.append(event("newcomer", items[0], "add_to_cart"))
+    one, other = make("one.jsonl"), make("other.jsonl")
+    one.record_events(events)
+    other.record_events(events[::-1])
+    for user in (user_id, "newcomer"):
+        a, b = one.recommend(user, 20), other.recommend(user, 20)
+        assert [i for i, _ in a.items] == [i for i, _ in b.items]
+        np.testing.assert_allclose([s for _, s in a.items], [s for _, s in b.items], rtol=1e-5)
+
+
+def test_a_replayed_event_is_a_duplicate_and_changes_nothing(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    user_id = str(bundle.user_ids[5])
+    batch = [event(user_id, unseen_items(bundle, 5, 1)[0])]
+    assert recommender.record_events(batch).duplicates == 0
+    first = recommender.recommend(user_id, 10)
+    assert recommender.record_events(batch).duplicates == 1
+    assert recommender.recommend(user_id, 10) == first
+
+
+def test_invalid_events_are_rejected_with_the_stores_reasons(make: Factory) -> None:
+    outcome = make().record_events(
+        [event("u", "i", "clik"), event("", "i"), event("u", "i", timestamp="2024-01-01T00:00:00"), event("u", "i")]
+    )
+    assert outcome.accepted == 1
+    assert [(r.record, r.code) for r in outcome.rejected] == [
+        (1, "unknown_action"),
+        (2, "empty_id"),
+        (3, "naive_timestamp"),
+    ]
+    assert "clik" in outcome.rejected[0].reason
+
+
+def test_request_events_shape_one_answer_and_are_not_stored(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    liked = str(bundle.item_ids[bundle.popular.order[3]])
+    recent, rejected = recommender.validate_recent("visitor", [{"item_id": liked, "action": "click", "timestamp": NOW}])
+    assert rejected == []
+    answer = recommender.recommend("visitor", 10, recent=recent)
+    assert answer.strategy == "personalized" and liked not in [i for i, _ in answer.items]
+    assert recommender.state.events(["visitor"]) == {}
+    assert recommender.recommend("visitor", 10).strategy == "popular"
+
+
+def test_the_rankers_user_features_see_the_new_events(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    user = 8
+    user_id = str(bundle.user_ids[user])
+    item = unseen_items(bundle, user, 1)[0]
+    recommender.record_events([event(user_id, item, "add_to_cart")])
+    (state_user,) = recommender._users([user_id])
+    ctx = recommender._context(state_user)
+    cart = bundle.actions.index("add_to_cart")
+    assert ctx.recent_items[0, 0] == recommender.item_index[item]
+    assert ctx.user_action_counts[0, cart] == bundle.context.user_action_counts[user, cart] + 1
+    assert ctx.user_n_items[0] == bundle.context.user_n_items[user] + 1
+    assert ctx.user_last_ts[0] == ctx.ref_time[0]  # an event newer than the model: recency 0
+
+
+def test_user_state_survives_a_restart_and_skips_a_torn_line(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    user_id = str(bundle.user_ids[9])
+    recommender.record_events([event(user_id, item) for item in unseen_items(bundle, 9, 2)])
+    answer = recommender.recommend(user_id, 10)
+    recommender.state.close()
+    with (recommender.state.path).open("a") as log:
+        log.write('{"user_id": "torn", "eve')  # a crash in the middle of a write
+    restarted = make()
+    assert len(restarted.state.events([user_id])[user_id]) == 2
+    assert restarted.recommend(user_id, 10) == answer
+    restarted.record_events([event(user_id, unseen_items(bundle, 9, 3)[2])])  # appended after the torn line
+    restarted.state.close()
+    assert len(make().state.events([user_id])[user_id]) == 3
+
+
+def test_similar_items_exclude_the_item_and_unknown_items_get_none(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    item = str(bundle.item_ids[bundle.popular.order[0]])
+    similar = recommender.similar(item, 5)
+    assert similar is not None and len(similar) == 5 and item not in [i for i, _ in similar]
+    assert [s for _, s in similar] == sorted((s for _, s in similar), reverse=True)
+    assert recommender.similar("no-such-item", 5) is None
+
+
+def test_without_a_ranker_the_answer_is_als_alone(bundle: ModelBundle, tmp_path: Path) -> None:
+    als_only = dataclasses.replace(bundle, ranker=None)
+    state = LocalUserState(tmp_path / "als.jsonl")
+    recommender = OnlineRecommender(als_only, "als", state, EventSettings(), trained_at=bundle.info["trained_at"])
+    user_id = str(bundle.user_ids[12])
+    answer = recommender.recommend(user_id, 10)
+    assert [item for item, _ in answer.items] == als_only.recommend_ids([user_id], 10)[0]["items"]
+    state.close()
