@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import bentoml
+from bentoml.exceptions import BentoMLException
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from recflow.config import Settings, load_settings
+from recflow.config import ServiceSettings, Settings, load_settings
 from recflow.errors import RecflowError, UserStateUnavailableError
 from recflow.eventlog import open_event_log
+from recflow.httpguard import RequestGuard
 from recflow.registry import ModelVersion, load_production_bundle, production, production_file
 from recflow.serving import OnlineRecommender
 from recflow.userstate import open_user_state
@@ -356,63 +357,19 @@ def model_info(service: Any = Depends(bentoml.get_current_service)) -> ModelResp
     )
 
 
-class RequestGuard:
-    """ASGI middleware: JSON-only request bodies within service.max_body_bytes on the API routes (415 / 413
-    instead of a parser error), and a /readyz that says which part is not ready."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path, method = scope["path"], scope["method"]
-        if path == "/readyz" and method == "GET":
-            await self._readyz(scope, receive, send)
-            return
-        if method != "POST" or path not in POST_ROUTES:
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if media != "application/json":
-            problem = f"content-type {media!r} is not supported: send application/json"
-            await JSONResponse({"error": problem}, status_code=415)(scope, receive, send)
-            return
-        limit = bentoml.get_current_service().config.max_body_bytes
-        declared = headers.get("content-length", "")
-        body = b""
-        more = not declared.isdigit() or int(declared) <= limit  # a declared size over the limit is not read
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False) and len(body) <= limit
-        if (declared.isdigit() and int(declared) > limit) or len(body) > limit:
-            problem = f"request body larger than {limit} bytes (service.max_body_bytes)"
-            await JSONResponse({"error": problem}, status_code=413)(scope, receive, send)
-            return
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if delivered:
-                return await receive()
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            service = bentoml.get_current_service()
-        except bentoml.exceptions.BentoMLException:
-            ready, checks = False, {"service": "starting"}
-        else:
-            ready, checks = service.readiness()
-        await JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)(scope, receive, send)
+def _body_limit() -> int:
+    try:
+        return bentoml.get_current_service().config.max_body_bytes
+    except BentoMLException:  # not started yet: the default limit
+        return ServiceSettings().max_body_bytes
 
 
-Recommender.add_asgi_middleware(RequestGuard)
+def _readiness() -> tuple[bool, dict[str, str]]:
+    try:
+        service = bentoml.get_current_service()
+    except BentoMLException:
+        return False, {"service": "starting"}
+    return service.readiness()
+
+
+Recommender.add_asgi_middleware(RequestGuard, post_routes=POST_ROUTES, limit=_body_limit, readiness=_readiness)

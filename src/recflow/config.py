@@ -155,7 +155,7 @@ class EventLogSettings:
     block_ms: int = 1000  # how long one read waits for new entries
     linger_ms: int = 200  # after the first new entry, wait up to this long to fill a batch (fewer store files)
     claim_idle_ms: int = 60_000  # pending entries of another consumer idle this long are claimed (dead consumer)
-    max_deliveries: int = 5  # an entry delivered this often is stored alone; past it, dead-lettered
+    max_deliveries: int = 5  # delivered this often: stored one by one; the one a consumer dies on is dead-lettered
     dead_letter_stream: str = "recflow:events:dead"  # poison entries with their reason
     spool: Path = Path("spool")  # folder of the spool file and its consumer position (outside data/)
 

@@ -1,0 +1,68 @@
+"""The request guard in front of the service: JSON only, bodies within the limit (streamed or declared), the body
+handed on intact, and a /readyz that names what is not ready."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from recflow.httpguard import RequestGuard
+
+with warnings.catch_warnings():
+    # starlette 1.x deprecates its httpx-based TestClient in favour of httpx2, which is not installed here
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
+    from starlette.testclient import TestClient
+
+READY = {"value": (True, {"model": "ok"})}
+
+
+async def echo(request: Request) -> JSONResponse:
+    return JSONResponse({"length": len(await request.body())})
+
+
+def client() -> TestClient:
+    app = RequestGuard(
+        Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/other", echo, methods=["POST"])]),
+        post_routes=["/echo"],
+        limit=lambda: 100,
+        readiness=lambda: READY["value"],
+    )
+    return TestClient(app)
+
+
+def test_a_json_body_within_the_limit_reaches_the_route_intact() -> None:
+    response = client().post("/echo", content=b'{"a": 1}', headers={"content-type": "application/json"})
+    assert response.status_code == 200 and response.json() == {"length": 8}
+
+
+def test_other_content_types_and_oversized_bodies_are_refused_with_the_reason() -> None:
+    form = client().post("/echo", content=b"a=1", headers={"content-type": "multipart/form-data; boundary=x"})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]
+    big = client().post("/echo", content=b"x" * 101, headers={"content-type": "application/json"})
+    assert big.status_code == 413 and "100 bytes" in big.json()["error"]
+
+    def chunks() -> Iterator[bytes]:  # no content-length: counted while streaming
+        yield b"x" * 60
+        yield b"x" * 60
+
+    streamed = client().post("/echo", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_routes_not_guarded_pass_through() -> None:
+    assert client().post("/other", content=b"x" * 500, headers={"content-type": "text/plain"}).status_code == 200
+
+
+def test_readyz_says_which_part_is_not_ready() -> None:
+    assert client().get("/readyz").json() == {"ready": True, "checks": {"model": "ok"}}
+    READY["value"] = (False, {"model": "ok", "event_log": "unavailable: spool is read-only"})
+    try:
+        response = client().get("/readyz")
+    finally:
+        READY["value"] = (True, {"model": "ok"})
+    assert response.status_code == 503 and "spool is read-only" in response.json()["checks"]["event_log"]
