@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -170,3 +173,22 @@ class ModelBundle:
             n_popular=int(meta.get("n_popular", 0)),
             info=meta["info"],
         )
+
+
+def save_bundle_atomically(bundle: ModelBundle, path: Path) -> None:
+    """Save into a fresh hidden sibling folder, then swap it in with two renames: a crash while saving leaves
+    the previous bundle whole (the crash-safety the train stage and the Prefect train flow rely on;
+    tests/integration/test_flows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle folder is as readable as any other output
+    try:
+        bundle.save(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = path.with_name(f".{path.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+    if path.exists():
+        os.replace(path, retired)
+    os.replace(staging, path)
+    shutil.rmtree(retired, ignore_errors=True)

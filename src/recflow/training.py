@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
-from recflow.bundle import ModelBundle
+from recflow.bundle import ModelBundle, save_bundle_atomically
 from recflow.candidates import (
     ALSParams,
     ImplicitCandidates,
@@ -267,24 +264,6 @@ def _fit_bundle(
         n_popular=settings.candidates.popular,
     )
     return bundle, model
-
-
-def save_bundle_atomically(bundle: ModelBundle, path: Path) -> None:
-    """Save into a fresh hidden sibling folder, then swap it in with two renames: a crash while saving leaves
-    the previous bundle whole (the crash-safety the Prefect train flow relies on; tests/integration/test_flows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a bundle folder is as readable as any other output
-    try:
-        bundle.save(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    retired = path.with_name(f".{path.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-    if path.exists():
-        os.replace(path, retired)
-    os.replace(staging, path)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _write_report(report: TrainReport, models: Path) -> None:

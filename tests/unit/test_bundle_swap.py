@@ -1,4 +1,4 @@
-"""training.save_bundle_atomically: a bundle folder is replaced whole or not at all (regression test for a crash
+"""bundle.save_bundle_atomically: a bundle folder is replaced whole or not at all (regression test for a crash
 while saving the production bundle, which used to leave new factors beside the old bundle.json)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from recflow.training import save_bundle_atomically
+from recflow.bundle import save_bundle_atomically
 
 
 class FakeBundle:
