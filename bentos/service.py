@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
+import gc
 import hmac
 import logging
 import threading
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from recflow.config import ServiceSettings, Settings, load_settings
 from recflow.errors import RecflowError, UserStateUnavailableError
 from recflow.eventlog import open_event_log
-from recflow.httpguard import RequestGuard
+from recflow.httpguard import RequestGuard, use_cancelling_timeout
 from recflow.registry import ModelVersion, load_production_bundle, production, production_file
 from recflow.serving import OnlineRecommender
 from recflow.userstate import open_user_state
@@ -162,6 +163,15 @@ def _error(ctx: bentoml.Context, status: int, message: str, detail: Any = None) 
     return JSONResponse(body, status_code=status)
 
 
+def _freeze_heap() -> None:
+    """Move the objects alive now (libraries, the loaded model) out of the garbage collector's reach. A full
+    collection otherwise walks all of them (~300k objects, 120-160 ms with the GIL held) every few seconds under
+    load, which was the whole p99 at 200 req/s. Reference counting still frees them."""
+    gc.collect()
+    gc.freeze()
+
+
+use_cancelling_timeout()
 admin = FastAPI(title="recflow admin", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -203,6 +213,7 @@ class Recommender:
                 bundle, version.tag, self.state, self.settings.events, trained_at=version.trained_at
             )
             self.live = Live(recommender, version)
+            _freeze_heap()
             logger.info("serving %s (was %s)", version.tag, previous)
             return ReloadResponse(model_version=str(version.tag), previous=previous, changed=True)
 

@@ -28,6 +28,7 @@ with warnings.catch_warnings():
 
 from recflow.bundle import ModelBundle
 from recflow.config import EventSettings, load_settings
+from recflow.httpguard import CancellingTimeoutMiddleware
 from recflow.registry import ModelVersion, deploy, production, rollback
 from recflow.serving import OnlineRecommender
 from recflow.userstate import RedisUserState
@@ -167,6 +168,12 @@ def test_model_readyz_and_openapi_describe_the_service(client: TestClient, proje
         assert path in spec["paths"]
     recommend = spec["paths"]["/recommend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert recommend["properties"]["k"]["maximum"] == 200 and recommend["additionalProperties"] is False
+
+
+def test_the_service_lets_finished_requests_go(client: TestClient) -> None:
+    """BentoML's own timeout would hold each request for traffic.timeout seconds (see test_httpguard)."""
+    middleware = [m.cls for m in client.app.user_middleware]  # type: ignore[attr-defined]
+    assert CancellingTimeoutMiddleware in middleware and CancellingTimeoutMiddleware.__mro__[1] not in middleware
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

@@ -1,17 +1,22 @@
 """The request guard in front of the service: JSON only, bodies within the limit (streamed or declared), the body
-handed on intact, and a /readyz that names what is not ready."""
+handed on intact, and a /readyz that names what is not ready. The request timeout lets a finished request go."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import gc
 import warnings
+import weakref
 from collections.abc import Iterator
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from recflow.httpguard import RequestGuard
+from recflow.httpguard import CancellingTimeoutMiddleware, RequestGuard
 
 with warnings.catch_warnings():
     # starlette 1.x deprecates its httpx-based TestClient in favour of httpx2, which is not installed here
@@ -66,3 +71,56 @@ def test_readyz_says_which_part_is_not_ready() -> None:
     finally:
         READY["value"] = (True, {"model": "ok"})
     assert response.status_code == 503 and "spool is read-only" in response.json()["checks"]["event_log"]
+
+
+REQUEST_STATE: contextvars.ContextVar[object] = contextvars.ContextVar("request_state")
+
+
+class RequestObject:
+    """Stands for what a request leaves in its context (BentoML's tracing span and the like)."""
+
+
+def context_outlives_the_request(middleware: type) -> bool:
+    """Whether an object in the request's context is still alive after the response was sent."""
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
+
+    async def sent(message: object) -> None:
+        pass
+
+    async def request() -> bool:
+        state = RequestObject()
+        alive = weakref.ref(state)
+        REQUEST_STATE.set(state)
+        del state
+        await middleware(app, timeout=30)({"type": "http"}, None, sent)  # type: ignore[arg-type]
+        REQUEST_STATE.set(None)
+        gc.collect()
+        return alive() is not None  # checked while the loop (and any timer on it) is still running
+
+    return asyncio.run(request())
+
+
+BENTOML_TIMEOUT = CancellingTimeoutMiddleware.__mro__[1]  # BentoML's own, even once the service swapped it out
+
+
+@pytest.mark.parametrize(("middleware", "outlives"), [(BENTOML_TIMEOUT, True), (CancellingTimeoutMiddleware, False)])
+def test_a_finished_request_is_let_go_at_once_not_after_the_timeout(middleware: type, outlives: bool) -> None:
+    """BentoML's own timeout keeps the request's context for `traffic.timeout` seconds (when that case starts to
+    fail, BentoML fixed it and CancellingTimeoutMiddleware can go)."""
+    assert context_outlives_the_request(middleware) is outlives
+
+
+def test_a_request_over_the_timeout_gets_a_504() -> None:
+    async def slow(scope: object, receive: object, send: object) -> None:
+        await asyncio.sleep(5)
+
+    messages: list[dict] = []
+
+    async def sent(message: dict) -> None:
+        messages.append(message)
+
+    asyncio.run(CancellingTimeoutMiddleware(slow, timeout=0.05)({"type": "http"}, None, sent))  # type: ignore[arg-type]
+    assert messages[0]["status"] == 504 and b"0.05 seconds" in messages[1]["body"]
