@@ -132,8 +132,9 @@ def serving(work: Path) -> Iterator[Http]:
         yield client
         client.connection.close()
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
         log.close()
 
 

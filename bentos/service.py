@@ -49,6 +49,13 @@ def project_root() -> Path:
     return Path(os.environ.get("RECFLOW_PROJECT") or Path(__file__).resolve().parent.parent).resolve()
 
 
+def project_settings(root: Path) -> tuple[Settings, ServiceSettings]:
+    """The project's settings (defaults without params.yaml) and the service's, with the environment's overrides."""
+    params = root / "params.yaml"
+    settings = load_settings(params) if params.exists() else Settings()
+    return settings, settings.service.resolved(os.environ)
+
+
 # -- request and response bodies ---------------------------------------------------------------------------
 
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -173,16 +180,18 @@ def _freeze_heap() -> None:
 
 use_cancelling_timeout()
 admin = FastAPI(title="recflow admin", docs_url=None, redoc_url=None, openapi_url=None)
+try:
+    WORKERS = project_settings(project_root())[1].workers  # BentoML starts the workers before any of them runs
+except RecflowError as exc:  # say what to fix in params.yaml, not where the import failed
+    raise SystemExit(f"recflow: {exc}") from None
 
 
-@bentoml.service(name="recflow", workers=1, traffic={"timeout": 30}, logging={"access": {"enabled": False}})
+@bentoml.service(name="recflow", workers=WORKERS, traffic={"timeout": 30}, logging={"access": {"enabled": False}})
 @bentoml.asgi_app(admin, path="/")
 class Recommender:
     def __init__(self) -> None:
         self.root = project_root()
-        params = self.root / "params.yaml"
-        self.settings: Settings = load_settings(params) if params.exists() else Settings()
-        self.config = self.settings.service.resolved(os.environ)
+        self.settings, self.config = project_settings(self.root)
         self.state = open_user_state(
             self.config.redis_url, self.config.redis_prefix, self.root / self.config.state_path
         )

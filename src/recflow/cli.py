@@ -499,6 +499,7 @@ def serve(
     """Serve the production model over HTTP (`bentoml serve` in bentos/, for the project of --params)."""
     if not (bentos / "service.py").exists():
         raise typer.BadParameter(f"no service.py in {bentos}: run this in the project folder or pass --bentos")
+    _settings(params).service.resolved(os.environ)  # a setting the service would refuse, told here
     executable = Path(sys.executable).parent / "bentoml"
     os.environ["RECFLOW_PROJECT"] = str(params.resolve().parent)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")

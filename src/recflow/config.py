@@ -122,23 +122,30 @@ class ServiceSettings:
     redis_prefix: str = "recflow:state:"  # key prefix of the user state in Redis
     state_path: Path = Path("models/serving/user_state.jsonl")  # append-only log of user state without Redis
     reload_check_seconds: float = 5.0  # how often a request may check whether production changed (0: never)
+    workers: int = 1  # service processes; more than one needs redis_url (the local state log serves one process)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k_max <= 200:
             raise ConfigError(f"service.k_max must be between 1 and 200 (the API's limit), got {self.k_max}")
-        for name in ("max_body_bytes", "max_events"):
+        for name in ("max_body_bytes", "max_events", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"service.{name} must be at least 1, got {getattr(self, name)}")
         if self.reload_check_seconds < 0:
             raise ConfigError(f"service.reload_check_seconds must not be negative, got {self.reload_check_seconds}")
 
     def resolved(self, environ: Mapping[str, str]) -> ServiceSettings:
-        """These settings with the environment's overrides applied."""
-        return dataclasses.replace(
+        """These settings with the environment's overrides applied; more than one worker needs Redis."""
+        resolved = dataclasses.replace(
             self,
             token=environ.get("RECFLOW_SERVICE_TOKEN") or self.token,
             redis_url=environ.get("RECFLOW_SERVICE_REDIS_URL") or self.redis_url,
         )
+        if resolved.workers > 1 and not resolved.redis_url:
+            raise ConfigError(
+                f"service.workers is {resolved.workers}, which needs the user state in Redis: set service.redis_url "
+                "(or RECFLOW_SERVICE_REDIS_URL); the local user-state log (service.state_path) serves one process"
+            )
+        return resolved
 
 
 @dataclass(frozen=True)

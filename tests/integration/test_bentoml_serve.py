@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import yaml
 
 from recflow.config import load_settings
 from recflow.evaluate import evaluate
@@ -153,6 +154,55 @@ def test_two_replicas_share_the_user_state_through_redis(project: Path) -> None:
         client = redis.Redis()
         client.delete(f"{load_settings(project / 'params.yaml').service.redis_prefix}{user}")
         client.close()
+
+
+def worker_processes(port: int) -> int:
+    """How many BentoML service workers the `bentoml serve` on this port started."""
+    server = subprocess.run(["pgrep", "-f", f"serve --host 127.0.0.1 --port {port}$"], capture_output=True, text=True)
+    (pid,) = server.stdout.split()
+    workers = subprocess.run(["pgrep", "-P", pid, "-f", "_bentoml_impl.worker.service"], capture_output=True)
+    return len(workers.stdout.split())
+
+
+def test_two_workers_answer_from_the_same_user_state_in_redis(project: Path, tmp_path: Path) -> None:
+    """service.workers: 2 with the user state in Redis. Each request comes on a new connection, so the kernel hands
+    them to either worker; every answer must reflect the event that one of them received."""
+    root = tmp_path / "project"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("serve-*.log"))
+    deploy(load_settings(root / "params.yaml"), root=root, user="test")
+    prefix = f"test-workers-{uuid.uuid4().hex}:"
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["service"].update(workers=2, redis_url="redis://127.0.0.1:6379/0", redis_prefix=prefix)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    user = "a-new-user"
+    try:
+        with serving(root) as client:
+            assert wait_until_ready(client).status_code == 200
+            assert worker_processes(client.base_url.port) == 2
+            liked = client.post("/recommend", json={"user_id": user}).json()["items"][0]["item_id"]
+            event = {"user_id": user, "item_id": liked, "action": "purchase", "timestamp": 1795000000}
+            assert client.post("/events", json={"events": [event]}).json()["users_updated"] == 1
+            for _ in range(12):
+                answer = httpx.post(f"{client.base_url}/recommend", json={"user_id": user}).json()
+                assert answer["strategy"] == "personalized" and liked not in [i["item_id"] for i in answer["items"]]
+    finally:
+        redis_client = redis.Redis()
+        redis_client.delete(*redis_client.keys(f"{prefix}*") or [f"{prefix}none"])
+        redis_client.close()
+
+
+def test_more_than_one_worker_without_redis_is_refused_with_what_to_set(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("service: {workers: 2}\n")
+    (tmp_path / "bentos").mkdir()
+    shutil.copy2(REPO / "bentos" / "service.py", tmp_path / "bentos" / "service.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECFLOW_")}
+    env.update(BENTOML_HOME=str(tmp_path / ".bentoml-home"), BENTOML_DO_NOT_TRACK="True")
+    result = subprocess.run(
+        [BENTOML, "serve", "--port", str(free_port())],
+        cwd=tmp_path / "bentos", env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "service.workers is 2, which needs the user state in Redis" in result.stdout + result.stderr
 
 
 def test_recflow_serve_says_where_the_service_is_missing(tmp_path: Path) -> None:

@@ -30,9 +30,18 @@ def test_null_means_no_token_and_no_redis(tmp_path: Path) -> None:
         ("service: {max_body_bytes: 0}", "service.max_body_bytes must be at least 1"),
         ("service: {reload_check_seconds: -1}", "service.reload_check_seconds must not be negative"),
         ("service: {max_events: 0}", "service.max_events must be at least 1"),
+        ("service: {workers: 0}", "service.workers must be at least 1"),
     ],
 )
 def test_bad_service_settings_say_what_to_fix(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "params.yaml").write_text(text + "\n")
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_settings(tmp_path / "params.yaml")
+
+
+def test_more_than_one_worker_needs_the_user_state_in_redis() -> None:
+    settings = ServiceSettings(workers=2)
+    with pytest.raises(ConfigError, match=r"service\.workers is 2, .* set service\.redis_url"):
+        settings.resolved({})
+    assert settings.resolved({"RECFLOW_SERVICE_REDIS_URL": "redis://r:1/0"}).workers == 2
+    assert ServiceSettings(workers=2, redis_url="redis://r:1/0").resolved({}).workers == 2
