@@ -85,16 +85,22 @@ class Http:
         self.connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=timeout)
 
     def request(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        """One request; once more on a new connection when the server had closed the idle one."""
         data = None if body is None else json.dumps(body)
         headers = {} if data is None else {"content-type": "application/json"}
-        try:
-            self.connection.request(method, path, data, headers)
-            response = self.connection.getresponse()
-            payload = response.read()
-        except (OSError, http.client.HTTPException):
-            self.connection.close()  # the next request opens a new connection
-            raise
-        return response.status, json.loads(payload) if payload else None
+        for attempt in (1, 2):
+            try:
+                self.connection.request(method, path, data, headers)
+                response = self.connection.getresponse()
+                return response.status, json.loads(payload) if (payload := response.read()) else None
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                self.connection.close()  # request() opens a new connection
+                if attempt == 2:
+                    raise
+            except (OSError, http.client.HTTPException):
+                self.connection.close()
+                raise
+        raise AssertionError("unreachable")
 
     def post(self, path: str, body: object) -> tuple[int, Any]:
         return self.request("POST", path, body)
