@@ -1,0 +1,266 @@
+"""The batch loop's commands: generate or import events, ingest them, build features, train, evaluate,
+recommend, and `demo` running them all."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from recflow.cli.common import ParamsOption, app, console, out, steps
+from recflow.config import DEFAULT_PARAMS, load_settings
+
+
+class ImportFormat(StrEnum):
+    movielens = "movielens"
+    retailrocket = "retailrocket"
+    csv = "csv"
+
+
+def print_ingest(report: object) -> None:
+    from recflow.store import IngestReport
+
+    assert isinstance(report, IngestReport)
+    table = Table(title="ingest")
+    for column in ("read", "stored", "duplicate", "rejected"):
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{getattr(report, c):,}" for c in ("read", "stored", "duplicate", "rejected")))
+    out.print(table)
+    if report.rejected:
+        reasons = ", ".join(f"{code}: {count:,}" for code, count in sorted(report.reasons.items()))
+        out.print(f"rejected by reason: {reasons}\nrejected records with their reasons: {report.rejected_path}")
+
+
+@app.command()
+def generate(
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Event file to write (.parquet, .csv or .jsonl); default: inbox.")
+    ] = None,
+    events: Annotated[int | None, typer.Option(help="Number of events (default: params.yaml generate.events).")] = None,
+    users: Annotated[int | None, typer.Option(help="Number of users.")] = None,
+    items: Annotated[int | None, typer.Option(help="Number of items.")] = None,
+    days: Annotated[int | None, typer.Option(help="Days the events span.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same events.")] = None,
+    drift: Annotated[
+        float | None,
+        typer.Option(
+            help="Inject drift after this fraction of the time range (popularity shift, new items, action mix)."
+        ),
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Generate synthetic events with structure a recommender can learn (taste groups, funnel, sessions)."""
+    from recflow.eventio import write_events
+    from recflow.synth import DriftSpec, generate_events
+
+    settings = load_settings(params)
+    changes = {k: v for k, v in dict(events=events, users=users, items=items, days=days, seed=seed).items() if v}
+    conf = settings.replace("generate", **changes).generate
+    target = out_file or settings.paths.inbox / f"generated-seed{conf.seed}-{conf.events}.parquet"
+    with steps("generate") as progress:
+        task = progress.add_task("generating events", total=conf.events, step="")
+        table = generate_events(
+            conf,
+            drift=None if drift is None else DriftSpec(start_fraction=drift),
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+        progress.update(task, completed=conf.events, step=f"writing {target}")
+        write_events(table, target)
+    out.print(f"wrote {table.num_rows:,} events to {target}")
+
+
+@app.command("import")
+def import_(
+    fmt: Annotated[ImportFormat, typer.Argument(help="Source format.")],
+    source: Annotated[Path, typer.Argument(help="Source file or directory.")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="Event file to write; default: inbox.")] = None,
+    mapping: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            help="csv only: FIELD=COLUMN, e.g. --map user_id=customer; a fixed action: --map action==purchase.",
+        ),
+    ] = None,
+    action_map: Annotated[
+        list[str] | None, typer.Option("--action", help="csv only: SOURCE=ACTION, e.g. --action buy=purchase.")
+    ] = None,
+    timestamp_unit: Annotated[
+        str | None, typer.Option(help="csv only: s or ms when the timestamp column holds epoch numbers.")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Convert MovieLens, RetailRocket or any mapped CSV into an event file of the recflow contract."""
+    from recflow import importers
+    from recflow.eventio import write_events
+
+    settings = load_settings(params)
+    if fmt is ImportFormat.movielens:
+        table = importers.import_movielens(source)
+    elif fmt is ImportFormat.retailrocket:
+        table = importers.import_retailrocket(source)
+    else:
+        if not mapping:
+            raise typer.BadParameter("csv needs --map FIELD=COLUMN for user_id, item_id, action and timestamp")
+        table = importers.import_mapped_csv(
+            source,
+            importers.parse_mapping(mapping),
+            action_map=importers.parse_mapping(action_map or [], fields=None),
+            timestamp_unit=timestamp_unit,
+        )
+    target = out_file or settings.paths.inbox / f"{fmt.value}-{source.stem}.parquet"
+    write_events(table, target)
+    out.print(f"wrote {table.num_rows:,} events to {target}; next: recflow ingest {target}")
+
+
+@app.command()
+def ingest(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Event files or folders (.jsonl, .csv, .parquet); default: the inbox.")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Validate events and append them to the event store; duplicates are skipped, bad records logged."""
+    from recflow.store import ingest_files
+
+    settings = load_settings(params)
+    sources = paths or [settings.paths.inbox]
+    with steps("ingest") as progress:
+        task = progress.add_task("ingesting", total=None, step="")
+        report = ingest_files(
+            sources,
+            store=settings.paths.store,
+            rejected=settings.paths.rejected,
+            settings=settings.events,
+            on_file=lambda path, r: progress.update(task, step=f"{path.name}: {r.stored:,} stored"),
+        )
+    print_ingest(report)
+
+
+@app.command()
+def status(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Show what the event store holds and what the last training and evaluation produced."""
+    from recflow.store import store_summary
+
+    settings = load_settings(params)
+    summary = store_summary(settings.paths.store)
+    table = Table(title=f"event store {settings.paths.store}")
+    table.add_column("events", justify="right")
+    table.add_column("users", justify="right")
+    table.add_column("items", justify="right")
+    table.add_column("from")
+    table.add_column("to")
+    table.add_row(
+        f"{summary.events:,}", f"{summary.users:,}", f"{summary.items:,}", str(summary.first), str(summary.last)
+    )
+    out.print(table)
+    metrics = settings.paths.models / "metrics.json"
+    if metrics.exists():
+        print_metrics(json.loads(metrics.read_text()))
+    else:
+        out.print("no evaluation yet: run recflow features, train and evaluate (or dvc repro)")
+
+
+@app.command()
+def features(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Encode the event store into interactions with id maps and a temporal train/validation/test split."""
+    from recflow.features import build_features
+
+    settings = load_settings(params)
+    with console.status("building features"):
+        summary = build_features(settings.paths.store, settings.paths.features, settings)
+    out.print(
+        f"features: {summary.events:,} events, {summary.users:,} users, {summary.items:,} items; "
+        f"split ({summary.method}) fit {summary.fit:,} / validation {summary.validation:,} / test {summary.test:,}"
+    )
+
+
+@app.command()
+def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Tune and fit ALS, train the LightGBM ranker, and write the backtest and deployable bundles."""
+    from recflow import training
+
+    settings = load_settings(params)
+    with steps("train") as progress:
+        task = progress.add_task("training", total=4, step="")
+
+        def advance(step: str) -> None:
+            progress.update(task, advance=0 if step == "tune ALS" else 1, step=step)
+
+        report = training.train(settings.paths.features, settings.paths.models, settings, progress=advance)
+        progress.update(task, completed=4, step="done")
+    chosen = ", ".join(f"{k}={v}" for k, v in report.als_params.items())
+    out.print(f"ALS ({'tuned' if report.tuned else 'pinned'}, {len(report.tuning_trials)} trials): {chosen}")
+    out.print(f"candidate recall@{report.n_candidates} on validation: {report.candidate_recall:.3f}")
+    if report.ranker:
+        out.print(
+            f"ranker: {report.ranker['best_iteration']} trees, validation NDCG@10 "
+            f"{report.ranker['validation_ndcg@10']:.4f} on {report.ranker['validation_queries']} users"
+        )
+
+
+def print_metrics(metrics: dict[str, object]) -> None:
+    models = {name: values for name, values in metrics.items() if isinstance(values, dict)}
+    names = list(next(iter(models.values())))
+    table = Table(title=f"offline evaluation on the test window ({metrics.get('users', '?')} users)")
+    table.add_column("model")
+    for name in names:
+        table.add_column(name, justify="right")
+    for model, values in models.items():
+        table.add_row(model, *(f"{values[n]:.4f}" for n in names))
+    out.print(table)
+
+
+@app.command()
+def evaluate(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Score ALS + ranker and the baselines (popularity, item-kNN, ALS alone) on the held-out test window."""
+    from recflow import evaluate as evaluation
+
+    settings = load_settings(params)
+    with steps("evaluate") as progress:
+        task = progress.add_task("evaluating", total=4, step="")
+        report = evaluation.evaluate(
+            settings.paths.features,
+            settings.paths.models,
+            settings.paths.reports,
+            settings,
+            progress=lambda name: progress.update(task, advance=1, step=name),
+        )
+    print_metrics({**report.metrics, "users": report.users})
+
+
+@app.command()
+def recommend(
+    users: Annotated[Path, typer.Option(help="User ids: a text file with one id per line, or CSV/JSONL with user_id.")],
+    output: Annotated[Path, typer.Option(help="JSONL output, one line per user.")] = Path("recs.jsonl"),
+    k: Annotated[int, typer.Option(min=1, max=1000, help="Items per user.")] = 20,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Write top-k recommendations per user from the trained two-stage model (popular items for unknown users)."""
+    from recflow.recommend import read_user_ids, write_recommendations
+
+    settings = load_settings(params)
+    user_ids = read_user_ids(users)
+    with console.status(f"recommending for {len(user_ids):,} users"):
+        counts = write_recommendations(settings.paths.models, user_ids, k, output)
+    out.print(
+        f"wrote {output}: {counts['personalized']:,} users personalised, {counts['popular']:,} unknown "
+        "users given popular items"
+    )
+
+
+@app.command()
+def demo(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Run the whole batch loop on generated data: generate, ingest, features, train, evaluate."""
+    settings = load_settings(params)
+    conf = settings.generate
+    inbox_file = settings.paths.inbox / f"generated-seed{conf.seed}-{conf.events}.parquet"
+    if not inbox_file.exists():
+        generate(out_file=inbox_file, params=params)
+    ingest(paths=[inbox_file], params=params)
+    features(params=params)
+    train(params=params)
+    evaluate(params=params)
