@@ -90,6 +90,9 @@ def test_deploy_versions_and_rollback(project: Path) -> None:
     pointer = json.loads((project / ".bentoml/recflow/production.json").read_text())
     assert pointer["version"] == good
 
+    strict = run(project, "deploy", "--params", "worse.yaml", "--fail-on-refusal", ok=False)
+    assert strict.returncode == 1 and "not promoted: refused" in strict.stdout
+
 
 def test_deploy_without_a_trained_model_says_what_to_run(tmp_path: Path) -> None:
     write_small_project(tmp_path)

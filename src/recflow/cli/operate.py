@@ -19,6 +19,9 @@ from recflow.config import DEFAULT_PARAMS, load_settings
 def deploy(
     user: Annotated[str | None, typer.Option(help="Who deploys (recorded in the history); default: OS user.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (still recorded).")] = False,
+    fail_on_refusal: Annotated[
+        bool, typer.Option(help="Exit with status 1 when the gate refuses the candidate (for scripts and CI).")
+    ] = False,
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Save the trained model as a version and promote it if it passes the gate (NDCG@10 on the current test
@@ -51,6 +54,8 @@ def deploy(
     out.print(f"production: {production.version if production else 'none'}")
     if decision.promoted and settings.service.reload_check_seconds > 0:
         out.print(f"a running service switches within {settings.service.reload_check_seconds:g} s (or POST /reload)")
+    if fail_on_refusal and not decision.promoted:
+        raise typer.Exit(1)
 
 
 @app.command()
