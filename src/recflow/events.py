@@ -18,6 +18,8 @@ where `ms` is the UTC timestamp in epoch milliseconds and `bits` is the value's 
 as a signed 64-bit decimal (`struct.unpack("<q", struct.pack("<d", value))[0]`), empty when value is null.
 MD5 is a fixed standard, so the id is stable across recflow, pyarrow and duckdb versions, and any client can
 compute it; a replayed event always gets the same id and is stored once.
+
+Reading timestamps and values out of columns of any Arrow type lives in `recflow.eventparse`.
 """
 
 from __future__ import annotations
@@ -40,10 +42,25 @@ import pyarrow.compute as pc
 
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, REQUIRED_COLUMNS, TIMESTAMP, USER_ID, VALUE
+from recflow.eventparse import (
+    BAD,
+    EPOCH,
+    ID_FIELDS,
+    NAIVE,
+    TIMESTAMP_TYPE,
+    contiguous,
+    is_text,
+    parse_timestamps,
+    parse_values,
+    plain,
+    take,
+    text_column,
+    to_numpy,
+    type_allowed,
+)
 
 logger = logging.getLogger(__name__)
 
-TIMESTAMP_TYPE = pa.timestamp("ms", tz="UTC")
 # What importers and the synthetic generator produce: the contract's columns and types, no event_id yet.
 EVENT_SCHEMA = pa.schema(
     [
@@ -84,14 +101,6 @@ _EXPECTED = {
     TIMESTAMP: "an ISO-8601 string with offset or a number of epoch seconds/milliseconds",
     VALUE: "a number or null",
 }
-_ISO_OFFSET = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}(:?\d{2})?)$"
-_ISO_NAIVE = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?)?$"
-_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
-_MS_ABOVE = 1e11  # epoch numbers above this are milliseconds, below it seconds
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MIN_MS = (datetime(1, 1, 2, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
-_MAX_MS = (datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
-_OK, _BAD, _NAIVE = 0, 1, 2
 _SLICE = 1 << 18  # rows checked per task; slices run on all cores
 _INLINE_ROWS = 10_000  # smaller batches are checked without a thread pool
 _DUCKDB: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (pid, database), see duckdb_cursor
@@ -132,9 +141,9 @@ def validate_table(
 
     def raw_of(rows: np.ndarray) -> list[str]:
         if RAW_COLUMN in table.column_names:
-            return [text[:MAX_RAW_CHARS] for text in _take(table[RAW_COLUMN], rows).to_pylist()]
+            return [text[:MAX_RAW_CHARS] for text in take(table[RAW_COLUMN], rows).to_pylist()]
         shown = table.drop_columns([c for c in (RECORD_COLUMN,) if c in table.column_names])
-        return [text[:MAX_RAW_CHARS] for text in json_objects(_take(shown, rows)).to_pylist()]
+        return [text[:MAX_RAW_CHARS] for text in json_objects(take(shown, rows)).to_pylist()]
 
     return _validate(table, settings=settings, source=source, now=now, records=records, raw_of=raw_of)
 
@@ -171,7 +180,7 @@ def derive_event_ids(events: pa.Table) -> pa.ChunkedArray:
             "i": events[ITEM_ID],
             "a": events[ACTION],
             "t": pc.cast(events[TIMESTAMP], pa.int64()),
-            "v": pc.cast(pa.array(bits, mask=_np(pc.is_null(value))), pa.string()),
+            "v": pc.cast(pa.array(bits, mask=to_numpy(pc.is_null(value))), pa.string()),
         }
     )
     key = "concat(strlen(u), ':', u, chr(31), strlen(i), ':', i, chr(31), a, chr(31), t, chr(31), coalesce(v, ''))"
@@ -246,7 +255,7 @@ def _shape_problem(record: Any) -> tuple[str, str] | None:
         if isinstance(value, str):
             continue
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and (name in (TIMESTAMP, VALUE) or (name in _IDS and isinstance(value, int)))):
+        if not (number and (name in (TIMESTAMP, VALUE) or (name in ID_FIELDS and isinstance(value, int)))):
             return "wrong_type", _wrong_type_reason(name, value)
     return None
 
@@ -273,13 +282,13 @@ def _validate(
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware, e.g. datetime.now(UTC)")
     n = table.num_rows
-    cols = {name: _plain(table[name]) if name in table.column_names else pa.nulls(n) for name in FIELD_ORDER}
-    limit_ms = (now - _EPOCH) // timedelta(milliseconds=1) + int(settings.max_future_skew_seconds * 1000)
+    cols = {name: plain(table[name]) if name in table.column_names else pa.nulls(n) for name in FIELD_ORDER}
+    limit_ms = (now - EPOCH) // timedelta(milliseconds=1) + int(settings.max_future_skew_seconds * 1000)
 
     def check(start: int) -> _Checked:
         part = {name: col.slice(start, _SLICE) for name, col in cols.items()}
         code, field, ms, values, no_value = _check_rows(part, settings, limit_ms)
-        kept = {name: _text(part[name]) for name in (EVENT_ID, USER_ID, ITEM_ID, ACTION)}
+        kept = {name: text_column(part[name]) for name in (EVENT_ID, USER_ID, ITEM_ID, ACTION)}
         kept_ms = ms
         if code.any():  # when every row is accepted, nothing is copied
             keep = code == 0
@@ -344,153 +353,42 @@ def _check_rows(
 
     for name in FIELD_ORDER:  # 1. shape
         col = cols[name]
-        if not _type_allowed(name, col.type):
-            fail(_np(pc.is_valid(col)), name, "wrong_type")
+        if not type_allowed(name, col.type):
+            fail(to_numpy(pc.is_valid(col)), name, "wrong_type")
         if name in REQUIRED_COLUMNS:
-            empty = _np(pc.equal(col, "")) if name in (ACTION, TIMESTAMP) and _is_text(col.type) else False
-            fail(_np(pc.is_null(col)) | empty, name, "missing_field")
+            empty = to_numpy(pc.equal(col, "")) if name in (ACTION, TIMESTAMP) and is_text(col.type) else False
+            fail(to_numpy(pc.is_null(col)) | empty, name, "missing_field")
     for name in (USER_ID, ITEM_ID):  # 2. content
-        text = _text(cols[name])
+        text = text_column(cols[name])
         length = pc.utf8_length(text)
-        fail(_np(pc.or_(pc.equal(length, 0), pc.utf8_is_space(text))), name, "empty_id")
-        fail(_np(pc.greater(length, settings.max_id_length)), name, "id_too_long")
+        fail(to_numpy(pc.or_(pc.equal(length, 0), pc.utf8_is_space(text))), name, "empty_id")
+        fail(to_numpy(pc.greater(length, settings.max_id_length)), name, "id_too_long")
     actions = pa.array(list(settings.actions), pa.string())
-    fail(~_np(pc.is_in(_text(cols[ACTION]), value_set=actions)), ACTION, "unknown_action")
-    ms, status = _parse_timestamps(cols[TIMESTAMP])
-    fail(status == _BAD, TIMESTAMP, "bad_timestamp")
-    fail(status == _NAIVE, TIMESTAMP, "naive_timestamp")
+    fail(~to_numpy(pc.is_in(text_column(cols[ACTION]), value_set=actions)), ACTION, "unknown_action")
+    ms, status = parse_timestamps(cols[TIMESTAMP])
+    fail(status == BAD, TIMESTAMP, "bad_timestamp")
+    fail(status == NAIVE, TIMESTAMP, "naive_timestamp")
     fail(ms > limit_ms, TIMESTAMP, "future_timestamp")
-    values, no_value = _parse_values(cols[VALUE])
+    values, no_value = parse_values(cols[VALUE])
     fail(~no_value & ~np.isfinite(values), VALUE, "bad_value")
-    fail(_np(pc.greater(pc.utf8_length(_text(cols[EVENT_ID])), settings.max_id_length)), EVENT_ID, "id_too_long")
+    fail(
+        to_numpy(pc.greater(pc.utf8_length(text_column(cols[EVENT_ID])), settings.max_id_length)),
+        EVENT_ID,
+        "id_too_long",
+    )
     return code, field, ms, values, no_value
 
 
 def _fill_event_ids(accepted: pa.Table) -> pa.Table:
     """`accepted` with a derived event_id wherever none was given (null or empty), cast to STORE_SCHEMA."""
     given = accepted[EVENT_ID]
-    derive = _np(pc.or_kleene(pc.is_null(given), pc.equal(given, "")))
+    derive = to_numpy(pc.or_kleene(pc.is_null(given), pc.equal(given, "")))
     if derive.all():
         given = derive_event_ids(accepted)
     elif derive.any():
         derived = derive_event_ids(accepted.filter(pa.array(derive)))
         given = pc.replace_with_mask(given.combine_chunks(), pa.array(derive), derived.combine_chunks())
     return accepted.set_column(0, STORE_SCHEMA.field(EVENT_ID), given).cast(STORE_SCHEMA)
-
-
-_IDS = (USER_ID, ITEM_ID, EVENT_ID)
-
-
-def _type_allowed(name: str, kind: pa.DataType) -> bool:
-    if pa.types.is_null(kind) or _is_text(kind):
-        return True
-    if name in _IDS:
-        return pa.types.is_integer(kind)
-    if name == TIMESTAMP:
-        return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_temporal(kind)
-    if name == VALUE:
-        return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
-    return False
-
-
-def _text(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """An id or action column as text: integers as decimals, a column of a wrong type as nulls."""
-    usable = _is_text(col.type) or pa.types.is_integer(col.type) or pa.types.is_null(col.type)
-    return pc.cast(col, pa.string()) if usable else pa.nulls(len(col), pa.string())
-
-
-def _parse_timestamps(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Epoch milliseconds (UTC) and a status (_OK, _BAD, _NAIVE) for each row; null rows read as 0, _OK."""
-    n = len(col)
-    ms, status = np.zeros(n, np.int64), np.zeros(n, np.int8)
-    kind = col.type
-    valid = _np(pc.is_valid(col))
-    if pa.types.is_timestamp(kind) and kind.tz is not None:
-        ms = _np(pc.cast(col, TIMESTAMP_TYPE, safe=False).cast(pa.int64()), 0)
-    elif pa.types.is_temporal(kind):  # a timestamp without zone, a date
-        status[valid] = _NAIVE
-    elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
-        ms, status = _epoch_ms(_np(pc.cast(col, pa.float64()), 0.0))
-    elif _is_text(kind):
-        col = pc.cast(col, pa.string())
-        try:  # the common case: every timestamp is ISO-8601 with an offset
-            return _np(pc.cast(col, TIMESTAMP_TYPE).cast(pa.int64()), 0), status
-        except pa.ArrowInvalid:
-            pass  # sort the strings by form, cheapest test first
-        col = _contiguous(col)  # for the takes below
-        digits = valid & _np(pc.ascii_is_decimal(col)) & _np(pc.less_equal(pc.utf8_length(col), 15))
-        todo = valid & ~digits
-        at = np.flatnonzero(digits)
-        ms[at], status[at] = _epoch_ms(_np(pc.cast(col.take(at), pa.float64())))
-        at = np.flatnonzero(todo & _np(pc.ends_with(col, "Z")))
-        try:  # most of the rest usually ends in Z
-            ms[at] = _np(pc.cast(col.take(at), TIMESTAMP_TYPE).cast(pa.int64()))
-            todo[at] = False
-        except pa.ArrowInvalid:
-            pass
-        at = np.flatnonzero(todo)
-        some = col.take(at)
-        offset, naive, number = (_np(pc.match_substring_regex(some, p)) for p in (_ISO_OFFSET, _ISO_NAIVE, _NUMBER))
-        status[at] = np.where(naive, _NAIVE, _BAD)
-        ms[at[number]], status[at[number]] = _epoch_ms(_np(pc.cast(some.filter(pa.array(number)), pa.float64())))
-        ms[at[offset]], ok = _cast_iso(some.filter(pa.array(offset)))
-        status[at[offset]] = np.where(ok, _OK, _BAD)
-    return ms, status
-
-
-def _epoch_ms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with np.errstate(invalid="ignore", over="ignore"):
-        ms = np.rint(np.where(np.abs(x) > _MS_ABOVE, x, x * 1000.0))
-        ok = np.isfinite(ms) & (ms >= _MIN_MS) & (ms <= _MAX_MS)
-    return np.where(ok, ms, 0).astype(np.int64), np.where(ok, _OK, _BAD).astype(np.int8)
-
-
-def _cast_iso(strings: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Parse ISO-8601 strings that carry an offset. When pyarrow rejects some (Feb 30, nanoseconds, ...),
-    blocks of 1024 are retried and a failing block is parsed one string at a time."""
-    ms, ok = np.zeros(len(strings), np.int64), np.ones(len(strings), bool)
-    try:
-        return _np(pc.cast(strings, TIMESTAMP_TYPE).cast(pa.int64()), 0), ok
-    except pa.ArrowInvalid:
-        pass
-    for start in range(0, len(strings), 1024):
-        block = strings.slice(start, 1024)
-        try:
-            ms[start : start + len(block)] = _np(pc.cast(block, TIMESTAMP_TYPE).cast(pa.int64()))
-            continue
-        except pa.ArrowInvalid:
-            pass
-        for i, text in enumerate(block.to_pylist(), start):
-            try:
-                moment = datetime.fromisoformat(text)
-            except ValueError:
-                moment = None
-            if moment is None or moment.tzinfo is None:
-                ok[i] = False
-            else:
-                ms[i] = (moment - _EPOCH) // timedelta(milliseconds=1)
-    return ms, ok
-
-
-def _parse_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """value as float64 (NaN where absent) and where it is absent (null or "")."""
-    n = len(col)
-    if _is_text(col.type):
-        col = _contiguous(pc.cast(col, pa.string()))
-        at = np.flatnonzero(_np(pc.greater(pc.utf8_length(col), 0)))
-        some = col.take(at)
-        try:
-            numbers = _np(pc.cast(some, pa.float64()))
-        except pa.ArrowInvalid:
-            looks = _np(pc.match_substring_regex(some, _NUMBER))
-            numbers = np.full(len(at), np.nan)
-            numbers[looks] = _np(pc.cast(some.filter(pa.array(looks)), pa.float64()))
-        values, absent = np.full(n, np.nan), np.ones(n, bool)
-        values[at], absent[at] = numbers, False
-        return values, absent
-    if _type_allowed(VALUE, col.type) and not pa.types.is_null(col.type):
-        return _np(pc.cast(col, pa.float64()), np.nan), _np(pc.is_null(col))
-    return np.full(n, np.nan), np.ones(n, bool)
 
 
 def _reasons(
@@ -504,13 +402,13 @@ def _reasons(
 ) -> list[str]:
     """The reason text of each rejected row, built per (field, code) group."""
     reasons = np.empty(len(rows), dtype=object)
-    contiguous: dict[str, pa.Array] = {}  # each column concatenated once, not once per group
+    joined: dict[str, pa.Array] = {}  # each column concatenated once, not once per group
     for f, c in sorted(set(zip(fields.tolist(), codes.tolist(), strict=True))):
         at = np.flatnonzero((fields == f) & (codes == c))
         name = FIELD_ORDER[f]
-        if name not in contiguous:
-            contiguous[name] = _contiguous(cols[name])
-        values = contiguous[name].take(rows[at]).to_pylist()
+        if name not in joined:
+            joined[name] = contiguous(cols[name])
+        values = joined[name].take(rows[at]).to_pylist()
         reasons[at] = _reason_texts(REJECTION_CODES[c - 1], name, values, ms[at], settings, now)
     return reasons.tolist()
 
@@ -537,7 +435,7 @@ def _reason_texts(
         skew = f"events.max_future_skew_seconds={settings.max_future_skew_seconds:g} (params.yaml)"
         utc_now = now.astimezone(UTC)
         texts = []
-        for value, moment in zip(values, (_EPOCH + timedelta(milliseconds=m) for m in ms.tolist()), strict=True):
+        for value, moment in zip(values, (EPOCH + timedelta(milliseconds=m) for m in ms.tolist()), strict=True):
             ahead = (moment - utc_now).total_seconds()
             texts.append(f"timestamp {_show(value)} ({moment.isoformat()}) is {ahead:.0f} s after now "
                          f"({utc_now.isoformat()}), more than {skew}; check the sender's clock")  # fmt: skip
@@ -560,9 +458,6 @@ def _wrong_type_reason(name: str, value: Any) -> str:
     return f"{name} must be {_EXPECTED[name]}, got {type(value).__name__} {_show(value)}"
 
 
-# -- small helpers ---------------------------------------------------------------------------------------
-
-
 def _show(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -570,32 +465,3 @@ def _show(value: Any, limit: int = 60) -> str:
 
 def _dumps(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)[:MAX_RAW_CHARS]
-
-
-def _is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
-
-
-def _plain(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.cast(col, col.type.value_type) if pa.types.is_dictionary(col.type) else col
-
-
-def _contiguous(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """`col` as one array, to take from it: a take from a ChunkedArray concatenates its chunks on every call."""
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-
-
-def _take(data: pa.ChunkedArray | pa.Table, rows: np.ndarray) -> pa.Array | pa.Table:
-    """`data.take(rows)` for sorted `rows`, concatenating only the chunks between the first and the last row."""
-    if len(rows) == 0:
-        return data.take(rows)
-    span = data.slice(int(rows[0]), int(rows[-1]) - int(rows[0]) + 1)
-    return span.combine_chunks().take(rows - rows[0])
-
-
-def _np(arr: pa.ChunkedArray | pa.Array, fill: Any = False) -> np.ndarray:
-    """A pyarrow array as numpy, nulls replaced by `fill` (False for masks)."""
-    filled = pc.fill_null(arr, fill) if arr.null_count else arr
-    if isinstance(filled, pa.ChunkedArray):
-        filled = filled.combine_chunks() if filled.num_chunks != 1 else filled.chunk(0)
-    return filled.to_numpy(zero_copy_only=False)
