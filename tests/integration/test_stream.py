@@ -76,6 +76,13 @@ def stored_ids(root: Path) -> list[str]:
     return scan_store(root / "data/events", columns=["event_id"])["event_id"].to_pylist()
 
 
+def wait_until_stored(root: Path, count: int, seconds: float = 60) -> None:
+    """Until the store holds `count` events or the time is up (the assertions after it say what is missing)."""
+    deadline = time.monotonic() + seconds
+    while len(stored_ids(root)) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def assert_stored_exactly_once(root: Path, published: int) -> None:
     ids = stored_ids(root)
     repeated = [i for i, n in Counter(ids).items() if n > 1]
@@ -204,9 +211,7 @@ def test_the_consumer_reconnects_after_redis_restarts_and_loses_nothing(tmp_path
             server.start()
         assert published.wait(timeout=60)
         publisher.join()
-        deadline = time.monotonic() + 60
-        while len(stored_ids(root)) < total and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until_stored(root, total)
     finally:
         consumer.send_signal(signal.SIGTERM)  # a graceful stop: finishes the batch in hand
         consumer.wait(timeout=30)
@@ -297,9 +302,7 @@ def test_two_consumers_share_the_stream_and_the_store(tmp_path: Path, server: Re
     try:
         assert published.wait(timeout=60)
         publisher.join()
-        deadline = time.monotonic() + 60
-        while len(stored_ids(root)) < total and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until_stored(root, total)
     finally:
         for consumer in consumers:
             consumer.send_signal(signal.SIGTERM)
