@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 from _common import machine, print_table
 
 from recflow.config import GenerateSettings, Settings, load_settings
-from recflow.drift import check_drift
-from recflow.synth import DEFAULT_START, DriftSpec, generate_events
+from recflow.events.synth import DEFAULT_START, DriftSpec, generate_events
+from recflow.ops.drift import check_drift
 
 DAYS, DRIFT_DAY = 35, 28
 
@@ -33,9 +33,9 @@ DAYS, DRIFT_DAY = 35, 28
 def run(
     seed: int, drift: bool, events: int, settings: Settings, with_model: bool
 ) -> tuple[dict[str, bool], dict[str, float]]:
-    from recflow import training
-    from recflow.features import build_features
-    from recflow.store import ingest_table
+    from recflow.model import training
+    from recflow.model.features import build_features
+    from recflow.store.eventstore import ingest_table
 
     conf = GenerateSettings(seed=seed, users=2000, items=500, events=events, days=DAYS, groups=8)
     table = generate_events(conf, drift=DriftSpec(start_fraction=DRIFT_DAY / DAYS) if drift else None)

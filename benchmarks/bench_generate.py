@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from recflow.config import GenerateSettings
-from recflow.synth import DriftSpec, generate_events
+from recflow.events.synth import DriftSpec, generate_events
 
 
 def peak_rss_mb() -> float:

@@ -35,7 +35,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from recflow.config import EventSettings
-from recflow.store import IngestReport, ingest_files
+from recflow.store.eventstore import IngestReport, ingest_files
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 DAYS = 30

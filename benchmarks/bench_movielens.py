@@ -23,12 +23,12 @@ from pathlib import Path
 from _common import machine, print_table
 
 from recflow.config import load_settings
-from recflow.evaluate import MODEL_NAMES, evaluate
-from recflow.eventio import write_events
-from recflow.features import build_features
-from recflow.importers import import_movielens
-from recflow.store import ingest_files
-from recflow.training import train
+from recflow.events.fileio import write_events
+from recflow.events.importers import import_movielens
+from recflow.model.evaluate import MODEL_NAMES, evaluate
+from recflow.model.features import build_features
+from recflow.model.training import train
+from recflow.store.eventstore import ingest_files
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = {"A": "per_user", "B": "global_time"}

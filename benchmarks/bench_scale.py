@@ -43,9 +43,9 @@ def als_versus_bare(work: Path, repeats: int) -> tuple[list[float], list[float],
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    from recflow.candidates import ALSParams, fit_als
     from recflow.config import load_settings
-    from recflow.features import PRODUCTION, action_weights, confidence_matrix, load_interactions, window
+    from recflow.model.candidates import ALSParams, fit_als
+    from recflow.model.features import PRODUCTION, action_weights, confidence_matrix, load_interactions, window
 
     settings = load_settings(work / "params.yaml")
     inter, meta = load_interactions(work / "features")

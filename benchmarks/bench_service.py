@@ -150,7 +150,7 @@ class Swap:
 
     def __init__(self, work: Path) -> None:
         from recflow.config import load_settings
-        from recflow.registry import production, rollback, versions
+        from recflow.ops.registry import production, rollback, versions
 
         self.work = work
         self.settings = load_settings(work / "params.yaml")
@@ -164,7 +164,7 @@ class Swap:
 
     def start(self, base_url: str) -> None:
         def run() -> None:
-            from recflow.registry import deploy
+            from recflow.ops.registry import deploy
 
             began = time.perf_counter()
             deploy(self.settings, root=self.work, user="bench", force=True)
@@ -225,9 +225,9 @@ def percentiles(ms: list[float]) -> tuple[float, float]:
 def in_process(work: Path, users: list[str], k: int) -> list[float]:
     """The floor: the service's scoring without HTTP (same bundle, user state in a temporary log)."""
     from recflow.config import load_settings
-    from recflow.registry import load_production_bundle
-    from recflow.serving import OnlineRecommender
-    from recflow.userstate import LocalUserState
+    from recflow.ops.registry import load_production_bundle
+    from recflow.serving.online import OnlineRecommender
+    from recflow.serving.userstate import LocalUserState
 
     settings = load_settings(work / "params.yaml")
     version, bundle = load_production_bundle(settings, work)

@@ -40,8 +40,8 @@ import yaml
 from _common import machine, print_table
 
 from recflow.config import Settings, load_settings
-from recflow.consumer import drain
-from recflow.eventlog import open_event_log, redact
+from recflow.stream.consumer import drain
+from recflow.stream.log import open_event_log, redact
 
 RECFLOW = str(Path(sys.executable).parent / "recflow")
 

@@ -2,8 +2,8 @@
 
 `bentoml serve` in this folder, with no environment variables, serves the production version of the project
 this folder sits in (the project root is the parent folder, or RECFLOW_PROJECT; it reads params.yaml there).
-The service only adapts HTTP to library calls: recommendations and fold-in live in `recflow.serving`, the
-user state in `recflow.userstate`, versions in `recflow.registry`, the event log in `recflow.eventlog`.
+The service only adapts HTTP to library calls: recommendations and fold-in live in `recflow.serving.online`, the
+user state in `recflow.serving.userstate`, versions in `recflow.ops.registry`, the event log in `recflow.stream.log`.
 See README.md beside this file for the endpoints, the error answers and the choices made.
 """
 
@@ -33,11 +33,11 @@ from starlette.concurrency import run_in_threadpool
 
 from recflow.config import ServiceSettings, Settings, load_settings
 from recflow.errors import RecflowError, UserStateUnavailableError
-from recflow.eventlog import open_event_log
-from recflow.httpguard import RequestGuard, use_cancelling_timeout
-from recflow.registry import ModelVersion, load_production_bundle, production, production_file
-from recflow.serving import OnlineRecommender
-from recflow.userstate import open_user_state
+from recflow.ops.registry import ModelVersion, load_production_bundle, production, production_file
+from recflow.serving.httpguard import RequestGuard, use_cancelling_timeout
+from recflow.serving.online import OnlineRecommender
+from recflow.serving.userstate import open_user_state
+from recflow.stream.log import open_event_log
 
 logger = logging.getLogger("recflow.service")
 

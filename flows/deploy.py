@@ -1,4 +1,4 @@
-"""The deploy flow: register the trained bundle and promote it through the gate (recflow.registry)."""
+"""The deploy flow: register the trained bundle and promote it through the gate (recflow.ops.registry)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.tasks import deploy_candidate
 from flows.train import metrics_table
 
-NO_REGISTRY = "recflow.registry is not installed (issue #3): nothing deployed, the pipeline stops after evaluation"
+NO_REGISTRY = "recflow.ops.registry is not installed (issue #3): nothing deployed, the pipeline stops after evaluation"
 
 
 @flow(name="deploy", log_prints=True)

@@ -24,7 +24,7 @@ def ingest(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
     version = record_data_version(project, params)
     rows = [{"source": "inbox", **inbox}]
     if log is None:
-        rows.append({"source": "event log", "note": "recflow.consumer not installed: not drained"})
+        rows.append({"source": "event log", "note": "recflow.stream.consumer not installed: not drained"})
     else:
         rows.append({"source": "event log", **log})
     create_table_artifact(

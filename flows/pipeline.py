@@ -26,8 +26,8 @@ def pipeline(project: str = ".", params: str = "params.yaml", retrain: bool = Fa
         params: the parameter file, relative to the project folder.
         retrain: retrain even without drift (the nightly deployment sets it).
     """
-    from recflow.bundle import BUNDLE_FILE
-    from recflow.training import BUNDLE_DIR
+    from recflow.model.bundle import BUNDLE_FILE
+    from recflow.model.training import BUNDLE_DIR
 
     counts = ingest(project, params)
     checked = drift(project, params, return_state=True)

@@ -25,7 +25,8 @@ IO_ERRORS = (OSError, TimeoutError, EventLogUnavailableError, StoreWriteError)
 RETRY_DELAYS = [2, 8, 30]  # seconds: exponential backoff
 TRAIN_SECTIONS = ("events", "features", "als", "candidates", "ranker", "evaluate")  # what dvc.yaml's stages read
 TRAIN_CODE = tuple(
-    f"recflow.{m}" for m in ("features", "training", "candidates", "ranker", "bundle", "evaluate", "metrics")
+    f"recflow.model.{m}"
+    for m in ("features", "training", "candidates", "ranker_features", "ranker", "bundle", "evaluate", "metrics")
 )  # and the code they run
 
 
@@ -52,7 +53,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_on_io)
 def ingest_inbox(project: str, params: str) -> dict[str, Any]:
     """Every file in the inbox into the store (store.ingest_files: validation, dedup, rejected log)."""
-    from recflow.store import IngestReport, ingest_files
+    from recflow.store.eventstore import IngestReport, ingest_files
 
     root, settings = settings_of(project, params)
     inbox = root / settings.paths.inbox
@@ -70,11 +71,11 @@ def ingest_inbox(project: str, params: str) -> dict[str, Any]:
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_on_io)
 def drain_event_log(project: str, params: str) -> dict[str, Any] | None:
     """Everything pending in the event log (Redis stream or local spool) into the store, via
-    recflow.consumer.drain. None when recflow.consumer does not exist in this installation."""
-    if importlib.util.find_spec("recflow.consumer") is None:
-        _logger().warning("recflow.consumer is not installed: the event log was not drained")
+    recflow.stream.consumer.drain. None when recflow.stream.consumer does not exist in this installation."""
+    if importlib.util.find_spec("recflow.stream.consumer") is None:
+        _logger().warning("recflow.stream.consumer is not installed: the event log was not drained")
         return None
-    from recflow.consumer import drain
+    from recflow.stream.consumer import drain
 
     root, settings = settings_of(project, params)
     report = drain(settings, root=root)
@@ -86,7 +87,7 @@ def drain_event_log(project: str, params: str) -> dict[str, Any] | None:
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_on_io)
 def record_data_version(project: str, params: str) -> dict[str, str | None]:
     """The store's data version, and `dvc add` of the data folder when the project is a DVC project."""
-    from recflow.dataversion import dvc_add, dvc_enabled, store_version
+    from recflow.store.versions import dvc_add, dvc_enabled, store_version
 
     root, settings = settings_of(project, params)
     data_dir = Path(settings.paths.store.parts[0])  # the folder data.dvc tracks as a whole (ARCHITECTURE.md)
@@ -117,7 +118,7 @@ def outputs_exist(project: str, params: str, stage: str) -> bool:
 
 @task(cache_key_fn=_cache_key, persist_result=True)
 def build_features(project: str, params: str, data_version: str, params_digest: str) -> dict[str, Any]:
-    from recflow.features import build_features as build
+    from recflow.model.features import build_features as build
 
     root, settings = settings_of(project, params)
     return asdict(build(root / settings.paths.store, root / settings.paths.features, settings))
@@ -125,7 +126,7 @@ def build_features(project: str, params: str, data_version: str, params_digest: 
 
 @task(cache_key_fn=_cache_key, persist_result=True)
 def train_models(project: str, params: str, data_version: str, params_digest: str) -> dict[str, Any]:
-    from recflow.training import train
+    from recflow.model.training import train
 
     root, settings = settings_of(project, params)
     report = train(root / settings.paths.features, root / settings.paths.models, settings, progress=_logger().info)
@@ -138,7 +139,7 @@ def train_models(project: str, params: str, data_version: str, params_digest: st
 
 @task(cache_key_fn=_cache_key, persist_result=True)
 def evaluate_models(project: str, params: str, data_version: str, params_digest: str) -> dict[str, Any]:
-    from recflow.evaluate import METRICS_FILE, evaluate
+    from recflow.model.evaluate import METRICS_FILE, evaluate
 
     root, settings = settings_of(project, params)
     paths = settings.paths
@@ -148,8 +149,8 @@ def evaluate_models(project: str, params: str, data_version: str, params_digest:
 
 @task
 def check_drift(project: str, params: str) -> dict[str, Any]:
-    """recflow.drift.run_drift: compare the windows, write reports/drift/drift-<time>.{html,json}."""
-    from recflow.driftreport import run_drift
+    """recflow.ops.drift.run_drift: compare the windows, write reports/drift/drift-<time>.{html,json}."""
+    from recflow.ops.drift_report import run_drift
 
     root, settings = settings_of(project, params)
     result = run_drift(settings, root=root)
@@ -159,11 +160,11 @@ def check_drift(project: str, params: str) -> dict[str, Any]:
 
 @task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_on_io)
 def deploy_candidate(project: str, params: str) -> dict[str, Any] | None:
-    """recflow.registry.deploy: register the trained bundle and promote it through the gate. None when
-    recflow.registry is not in this installation (the pipeline then stops after evaluation)."""
-    if importlib.util.find_spec("recflow.registry") is None:
+    """recflow.ops.registry.deploy: register the trained bundle and promote it through the gate. None when
+    recflow.ops.registry is not in this installation (the pipeline then stops after evaluation)."""
+    if importlib.util.find_spec("recflow.ops.registry") is None:
         return None
-    from recflow import registry
+    from recflow.ops import registry
 
     root, settings = settings_of(project, params)
     decision = registry.deploy(settings, root=root)

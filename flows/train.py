@@ -31,8 +31,8 @@ def train(project: str = ".", params: str = "params.yaml", force: bool = False) 
         params: the parameter file, relative to the project folder.
         force: recompute every stage even when cached.
     """
-    from recflow.dataversion import params_digest, source_digest, store_version
-    from recflow.evaluate import METRICS_FILE
+    from recflow.model.evaluate import METRICS_FILE
+    from recflow.store.versions import params_digest, source_digest, store_version
 
     root, settings = settings_of(project, params)
     metrics_file = root / settings.paths.models / METRICS_FILE

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from recflow.config import Settings, load_settings
-from recflow.evaluate import evaluate
-from recflow.features import build_features
-from recflow.registry import ModelVersion, deploy
-from recflow.store import ingest_table
-from recflow.synth import generate_events
-from recflow.training import BUNDLE_DIR, train
+from recflow.events.synth import generate_events
+from recflow.model.evaluate import evaluate
+from recflow.model.features import build_features
+from recflow.model.training import BUNDLE_DIR, train
+from recflow.ops.registry import ModelVersion, deploy
+from recflow.store.eventstore import ingest_table
 
 from .conftest import REPO, write_small_project
 

@@ -150,7 +150,7 @@ class ServiceSettings:
 
 @dataclass(frozen=True)
 class EventLogSettings:
-    """The real-time event log (recflow.eventlog) and its consumer (recflow.consumer). The environment
+    """The real-time event log (recflow.stream.log) and its consumer (recflow.stream.consumer). The environment
     variable RECFLOW_REDIS_URL overrides `redis_url` (see `resolved`)."""
 
     redis_url: str | None = None  # null: the local spool file (embedded, single machine)
@@ -183,7 +183,7 @@ class EventLogSettings:
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    """The model registry (recflow.registry): versions in the BentoML model store and the promotion gate."""
+    """The model registry (recflow.ops.registry): versions in the BentoML model store and the promotion gate."""
 
     home: Path = Path(".bentoml")  # BentoML home (model store, bentos), relative to the project folder
     model_name: str = "recflow"  # BentoML model name of the deployable versions
@@ -203,7 +203,7 @@ DRIFT_METHODS = ("jensenshannon", "wasserstein", "psi", "hellinger", "kl_div", "
 
 @dataclass(frozen=True)
 class DriftCheck:
-    """How Evidently compares one data set of the drift check (recflow.drift). Methods are Evidently stat-test
+    """How Evidently compares one data set of the drift check (recflow.ops.drift). Methods are Evidently stat-test
     names; distance methods flag a column when score >= threshold, p-value methods (ks, chisquare, z, mannw)
     when p < threshold. A data set drifts when the share of its drifted columns reaches `drift_share`."""
 
@@ -225,7 +225,7 @@ class DriftCheck:
 
 @dataclass(frozen=True)
 class DriftSettings:
-    """The drift check (recflow.drift): a reference window, the current window after it, and what is compared."""
+    """The drift check (recflow.ops.drift): a reference window, the current window after it, and what is compared."""
 
     current_days: float = 7.0  # the current window: the last days of the store
     reference_days: float = 7.0  # the reference window: the days before the current one

@@ -11,7 +11,7 @@ RecflowError
 ├── UserStateUnavailableError  the service's user state (Redis, the local log) cannot be read or written
 ├── NoProductionError   nothing is deployed yet, or nothing to roll back to (the registry)
 ├── RegistryError       the model registry (BentoML model store) is unreadable or inconsistent
-└── DataVersionError    `dvc add` of the data folder failed (recflow.dataversion)
+└── DataVersionError    `dvc add` of the data folder failed (recflow.store.versions)
 """
 
 from __future__ import annotations

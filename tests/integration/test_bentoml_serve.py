@@ -25,8 +25,8 @@ import redis
 import yaml
 
 from recflow.config import load_settings
-from recflow.evaluate import evaluate
-from recflow.registry import deploy
+from recflow.model.evaluate import evaluate
+from recflow.ops.registry import deploy
 
 from ..conftest import REPO
 from ..servingkit import train_small_project

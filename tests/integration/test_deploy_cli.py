@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recflow.evaluate import evaluate
+from recflow.model.evaluate import evaluate
 
 from ..conftest import write_small_project
 from ..servingkit import train_small_project

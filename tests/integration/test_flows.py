@@ -55,8 +55,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A DVC project (no git) with the small params, 30 days of events in the inbox and 7 drifted days kept
     aside in late.parquet; the working directory is the project, as for a deployment."""
     from recflow.config import load_settings
-    from recflow.eventio import write_events
-    from recflow.synth import DEFAULT_START, DriftSpec, generate_events
+    from recflow.events.fileio import write_events
+    from recflow.events.synth import DEFAULT_START, DriftSpec, generate_events
 
     root = tmp_path_factory.mktemp("project")
     write_small_project(
@@ -94,7 +94,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 def store_events(root: Path) -> int:
-    from recflow.store import store_summary
+    from recflow.store.eventstore import store_summary
 
     return store_summary(root / "data/events").events
 
@@ -138,7 +138,7 @@ def test_a_crash_in_the_middle_of_train_leaves_the_previous_model_in_place(
     import scipy.sparse as sp
 
     from flows.train import train
-    from recflow import bundle as bundle_module
+    from recflow.model import bundle as bundle_module
 
     bundle_dir = project / "models/bundle"
     before = folder_digest(bundle_dir)

@@ -18,17 +18,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from recflow import gate, registry
-from recflow.bundle import ModelBundle
 from recflow.config import Settings, load_settings
 from recflow.constants import TIMESTAMP
 from recflow.errors import NoProductionError, RegistryError
-from recflow.evaluate import METRICS_FILE, evaluate
-from recflow.features import build_features
-from recflow.gate import score_on_current_window
-from recflow.store import ingest_table
-from recflow.synth import generate_events
-from recflow.training import BACKTEST_DIR, BUNDLE_DIR, train
+from recflow.events.synth import generate_events
+from recflow.model.bundle import ModelBundle
+from recflow.model.evaluate import METRICS_FILE, evaluate
+from recflow.model.features import build_features
+from recflow.model.training import BACKTEST_DIR, BUNDLE_DIR, train
+from recflow.ops import gate, registry
+from recflow.ops.gate import score_on_current_window
+from recflow.store.eventstore import ingest_table
 
 from ..conftest import write_small_project
 from ..servingkit import SERVING_PROJECT, train_small_project
@@ -108,7 +108,7 @@ from pathlib import Path
 os.environ["BENTOML_HOME"] = {str(other)!r}
 from bentoml._internal.configuration.containers import BentoMLContainer
 assert BentoMLContainer.model_store.get()  # BentoML now caches {str(other)!r} for this process
-from recflow import gate, registry
+from recflow.ops import gate, registry
 from recflow.config import load_settings
 settings = load_settings({str(root / "params.yaml")!r}).replace("registry", home=Path({str(configured)!r}))
 models = Path({str(settings.paths.models)!r})

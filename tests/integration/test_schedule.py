@@ -88,8 +88,8 @@ def test_a_deployment_with_an_interval_schedule_runs_on_its_own(
     prefect_server: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     from recflow.config import GenerateSettings
-    from recflow.eventio import write_events
-    from recflow.synth import generate_events
+    from recflow.events.fileio import write_events
+    from recflow.events.synth import generate_events
 
     api, env = prefect_server
     project = tmp_path / "project"

@@ -26,12 +26,12 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
     from starlette.testclient import TestClient
 
-from recflow.bundle import ModelBundle
 from recflow.config import EventSettings, load_settings
-from recflow.httpguard import CancellingTimeoutMiddleware
-from recflow.registry import ModelVersion, deploy, production, rollback
-from recflow.serving import OnlineRecommender
-from recflow.userstate import RedisUserState
+from recflow.model.bundle import ModelBundle
+from recflow.ops.registry import ModelVersion, deploy, production, rollback
+from recflow.serving.httpguard import CancellingTimeoutMiddleware
+from recflow.serving.online import OnlineRecommender
+from recflow.serving.userstate import RedisUserState
 
 from ..servingkit import deploy_small_project, load_service
 

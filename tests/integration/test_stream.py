@@ -24,8 +24,8 @@ import yaml
 
 from recflow.config import load_settings
 from recflow.errors import EventLogUnavailableError
-from recflow.eventlog import open_event_log, open_event_source
-from recflow.store import scan_store
+from recflow.store.eventstore import scan_store
+from recflow.stream.log import open_event_log, open_event_source
 
 from ..conftest import write_small_project
 from ..redis_server import RedisServer

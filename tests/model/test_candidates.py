@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recflow.candidates import (
+from recflow.config import ALSSettings, TuneSettings
+from recflow.model.candidates import (
     SOURCE_ALS,
     SOURCE_POPULAR,
     ALSParams,
@@ -18,8 +19,7 @@ from recflow.candidates import (
     item_knn,
     tune_als,
 )
-from recflow.config import ALSSettings, TuneSettings
-from recflow.metrics import PAD, GroundTruth
+from recflow.model.metrics import PAD, GroundTruth
 
 N_BLOCKS, USERS_PER_BLOCK, ITEMS_PER_BLOCK = 3, 20, 8
 

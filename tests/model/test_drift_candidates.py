@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from recflow import training
 from recflow.config import GenerateSettings, load_settings
-from recflow.drift import CANDIDATES, check_drift
-from recflow.features import build_features
-from recflow.store import ingest_table
-from recflow.synth import DEFAULT_START, DriftSpec, generate_events
+from recflow.events.synth import DEFAULT_START, DriftSpec, generate_events
+from recflow.model import training
+from recflow.model.features import build_features
+from recflow.ops.drift import CANDIDATES, check_drift
+from recflow.store.eventstore import ingest_table
 
 from ..conftest import REPO
 

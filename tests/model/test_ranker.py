@@ -9,20 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recflow.candidates import SOURCE_ALS, CandidateSet
 from recflow.config import RankerSettings
-from recflow.features import SECONDS_PER_DAY, encode_events
-from recflow.metrics import PAD
-from recflow.ranker import (
-    action_grades,
-    build_context,
-    candidate_features,
-    feature_names,
-    grade_labels,
-    rerank,
-    train_ranker,
-)
-from recflow.training import earlier_window
+from recflow.model.candidates import SOURCE_ALS, CandidateSet
+from recflow.model.features import SECONDS_PER_DAY, encode_events
+from recflow.model.metrics import PAD
+from recflow.model.ranker import action_grades, grade_labels, rerank, train_ranker
+from recflow.model.ranker_features import build_context, candidate_features, feature_names
+from recflow.model.training import earlier_window
 
 ACTIONS = ("view", "click", "add_to_cart", "purchase")
 DAY0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from recflow.bundle import save_bundle_atomically
+from recflow.model.bundle import save_bundle_atomically
 
 
 class FakeBundle:

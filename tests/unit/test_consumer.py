@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from recflow.config import Settings
-from recflow.consumer import DrainReport, drain
 from recflow.errors import StoreWriteError
-from recflow.eventlog import open_event_log, open_event_source
-from recflow.store import scan_store
+from recflow.store.eventstore import scan_store
+from recflow.stream.consumer import DrainReport, drain
+from recflow.stream.log import open_event_log, open_event_source
 
 
 @pytest.fixture(autouse=True)
@@ -172,9 +172,9 @@ def test_follow_stores_new_events_until_stopped(tmp_path: Path) -> None:
 def test_published_files_of_every_format_are_stored_as_recflow_ingest_would(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from recflow.eventio import write_events
-    from recflow.eventlog import publish_file
-    from recflow.store import ingest_files
+    from recflow.events.fileio import write_events
+    from recflow.store.eventstore import ingest_files
+    from recflow.stream.log import publish_file
 
     settings = Settings()
     table = pa.table(
@@ -211,7 +211,7 @@ def test_eventlog_settings_refuse_what_cannot_work() -> None:
 
 
 def test_ingesting_json_lines_from_memory_is_ingesting_the_same_jsonl_file(tmp_path: Path) -> None:
-    from recflow.store import ingest_files, ingest_json_lines
+    from recflow.store.eventstore import ingest_files, ingest_json_lines
 
     lines = [json.dumps(e) for e in events(5)] + ["{broken", '{"user_id": "u", "action": "view"}', "[1, 2]"]
     lines += ['{"user_id": "u", "item_id": "i", "action": "view", "timestamp": "2024-01-01T00:00:00"}']  # naive

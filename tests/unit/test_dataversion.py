@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from recflow.config import GenerateSettings, Settings
-from recflow.dataversion import params_digest, source_digest, store_version
-from recflow.store import ingest_table
-from recflow.synth import generate_events
+from recflow.events.synth import generate_events
+from recflow.store.eventstore import ingest_table
+from recflow.store.versions import params_digest, source_digest, store_version
 
 
 def test_store_version_changes_with_new_events_only(tmp_path: Path) -> None:
@@ -40,6 +40,6 @@ def test_params_digest_follows_the_named_sections_only() -> None:
 
 
 def test_source_digest_names_a_missing_module() -> None:
-    assert len(source_digest(("recflow.training",))) == 16
+    assert len(source_digest(("recflow.model.training",))) == 16
     with pytest.raises(ModuleNotFoundError, match=r"recflow\.nothing"):
         source_digest(("recflow.nothing",))

@@ -18,7 +18,8 @@ import pytest
 
 from recflow.config import GenerateSettings, Settings, load_settings
 from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID
-from recflow.drift import (
+from recflow.events.synth import DriftSpec, generate_events
+from recflow.ops.drift import (
     DriftResult,
     _popularity_buckets,
     aggregates,
@@ -27,8 +28,7 @@ from recflow.drift import (
     event_frames,
     verdict,
 )
-from recflow.driftreport import write_report
-from recflow.synth import DriftSpec, generate_events
+from recflow.ops.drift_report import write_report
 
 from ..conftest import REPO
 

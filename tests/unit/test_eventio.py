@@ -16,9 +16,9 @@ import pytest
 from recflow.config import EventSettings, GenerateSettings
 from recflow.constants import EVENT_ID
 from recflow.errors import InputFileError
-from recflow.eventio import read_event_file, write_events
-from recflow.events import EVENT_SCHEMA, MAX_RAW_CHARS, validate_records, validate_table
-from recflow.synth import generate_events
+from recflow.events.contract import EVENT_SCHEMA, MAX_RAW_CHARS, validate_records, validate_table
+from recflow.events.fileio import read_event_file, write_events
+from recflow.events.synth import generate_events
 
 SETTINGS = EventSettings()
 NOW = datetime(2024, 6, 1, tzinfo=UTC)

@@ -18,7 +18,7 @@ import pytest
 
 from recflow.config import EventLogSettings
 from recflow.errors import EventLogUnavailableError
-from recflow.eventlog import EventSource, encode, open_event_log, open_event_source, redact
+from recflow.stream.log import EventSource, encode, open_event_log, open_event_source, redact
 
 from ..redis_server import RedisServer
 

@@ -12,9 +12,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-import recflow.events as events_module
+import recflow.events.contract as events_module
 from recflow.config import EventSettings
-from recflow.events import (
+from recflow.events.contract import (
     REJECTION_CODES,
     STORE_SCHEMA,
     derive_event_ids,

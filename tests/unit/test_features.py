@@ -8,7 +8,7 @@ import pytest
 
 from recflow.config import SplitSettings
 from recflow.errors import EmptyDataError, UnknownActionError
-from recflow.features import (
+from recflow.model.features import (
     PRODUCTION,
     SECONDS_PER_DAY,
     SPLIT_FIT,

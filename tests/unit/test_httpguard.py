@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from recflow.httpguard import CancellingTimeoutMiddleware, RequestGuard
+from recflow.serving.httpguard import CancellingTimeoutMiddleware, RequestGuard
 
 with warnings.catch_warnings():
     # starlette 1.x deprecates its httpx-based TestClient in favour of httpx2, which is not installed here

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 from recflow.errors import InputFileError
-from recflow.events import EVENT_SCHEMA
-from recflow.importers import import_mapped_csv, import_movielens, import_retailrocket, parse_mapping
+from recflow.events.contract import EVENT_SCHEMA
+from recflow.events.importers import import_mapped_csv, import_movielens, import_retailrocket, parse_mapping
 
 
 def write(path: Path, text: str) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recflow.metrics import PAD, hits, ranking_metrics, recall_curve
+from recflow.model.metrics import PAD, hits, ranking_metrics, recall_curve
 
 
 def relevant(rows: list[list[int]], n_items: int = 10) -> sp.csr_matrix:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from recflow import registry
 from recflow.config import RegistrySettings, Settings, load_settings
 from recflow.errors import ConfigError, NoProductionError, RegistryError
+from recflow.ops import registry
 
 
 def test_the_store_defaults_inside_the_project(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recflow.bundle import ModelBundle
 from recflow.config import EventSettings
-from recflow.serving import OnlineRecommender
-from recflow.userstate import LocalUserState
+from recflow.model.bundle import ModelBundle
+from recflow.serving.online import OnlineRecommender
+from recflow.serving.userstate import LocalUserState
 
 from ..servingkit import train_small_project
 

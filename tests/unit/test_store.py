@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-import recflow.store as store_module
+import recflow.store.eventstore as store_module
 from recflow.config import EventSettings
 from recflow.errors import InputFileError
-from recflow.events import STORE_SCHEMA
-from recflow.store import IngestReport, ingest_files, ingest_records, ingest_table, scan_store, store_summary
+from recflow.events.contract import STORE_SCHEMA
+from recflow.store.eventstore import IngestReport, ingest_files, ingest_records, ingest_table, scan_store, store_summary
 
 SETTINGS = EventSettings()
 NOW = datetime(2024, 6, 1, tzinfo=UTC)

@@ -13,8 +13,8 @@ import pytest
 
 from recflow.config import GenerateSettings
 from recflow.errors import ConfigError
-from recflow.events import EVENT_SCHEMA
-from recflow.synth import DriftSpec, generate_events, item_catalogue
+from recflow.events.contract import EVENT_SCHEMA
+from recflow.events.synth import DriftSpec, generate_events, item_catalogue
 
 SMALL = GenerateSettings(seed=3, users=400, items=300, events=40_000, days=30, groups=6)
 START = datetime(2024, 1, 1, tzinfo=UTC)

@@ -22,7 +22,7 @@ class ImportFormat(StrEnum):
 
 
 def print_ingest(report: object) -> None:
-    from recflow.store import IngestReport
+    from recflow.store.eventstore import IngestReport
 
     assert isinstance(report, IngestReport)
     table = Table(title="ingest")
@@ -54,8 +54,8 @@ def generate(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Generate synthetic events with structure a recommender can learn (taste groups, funnel, sessions)."""
-    from recflow.eventio import write_events
-    from recflow.synth import DriftSpec, generate_events
+    from recflow.events.fileio import write_events
+    from recflow.events.synth import DriftSpec, generate_events
 
     settings = load_settings(params)
     changes = {k: v for k, v in dict(events=events, users=users, items=items, days=days, seed=seed).items() if v}
@@ -94,8 +94,8 @@ def import_(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Convert MovieLens, RetailRocket or any mapped CSV into an event file of the recflow contract."""
-    from recflow import importers
-    from recflow.eventio import write_events
+    from recflow.events.contract import importers
+    from recflow.events.fileio import write_events
 
     settings = load_settings(params)
     if fmt is ImportFormat.movielens:
@@ -124,7 +124,7 @@ def ingest(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Validate events and append them to the event store; duplicates are skipped, bad records logged."""
-    from recflow.store import ingest_files
+    from recflow.store.eventstore import ingest_files
 
     settings = load_settings(params)
     sources = paths or [settings.paths.inbox]
@@ -143,7 +143,7 @@ def ingest(
 @app.command()
 def status(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Show what the event store holds and what the last training and evaluation produced."""
-    from recflow.store import store_summary
+    from recflow.store.eventstore import store_summary
 
     settings = load_settings(params)
     summary = store_summary(settings.paths.store)
@@ -167,7 +167,7 @@ def status(params: ParamsOption = DEFAULT_PARAMS) -> None:
 @app.command()
 def features(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Encode the event store into interactions with id maps and a temporal train/validation/test split."""
-    from recflow.features import build_features
+    from recflow.model.features import build_features
 
     settings = load_settings(params)
     with console.status("building features"):
@@ -181,7 +181,7 @@ def features(params: ParamsOption = DEFAULT_PARAMS) -> None:
 @app.command()
 def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Tune and fit ALS, train the LightGBM ranker, and write the backtest and deployable bundles."""
-    from recflow import training
+    from recflow.model import training
 
     settings = load_settings(params)
     with steps("train") as progress:
@@ -217,7 +217,7 @@ def print_metrics(metrics: dict[str, object]) -> None:
 @app.command()
 def evaluate(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Score ALS + ranker and the baselines (popularity, item-kNN, ALS alone) on the held-out test window."""
-    from recflow import evaluate as evaluation
+    from recflow.model import evaluate as evaluation
 
     settings = load_settings(params)
     with steps("evaluate") as progress:
@@ -240,7 +240,7 @@ def recommend(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Write top-k recommendations per user from the trained two-stage model (popular items for unknown users)."""
-    from recflow.recommend import read_user_ids, write_recommendations
+    from recflow.model.recommend import read_user_ids, write_recommendations
 
     settings = load_settings(params)
     user_ids = read_user_ids(users)

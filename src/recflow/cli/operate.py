@@ -26,7 +26,7 @@ def deploy(
 ) -> None:
     """Save the trained model as a version and promote it if it passes the gate (NDCG@10 on the current test
     window at least production's minus registry.tolerance); otherwise production stays and this says why."""
-    from recflow import registry
+    from recflow.ops import registry
 
     settings = load_settings(params)
     with console.status("saving the candidate and scoring it against production on the current test window"):
@@ -66,7 +66,7 @@ def rollback(
     """Return production to the version that was in production before the current one."""
     import time
 
-    from recflow import registry
+    from recflow.ops import registry
 
     settings = load_settings(params)
     began = time.perf_counter()
@@ -82,7 +82,7 @@ def versions(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """List the model versions in the store with their offline metrics; the production one is marked."""
-    from recflow import registry
+    from recflow.ops import registry
 
     settings = load_settings(params)
     found = registry.versions(settings)
@@ -140,7 +140,7 @@ def drift_check(
 ) -> None:
     """Compare the current window of events and of the ranker's inputs with the reference window (params.yaml
     drift); writes reports/drift/drift-<UTC time>.html (the Evidently reports) and .json (the verdict)."""
-    from recflow.driftreport import run_drift
+    from recflow.ops.drift_report import run_drift
 
     settings = load_settings(params)
     with console.status("checking drift (Evidently)"):

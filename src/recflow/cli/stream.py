@@ -19,7 +19,7 @@ def publish(
 ) -> None:
     """Append the events of a file to the event log: the Redis stream (eventlog.redis_url or RECFLOW_REDIS_URL)
     or, without Redis, the local spool. `recflow consume` then stores them."""
-    from recflow.eventlog import open_event_log, publish_file
+    from recflow.stream.log import open_event_log, publish_file
 
     settings = load_settings(params)
     log = open_event_log(settings.eventlog)
@@ -49,8 +49,8 @@ def consume(
     import signal
     import threading
 
-    from recflow.consumer import DrainReport, drain
-    from recflow.eventlog import open_event_log
+    from recflow.stream.consumer import DrainReport, drain
+    from recflow.stream.log import open_event_log
 
     settings = load_settings(params)
     open_event_log(settings.eventlog).ping()  # an unreachable log: one error line, before any progress

@@ -28,8 +28,8 @@ from typing import IO, Protocol
 import numpy as np
 
 from recflow.errors import UserStateUnavailableError
-from recflow.eventlog import redact
-from recflow.features import atomic_path
+from recflow.model.features import atomic_path
+from recflow.stream.log import redact
 
 logger = logging.getLogger(__name__)
 

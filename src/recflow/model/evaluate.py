@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from recflow.bundle import ModelBundle
-from recflow.candidates import PopularityCandidates, Recommender, item_knn
 from recflow.config import Settings
-from recflow.features import SPLIT_TEST, atomic_path, load_interactions, window
-from recflow.metrics import ground_truth, ranking_metrics, recall_curve
-from recflow.training import BACKTEST_DIR
+from recflow.model.bundle import ModelBundle
+from recflow.model.candidates import PopularityCandidates, Recommender, item_knn
+from recflow.model.features import SPLIT_TEST, atomic_path, load_interactions, window
+from recflow.model.metrics import ground_truth, ranking_metrics, recall_curve
+from recflow.model.training import BACKTEST_DIR
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The consumer: drains the event log (recflow.eventlog) into the event store (recflow.store).
+"""The consumer: drains the event log (recflow.stream.log) into the event store (recflow.store.eventstore).
 
 Each batch is handed to `store.ingest_json_lines` as the JSON Lines text of its entries: the same reading,
 validation, dedup by event_id and atomic Parquet write as `recflow ingest` of a .jsonl file, and a rejected
@@ -49,8 +49,8 @@ import duckdb
 
 from recflow.config import EventLogSettings, Settings
 from recflow.errors import EventLogUnavailableError, StoreWriteError
-from recflow.eventlog import FIELD, Entry, EventSource, Lag, encode, open_event_source
-from recflow.store import IngestReport, ingest_json_lines
+from recflow.store.eventstore import IngestReport, ingest_json_lines
+from recflow.stream.log import FIELD, Entry, EventSource, Lag, encode, open_event_source
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from recflow.constants import EVENT_ID, REQUIRED_COLUMNS, TIMESTAMP, VALUE
 from recflow.errors import InputFileError
-from recflow.events import FIELD_ORDER, MAX_RAW_CHARS, RAW_COLUMN, RECORD_COLUMN, Rejection, records_table
+from recflow.events.contract import FIELD_ORDER, MAX_RAW_CHARS, RAW_COLUMN, RECORD_COLUMN, Rejection, records_table
 
 logger = logging.getLogger(__name__)
 

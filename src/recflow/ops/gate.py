@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from recflow.bundle import ModelBundle
 from recflow.config import Settings
 from recflow.errors import EmptyDataError
-from recflow.features import SPLIT_TEST, action_weights, confidence_matrix, load_interactions, window
-from recflow.metrics import PAD, ground_truth, ranking_metrics
+from recflow.model.bundle import ModelBundle
+from recflow.model.features import SPLIT_TEST, action_weights, confidence_matrix, load_interactions, window
+from recflow.model.metrics import PAD, ground_truth, ranking_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 
 from recflow.constants import ACTION, EVENT_COLUMNS, EVENT_ID, ITEM_ID, REQUIRED_COLUMNS, TIMESTAMP, USER_ID, VALUE
 from recflow.errors import InputFileError
-from recflow.events import EVENT_SCHEMA, TIMESTAMP_TYPE
+from recflow.events.contract import EVENT_SCHEMA, TIMESTAMP_TYPE
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from implicit.utils import ParameterWarning
 from threadpoolctl import threadpool_limits
 
 from recflow.config import ALSSettings
-from recflow.metrics import PAD, GroundTruth, ranking_metrics
+from recflow.model.metrics import PAD, GroundTruth, ranking_metrics
 
 logger = logging.getLogger(__name__)
 

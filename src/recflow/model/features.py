@@ -217,7 +217,7 @@ class FeatureSummary:
 
 def build_features(store: Path, out: Path, settings: Settings) -> FeatureSummary:
     """The features stage: read the store, encode, split, and write `out/` atomically."""
-    from recflow.store import scan_store
+    from recflow.store.eventstore import scan_store
 
     table = scan_store(store, columns=[USER_ID, ITEM_ID, ACTION, TIMESTAMP])
     inter = encode_events(table, tuple(settings.events.actions))

@@ -13,7 +13,7 @@ its `drift.<name>` section (a data set drifts when the share of its drifted colu
   "new" = an item without events there), whether the item is new, whether the user is new (no events there);
 - users (one row per active user): events and distinct items per user in the window;
 - candidates (one row per user and candidate): the ranker's features and score for the candidates of active
-  users, computed with the trained bundle's own functions (recflow.ranker.build_context / candidate_features)
+  users, computed with the trained bundle's own functions (recflow.model.ranker.build_context / candidate_features)
   from the `lookback_days` of events before the window's end. Skipped, with the reason, when no bundle exists.
 
 Every aggregate is defined the same way relative to its own window, so two windows of one distribution give
@@ -116,7 +116,7 @@ def drift_windows(last_event: datetime, settings: Settings) -> DriftWindows:
 def load_events(store: Path, settings: Settings, *, end: datetime | None = None) -> tuple[pd.DataFrame, DriftWindows]:
     """The events the check reads (from the reference window's lookback to `end`, default: the last event),
     as a frame with user_id, item_id, action (categories) and ts (int64 ms), sorted by time."""
-    from recflow.store import scan_store, store_summary
+    from recflow.store.eventstore import scan_store, store_summary
 
     summary = store_summary(store)
     if summary.last is None or summary.first is None:
@@ -196,13 +196,13 @@ def candidate_frames(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ranker's features and score for the candidates of each window's active users (reference, current).
 
-    Each window's feature context is built by recflow.ranker from the `lookback_days` of events before the
+    Each window's feature context is built by recflow.model.ranker from the `lookback_days` of events before the
     window's end, encoded with the bundle's id maps (events of users or items the bundle does not know cannot
     reach its factors and are left out); candidates come from the bundle's own generator.
     """
-    from recflow.bundle import ModelBundle
-    from recflow.features import Interactions
-    from recflow.ranker import build_context, candidate_features, feature_names
+    from recflow.model.bundle import ModelBundle
+    from recflow.model.features import Interactions
+    from recflow.model.ranker_features import build_context, candidate_features, feature_names
 
     bundle = ModelBundle.load(bundle_dir)
     conf = settings.drift

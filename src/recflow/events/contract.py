@@ -19,7 +19,7 @@ as a signed 64-bit decimal (`struct.unpack("<q", struct.pack("<d", value))[0]`),
 MD5 is a fixed standard, so the id is stable across recflow, pyarrow and duckdb versions, and any client can
 compute it; a replayed event always gets the same id and is stored once.
 
-Reading timestamps and values out of columns of any Arrow type lives in `recflow.eventparse`.
+Reading timestamps and values out of columns of any Arrow type lives in `recflow.events.parse`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, REQUIRED_COLUMNS, TIMESTAMP, USER_ID, VALUE
-from recflow.eventparse import (
+from recflow.events.parse import (
     BAD,
     EPOCH,
     ID_FIELDS,

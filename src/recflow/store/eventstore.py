@@ -36,8 +36,15 @@ import pyarrow.parquet as pq
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
 from recflow.errors import InputFileError
-from recflow.eventio import EVENT_FILE_SUFFIXES, read_event_file, read_json_lines
-from recflow.events import STORE_SCHEMA, Rejection, duckdb_cursor, json_objects, validate_records, validate_table
+from recflow.events.contract import (
+    STORE_SCHEMA,
+    Rejection,
+    duckdb_cursor,
+    json_objects,
+    validate_records,
+    validate_table,
+)
+from recflow.events.fileio import EVENT_FILE_SUFFIXES, read_event_file, read_json_lines
 
 logger = logging.getLogger(__name__)
 

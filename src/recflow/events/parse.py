@@ -1,5 +1,5 @@
 """Reading the event contract's columns from Arrow data of any type: timestamps to UTC epoch milliseconds and values
-to floats, each row with a status, and the small Arrow-to-numpy helpers the validation (`recflow.events`) uses.
+to floats, each row with a status, and the small Arrow-to-numpy helpers the validation (`recflow.events.contract`) uses.
 Vectorised: a batch of a million rows is parsed without a Python loop, except for the odd ISO-8601 string that
 pyarrow rejects."""
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from recflow.features import Window
+from recflow.model.features import Window
 
 PAD = -1
 

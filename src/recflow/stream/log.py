@@ -1,5 +1,5 @@
 """The event log: where raw events wait between the producers (`POST /events`, `recflow publish`) and the
-consumer that stores them (`recflow.consumer.drain`). One contract, two implementations:
+consumer that stores them (`recflow.stream.consumer.drain`). One contract, two implementations:
 
 - `RedisStreamLog` (production; chosen when `eventlog.redis_url` or RECFLOW_REDIS_URL is set): one stream
   entry per event, `XADD <stream> * event <JSON>`, 2,000 XADDs to a Lua script call (atomic per call), the
@@ -7,7 +7,7 @@ consumer that stores them (`recflow.consumer.drain`). One contract, two implemen
   with XAUTOCLAIM, XACK after the store write, poison entries moved to a dead-letter stream (XADD + XACK in
   one MULTI). Durable as the server is configured: `appendonly yes` with `appendfsync always` (or
   `everysec`, which may lose the last second on a power cut).
-- `recflow.spool.SpoolLog` (embedded default): an append-only file `<spool>/events.jsonl`, one JSON line
+- `recflow.stream.spool.SpoolLog` (embedded default): an append-only file `<spool>/events.jsonl`, one JSON line
   per event, appended under an exclusive flock and fsync'd before `append` returns. One consumer at a
   time; its position survives restarts; dead letters go to `dead-letter.jsonl` beside it.
 
@@ -46,8 +46,8 @@ import redis
 
 from recflow.config import EventLogSettings
 from recflow.errors import EventLogUnavailableError
-from recflow.eventio import read_event_file
-from recflow.events import RAW_COLUMN, RECORD_COLUMN, Rejection
+from recflow.events.contract import RAW_COLUMN, RECORD_COLUMN, Rejection
+from recflow.events.fileio import read_event_file
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class EventLog(Protocol):
 
 
 class EventSource(Protocol):
-    """The consumer side, used by `recflow.consumer.drain`."""
+    """The consumer side, used by `recflow.stream.consumer.drain`."""
 
     where: str
     dead_letters: str  # where `dead_letter` puts entries, for messages
@@ -153,7 +153,7 @@ def open_event_log(settings: EventLogSettings, root: Path = Path(".")) -> EventL
     resolved = settings.resolved(os.environ)
     if resolved.redis_url:
         return RedisStreamLog(resolved, resolved.redis_url)
-    from recflow.spool import SpoolLog
+    from recflow.stream.spool import SpoolLog
 
     return SpoolLog(resolved, Path(root) / resolved.spool)
 
@@ -168,7 +168,7 @@ def open_event_source(
         log = RedisStreamLog(resolved, resolved.redis_url, consumer=consumer)
         log.ensure_group()
         return log
-    from recflow.spool import SpoolLog
+    from recflow.stream.spool import SpoolLog
 
     spool = SpoolLog(resolved, Path(root) / resolved.spool)
     spool.lock_consumer()

@@ -1,5 +1,5 @@
 """The local spool: the event log as one fsync'd append-only file, for a single machine without Redis
-(the embedded default of recflow.eventlog; see its docstring for the contract).
+(the embedded default of recflow.stream.log; see its docstring for the contract).
 
 Layout of `eventlog.spool` (outside data/, which DVC owns):
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from recflow.config import EventLogSettings
 from recflow.errors import EventLogUnavailableError
-from recflow.eventlog import Entry, Lag, encode
+from recflow.stream.log import Entry, Lag, encode
 
 logger = logging.getLogger(__name__)
 

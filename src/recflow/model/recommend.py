@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pyarrow.csv as pacsv
 
-from recflow.bundle import ModelBundle
 from recflow.constants import USER_ID
 from recflow.errors import InputFileError
-from recflow.features import atomic_path
-from recflow.training import BUNDLE_DIR
+from recflow.model.bundle import ModelBundle
+from recflow.model.features import atomic_path
+from recflow.model.training import BUNDLE_DIR
 
 
 def read_user_ids(path: Path) -> list[str]:

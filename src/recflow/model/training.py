@@ -25,8 +25,10 @@ import numpy as np
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
-from recflow.bundle import ModelBundle, save_bundle_atomically
-from recflow.candidates import (
+from recflow.config import Settings, SplitSettings
+from recflow.errors import EmptyDataError
+from recflow.model.bundle import ModelBundle, save_bundle_atomically
+from recflow.model.candidates import (
     ALSParams,
     ImplicitCandidates,
     MergedCandidates,
@@ -34,9 +36,7 @@ from recflow.candidates import (
     fit_als,
     tune_als,
 )
-from recflow.config import Settings, SplitSettings
-from recflow.errors import EmptyDataError
-from recflow.features import (
+from recflow.model.features import (
     PRODUCTION,
     SPLIT_TEST,
     SPLIT_VALIDATION,
@@ -49,16 +49,9 @@ from recflow.features import (
     load_interactions,
     window,
 )
-from recflow.metrics import GroundTruth, ground_truth, recall_curve
-from recflow.ranker import (
-    RankerFit,
-    action_grades,
-    build_context,
-    candidate_features,
-    feature_names,
-    grade_labels,
-    train_ranker,
-)
+from recflow.model.metrics import GroundTruth, ground_truth, recall_curve
+from recflow.model.ranker import RankerFit, action_grades, grade_labels, train_ranker
+from recflow.model.ranker_features import build_context, candidate_features, feature_names
 
 logger = logging.getLogger(__name__)
 

@@ -23,12 +23,13 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
-from recflow.candidates import ALSParams, ImplicitCandidates, MergedCandidates, PopularityCandidates
 from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import ModelNotFoundError
-from recflow.features import atomic_path
-from recflow.metrics import PAD
-from recflow.ranker import FeatureContext, rerank
+from recflow.model.candidates import ALSParams, ImplicitCandidates, MergedCandidates, PopularityCandidates
+from recflow.model.features import atomic_path
+from recflow.model.metrics import PAD
+from recflow.model.ranker import rerank
+from recflow.model.ranker_features import FeatureContext
 
 logger = logging.getLogger(__name__)
 

@@ -1,26 +1,23 @@
-"""The second stage: LightGBM LambdaRank over each user's candidates (ALS top-N plus popular items).
+"""The ranker's features: what is known about a (user, candidate) pair as of the user's reference time.
 
-Features of a (user, candidate) pair come only from the window's history, never its target (the time-windowed
-popularity counts only from events before the user's reference time), so a ranker trained on one window can be
-applied to the next without leakage. Labels are graded by the strongest action the user took on the candidate
-in the target window (0 = none).
+`build_context` summarises a history (item popularity over time, item and user action counts, each user's
+recent items, item-to-item transitions, unit item vectors); `candidate_features` turns a candidate set into one
+row per (user, candidate). Everything comes from the window's history, never its target (the time-windowed
+popularity counts only events before the user's reference time), so a ranker trained on one window can be
+applied to the next without leakage.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 
-from recflow.candidates import SOURCE_ALS, SOURCE_POPULAR, CandidateSet
 from recflow.config import RankerSettings
-from recflow.features import SECONDS_PER_DAY, Interactions
-from recflow.metrics import PAD
-
-logger = logging.getLogger(__name__)
+from recflow.model.candidates import SOURCE_ALS, SOURCE_POPULAR, CandidateSet
+from recflow.model.features import SECONDS_PER_DAY, Interactions
+from recflow.model.metrics import PAD
 
 _TS_BITS = 32
 _TS_MASK = 2**_TS_BITS - 1
@@ -247,129 +244,3 @@ def _lookup(sorted_keys: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np
         return np.zeros(keys.shape, dtype=np.float32)
     pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
     return np.where(sorted_keys[pos] == keys, values[pos], 0.0).astype(np.float32)
-
-
-def action_grades(weights: np.ndarray) -> np.ndarray:
-    """Grade of each action: 1 for the lightest weight up to len(actions) for the heaviest."""
-    return np.argsort(np.argsort(weights, kind="stable"), kind="stable").astype(np.int32) + 1
-
-
-def grade_labels(target: Interactions, row_user: np.ndarray, row_item: np.ndarray, grades: np.ndarray) -> np.ndarray:
-    """Label of each row: the grade of the strongest action the user took on the item in the target
-    window, 0 when the user did not touch it."""
-    labels = np.zeros(len(row_user), dtype=np.int32)
-    if len(target) == 0:
-        return labels
-    n_items = target.n_items
-    keys = target.user_idx.astype(np.int64) * n_items + target.item_idx
-    grade = grades[target.action_idx]
-    order = np.lexsort((grade, keys))  # by key, strongest action last
-    keys, grade = keys[order], grade[order]
-    last = np.r_[keys[1:] != keys[:-1], True]
-    unique_keys, best = keys[last], grade[last]
-    row_keys = row_user * n_items + row_item
-    pos = np.minimum(np.searchsorted(unique_keys, row_keys), len(unique_keys) - 1)
-    found = unique_keys[pos] == row_keys
-    labels[found] = best[pos[found]]
-    return labels
-
-
-@dataclass(frozen=True)
-class RankerFit:
-    booster: lgb.Booster
-    best_iteration: int
-    validation_ndcg: float
-    importances: dict[str, float]
-    train_queries: int
-    validation_queries: int
-
-
-def train_ranker(
-    X: np.ndarray,
-    labels: np.ndarray,
-    query: np.ndarray,
-    names: list[str],
-    settings: RankerSettings,
-    *,
-    seed: int = 0,
-) -> RankerFit:
-    """LambdaRank with early stopping on a held-out 20% of the queries. `query` names each row's query (a user,
-    or a user in one window); rows of one query must be contiguous."""
-    starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]]) if len(query) else np.zeros(0, dtype=np.int64)
-    sizes = np.diff(np.r_[starts, len(query)])
-    positive = np.add.reduceat(labels > 0, starts) > 0 if len(starts) else np.zeros(0, dtype=bool)
-    query_ids = np.flatnonzero(positive)  # a query without any positive teaches LambdaRank nothing
-    if len(query_ids) < 2:
-        raise ValueError("fewer than two users have a relevant item among their candidates: cannot train a ranker")
-    rng = np.random.default_rng(seed)
-    held_out = rng.random(len(query_ids)) < 0.2
-    if held_out.all() or not held_out.any():
-        held_out[:] = False
-        held_out[-1] = True
-    train_q, valid_q = query_ids[~held_out], query_ids[held_out]
-    row_query = np.repeat(np.arange(len(starts)), sizes)
-    role = np.zeros(len(starts), dtype=np.int8)  # 0 dropped, 1 train, 2 validation
-    role[train_q], role[valid_q] = 1, 2
-    train_rows = np.flatnonzero(role[row_query] == 1)
-    valid_rows = np.flatnonzero(role[row_query] == 2)
-    model = lgb.LGBMRanker(
-        objective="lambdarank",
-        n_estimators=settings.n_estimators,
-        learning_rate=settings.learning_rate,
-        num_leaves=settings.num_leaves,
-        min_child_samples=settings.min_child_samples,
-        importance_type="gain",
-        random_state=seed,
-        n_jobs=0,
-        verbose=-1,
-    )
-    model.fit(
-        X[train_rows],
-        labels[train_rows],
-        group=sizes[train_q],
-        eval_X=X[valid_rows],
-        eval_y=labels[valid_rows],
-        eval_group=[sizes[valid_q]],
-        eval_at=[10],
-        feature_name=names,
-        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
-    )
-    importances = dict(zip(names, model.booster_.feature_importance(importance_type="gain").tolist(), strict=True))
-    return RankerFit(
-        booster=model.booster_,
-        best_iteration=int(model.best_iteration_ or settings.n_estimators),
-        validation_ndcg=float(model.best_score_["valid_0"]["ndcg@10"]),
-        importances=importances,
-        train_queries=len(train_q),
-        validation_queries=len(valid_q),
-    )
-
-
-def rerank(
-    booster: lgb.Booster,
-    ctx: FeatureContext,
-    users: np.ndarray,
-    candidates: CandidateSet,
-    k: int,
-    *,
-    num_threads: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Score every candidate with the ranker and keep each user's top k (PAD where fewer). `num_threads=1`
-    suits one request's few hundred rows (LightGBM's thread pool costs ~4 ms per call there); 0: its default."""
-    X, _, _ = candidate_features(ctx, users, candidates)
-    items = candidates.items
-    out_items = np.full((len(users), k), PAD, dtype=np.int64)
-    out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-    if len(X) == 0:
-        return out_items, out_scores
-    predicted = booster.predict(X, num_iteration=booster.best_iteration or None, num_threads=num_threads)
-    valid = items != PAD
-    grid = np.full(items.shape, -np.inf)
-    grid[valid] = predicted
-    top = np.argsort(-grid, axis=1, kind="stable")[:, :k]
-    chosen = np.take_along_axis(items, top, axis=1)
-    chosen_scores = np.take_along_axis(grid, top, axis=1)
-    keep = np.isfinite(chosen_scores)
-    out_items[:, : top.shape[1]] = np.where(keep, chosen, PAD)
-    out_scores[:, : top.shape[1]] = np.where(keep, chosen_scores, -np.inf)
-    return out_items, out_scores

@@ -38,7 +38,7 @@ from recflow.errors import ModelNotFoundError, NoProductionError, RecflowError, 
 if TYPE_CHECKING:  # the model code is imported when needed: rollback and listing stay fast
     from bentoml._internal.models.model import Model, ModelStore
 
-    from recflow.bundle import ModelBundle
+    from recflow.model.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def save_version(
     a new version in the model store, and return it. Saving the same files again returns the existing version."""
     import bentoml
 
-    from recflow.bundle import BUNDLE_FILE
-    from recflow.training import BACKTEST_DIR
+    from recflow.model.bundle import BUNDLE_FILE
+    from recflow.model.training import BACKTEST_DIR
 
     bundle_dir, metrics_file = root / bundle_dir, root / metrics_file
     backtest_dir = root / backtest_dir if backtest_dir else bundle_dir.parent / BACKTEST_DIR
@@ -214,7 +214,7 @@ def production(settings: Settings, root: Path = Path(".")) -> ModelVersion | Non
 
 def load_production_bundle(settings: Settings, root: Path = Path(".")) -> tuple[ModelVersion, ModelBundle]:
     """The production version and its deployable bundle (what the service loads at startup and on reload)."""
-    from recflow.bundle import ModelBundle
+    from recflow.model.bundle import ModelBundle
 
     current = production(settings, root)
     if current is None:
@@ -232,9 +232,9 @@ def deploy(settings: Settings, *, root: Path = Path("."), user: str | None = Non
 
     The gate runs outside the store's lock, so a rollback never waits for it; if production changes while it
     runs, nothing is promoted and the error says to deploy again."""
-    from recflow.evaluate import METRICS_FILE
-    from recflow.gate import Verdict, gate_metric, judge
-    from recflow.training import BUNDLE_DIR
+    from recflow.model.evaluate import METRICS_FILE
+    from recflow.model.training import BUNDLE_DIR
+    from recflow.ops.gate import Verdict, gate_metric, judge
 
     models = settings.paths.models
     with _locked(settings, root):
@@ -418,7 +418,7 @@ def _read_pointer(settings: Settings, root: Path) -> dict[str, Any] | None:
 
 
 def _write_pointer(settings: Settings, root: Path, version: str, previous: list[str], at: datetime) -> None:
-    from recflow.features import atomic_path
+    from recflow.model.features import atomic_path
 
     payload = {"version": version, "since": at.isoformat(timespec="seconds"), "previous": previous}
     with atomic_path(production_file(settings, root)) as tmp:
@@ -427,7 +427,7 @@ def _write_pointer(settings: Settings, root: Path, version: str, previous: list[
 
 def _append_history(settings: Settings, root: Path, record: dict[str, Any]) -> None:
     """Append one record: the whole file is rewritten atomically (it holds one short line per deployment)."""
-    from recflow.features import atomic_path
+    from recflow.model.features import atomic_path
 
     path = _state_dir(settings, root) / HISTORY_FILE
     old = path.read_text() if path.exists() else ""

@@ -9,8 +9,8 @@ from datetime import datetime
 from pathlib import Path
 
 from recflow.config import Settings
-from recflow.drift import DriftResult, check_drift
-from recflow.features import atomic_path
+from recflow.model.features import atomic_path
+from recflow.ops.drift import DriftResult, check_drift
 
 REPORT_DIR = "drift"  # under paths.reports
 

@@ -37,15 +37,16 @@ import pyarrow as pa
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
-from recflow.bundle import ModelBundle
-from recflow.candidates import SOURCE_ALS, SOURCE_POPULAR, CandidateSet
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
-from recflow.events import Rejection, ValidatedBatch, validate_records
-from recflow.features import Interactions, confidence_matrix
-from recflow.metrics import PAD
-from recflow.ranker import FeatureContext, rerank
-from recflow.userstate import StoredVector, UserEvent, UserState
+from recflow.events.contract import Rejection, ValidatedBatch, validate_records
+from recflow.model.bundle import ModelBundle
+from recflow.model.candidates import SOURCE_ALS, SOURCE_POPULAR, CandidateSet
+from recflow.model.features import Interactions, confidence_matrix
+from recflow.model.metrics import PAD
+from recflow.model.ranker import rerank
+from recflow.model.ranker_features import FeatureContext
+from recflow.serving.userstate import StoredVector, UserEvent, UserState
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The batch model: features, candidates, ranker, training, bundle, metrics, evaluation."""

@@ -1,0 +1,1 @@
+"""Operations: model registry and promotion gate, drift check and its report."""

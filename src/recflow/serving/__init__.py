@@ -1,0 +1,1 @@
+"""Online serving: scoring with folded-in user state, the user state store, the HTTP guard."""

@@ -1,0 +1,1 @@
+"""The event store: validated, deduplicated Parquet partitions, and data versions."""
