@@ -16,6 +16,8 @@ import yaml
 from recflow.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+SPLIT_METHODS = ("auto", "global_time", "per_user", "random")
+MODEL_KINDS = ("popularity", "item_knn", "ease", "als", "als_ranker")
 
 
 @dataclass(frozen=True)
@@ -49,21 +51,22 @@ class GenerateSettings:
 
 @dataclass(frozen=True)
 class SplitSettings:
-    method: str = "global_time"
+    method: str = "auto"  # auto | global_time | per_user | random (auto: per_user, or random when time says nothing)
     test_fraction: float = 0.2
     validation_fraction: float = 0.2
+    seed: int = 0  # the random split's seed
 
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    half_life_days: float = 30.0
+    half_life_days: float | None = None  # pinned time decay; null: chosen by validation (selection.half_lives_days)
     split: SplitSettings = field(default_factory=SplitSettings)
 
 
 @dataclass(frozen=True)
 class TuneSettings:
     enabled: bool = True
-    budget_seconds: float = 60.0
+    budget_seconds: float | None = None  # wall-clock cap (null: none; trials alone keep dvc repro deterministic)
     max_trials: int = 16
     max_users: int = 5000
     search: tuple[str, ...] = ("alpha", "regularization", "factors")
@@ -84,6 +87,24 @@ class ALSSettings:
 class CandidateSettings:
     n: int = 100
     popular: int = 20
+    item_item: int = 50  # plus the top items of the item-to-item model (EASE or item-kNN) not proposed yet
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """What the train stage chooses on validation folds inside the training data (recflow/model/selection.py)."""
+
+    models: tuple[str, ...] = ("popularity", "item_knn", "ease", "als", "als_ranker")
+    half_lives_days: tuple[float, ...] = (0.0, 30.0, 180.0)  # decay candidates; 0: no decay
+    popularity_windows_days: tuple[float, ...] = (0.0, 1.0, 7.0, 30.0)  # 0: all time
+    ease_lambdas: tuple[float, ...] = (10.0, 50.0, 200.0, 1000.0)
+    ease_max_items: int = 10_000  # EASE's dense item x item matrix: 400 MB of float32 at 10k items
+    knn_neighbours: int = 100
+    min_users: int = 50  # validation users per fold below which the fold is not used (and a warning is printed)
+    max_users: int = 5000  # validation users per fold (a fixed random sample above it)
+    select_share: float = 0.4  # share of each fold's users held out to choose the model; the rest tune and train
+    bootstrap: int = 1000  # resamples of users for the 95% intervals
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -263,6 +284,7 @@ class Settings:
     als: ALSSettings = field(default_factory=ALSSettings)
     candidates: CandidateSettings = field(default_factory=CandidateSettings)
     ranker: RankerSettings = field(default_factory=RankerSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     eventlog: EventLogSettings = field(default_factory=EventLogSettings)
@@ -342,8 +364,10 @@ def load_settings(path: Path | str = DEFAULT_PARAMS) -> Settings:
 
 def _check(settings: Settings, path: Path) -> None:
     split = settings.features.split
-    if split.method not in ("global_time", "per_user"):
-        raise ConfigError(f"{path}: features.split.method must be global_time or per_user, got {split.method!r}")
+    if split.method not in SPLIT_METHODS:
+        raise ConfigError(
+            f"{path}: features.split.method must be one of {', '.join(SPLIT_METHODS)}, got {split.method!r}"
+        )
     for name in ("test_fraction", "validation_fraction"):
         value = getattr(split, name)
         if not 0.0 < value < 1.0:
@@ -355,5 +379,13 @@ def _check(settings: Settings, path: Path) -> None:
     unknown = sorted(set(settings.als.tune.search) - {"alpha", "regularization", "factors"})
     if unknown:
         raise ConfigError(f"{path}: als.tune.search may name alpha, regularization, factors; not {', '.join(unknown)}")
-    if settings.features.half_life_days <= 0:
-        raise ConfigError(f"{path}: features.half_life_days must be positive")
+    half_life = settings.features.half_life_days
+    if half_life is not None and half_life < 0:
+        raise ConfigError(f"{path}: features.half_life_days must be 0 (no decay), positive, or null (chosen)")
+    unknown_models = sorted(set(settings.selection.models) - set(MODEL_KINDS))
+    if unknown_models or not settings.selection.models:
+        raise ConfigError(
+            f"{path}: selection.models must name some of {', '.join(MODEL_KINDS)}; not {', '.join(unknown_models)}"
+        )
+    if not 0.0 < settings.selection.select_share < 1.0:
+        raise ConfigError(f"{path}: selection.select_share must be between 0 and 1")

@@ -185,51 +185,91 @@ def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
     settings = load_settings(params)
     with steps("train") as progress:
-        task = progress.add_task("training", total=4, step="")
-
-        def advance(step: str) -> None:
-            progress.update(task, advance=0 if step == "tune ALS" else 1, step=step)
-
-        report = training.train(settings.paths.features, settings.paths.models, settings, progress=advance)
-        progress.update(task, completed=4, step="done")
-    chosen = ", ".join(f"{k}={v}" for k, v in report.als_params.items())
-    out.print(f"ALS ({'tuned' if report.tuned else 'pinned'}, {len(report.tuning_trials)} trials): {chosen}")
-    out.print(f"candidate recall@{report.n_candidates} on validation: {report.candidate_recall:.3f}")
-    if report.ranker:
-        out.print(
-            f"ranker: {report.ranker['best_iteration']} trees, validation NDCG@10 "
-            f"{report.ranker['validation_ndcg@10']:.4f} on {report.ranker['validation_queries']} users"
+        task = progress.add_task("training", total=8, step="")
+        report = training.train(
+            settings.paths.features,
+            settings.paths.models,
+            settings,
+            progress=lambda step: progress.update(task, advance=1, step=step),
         )
+        progress.update(task, completed=8, step="done")
+    print_train(report)
 
 
-def print_metrics(metrics: dict[str, object]) -> None:
-    models = {name: values for name, values in metrics.items() if isinstance(values, dict)}
-    names = list(next(iter(models.values())))
-    table = Table(title=f"offline evaluation on the test window ({metrics.get('users', '?')} users)")
+def print_train(report: object) -> None:
+    from recflow.model.training import TrainReport
+
+    assert isinstance(report, TrainReport)
+    folds = ", ".join(
+        f"{f['protocol']} ({f['tune_users']} tune / {f['select_users']} select users)" for f in report.folds
+    )
+    out.print(f"validation folds: {folds}")
+    table = Table(title="validation NDCG@10 (users nothing was tuned on)")
+    for column in ("model", "NDCG@10", "95% interval", "users"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for kind, values in sorted(report.validation.items(), key=lambda kv: -kv[1]["ndcg@10"]):
+        low, high = values["ci95"]
+        table.add_row(kind, f"{values['ndcg@10']:.4f}", f"{low:.4f}-{high:.4f}", str(values["users"]))
+    out.print(table)
+    choices = report.choices
+    als = ", ".join(f"{k}={v}" for k, v in choices["als"].items() if k != "random_state")
+    out.print(
+        f"chosen: decay half-life {choices['half_life_days'] or 'none'} days, popularity window "
+        f"{choices['popularity_window_days'] or 'all time'} days, item-item {choices['item_item']}, ALS {als}"
+    )
+    out.print(f"[bold]serving {report.kind}[/bold]: {report.decided}")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def print_metrics(report: object, where: str) -> None:
+    from recflow.model.evaluate import SERVED, EvaluationReport
+
+    assert isinstance(report, EvaluationReport)
+    table = Table(title=f"offline evaluation on {where}: {report.users:,} users (served model: {report.served_kind})")
+    names = [n for n in next(iter(report.metrics.values())) if n != "users"]
     table.add_column("model")
     for name in names:
         table.add_column(name, justify="right")
-    for model, values in models.items():
-        table.add_row(model, *(f"{values[n]:.4f}" for n in names))
+    table.add_column("NDCG 95% interval", justify="right")
+    for model, values in report.metrics.items():
+        low, high = report.intervals.get(model, (float("nan"), float("nan")))
+        label = f"[bold]{model}[/bold]" if model == SERVED else model
+        table.add_row(label, *(f"{values[n]:.4f}" for n in names), f"{low:.4f}-{high:.4f}")
     out.print(table)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 @app.command()
-def evaluate(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Score ALS + ranker and the baselines (popularity, item-kNN, ALS alone) on the held-out test window."""
+def evaluate(
+    holdout: Annotated[
+        Path | None,
+        typer.Option(
+            help="Score the deployable model on your own held-out events (any event file ingest reads), as of the "
+            "end of its training data; relevant = each known user's held-out items the user did not have."
+        ),
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Score the served model and the baselines on events the model did not train on: the test window (backtest
+    bundle), or --holdout FILE (deployable bundle). Same scoring function as `recflow recommend`."""
     from recflow.model import evaluate as evaluation
 
     settings = load_settings(params)
     with steps("evaluate") as progress:
-        task = progress.add_task("evaluating", total=4, step="")
-        report = evaluation.evaluate(
-            settings.paths.features,
-            settings.paths.models,
-            settings.paths.reports,
-            settings,
-            progress=lambda name: progress.update(task, advance=1, step=name),
-        )
-    print_metrics({**report.metrics, "users": report.users})
+        task = progress.add_task("evaluating", total=6, step="")
+
+        def advance(name: str) -> None:
+            progress.update(task, advance=1, step=name)
+
+        if holdout is not None:
+            report = evaluation.evaluate_holdout(holdout, settings.paths.models, settings, progress=advance)
+        else:
+            report = evaluation.evaluate(
+                settings.paths.features, settings.paths.models, settings.paths.reports, settings, progress=advance
+            )
+    print_metrics(report, str(holdout) if holdout else "the test window")
 
 
 @app.command()

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,92 +22,118 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
-from implicit.cpu.als import AlternatingLeastSquares
 
 from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import ModelNotFoundError
-from recflow.model.candidates import ALSParams, ImplicitCandidates, MergedCandidates, PopularityCandidates
+from recflow.model.candidates import ALSParams, CandidateSet
 from recflow.model.features import atomic_path
 from recflow.model.metrics import PAD
 from recflow.model.ranker import rerank
 from recflow.model.ranker_features import FeatureContext
+from recflow.model.scoring import (
+    KIND_ALS,
+    KIND_POPULARITY,
+    KIND_TWO_STAGE,
+    popular_order,
+    score_users,
+    two_stage_candidates,
+)
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_FILE = "bundle.json"
-RERANK_BATCH = 16_384  # users reranked at once
 
 
 @dataclass
 class ModelBundle:
+    """One trained model version. `kind` is what it serves (chosen on validation, see selection.py); the
+    ALS factors, popularity and, when fitted, the item-item weights are kept whatever the kind: the service
+    folds new events into ALS vectors, `/similar` uses the item factors, and evaluation scores the baselines
+    of the same fit."""
+
     user_ids: np.ndarray
     item_ids: np.ndarray
     actions: tuple[str, ...]
     action_weights: np.ndarray
-    half_life_days: float
+    half_life_days: float  # decay from each user's last event (0: none)
     als_params: ALSParams
     user_factors: np.ndarray
     item_factors: np.ndarray
-    history: sp.csr_matrix  # users x items confidence the model was trained on
-    context: FeatureContext
+    history: sp.csr_matrix  # users x items confidence the model was trained on, as of `moment`
+    context: FeatureContext  # the ranker's features as of `moment`
     ranker: lgb.Booster | None
     n_candidates: int
     n_popular: int  # popular candidates merged with the ALS ones (candidates.popular when trained)
+    kind: str = KIND_TWO_STAGE
+    popularity: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    item_item: sp.csr_matrix | np.ndarray | None = None
+    n_item_item: int = 0
     info: dict[str, Any] = field(default_factory=dict)
 
-    @cached_property
-    def als(self) -> AlternatingLeastSquares:
-        model = AlternatingLeastSquares(factors=self.als_params.factors, random_state=self.als_params.random_state)
-        model.user_factors = self.user_factors
-        model.item_factors = self.item_factors
-        return model
+    def __post_init__(self) -> None:
+        if len(self.popularity) == 0:  # no window chosen: all-time confidence
+            self.popularity = np.asarray(self.history.sum(axis=0)).ravel().astype(np.float32)
+        if self.kind == KIND_TWO_STAGE and self.ranker is None:
+            self.kind = KIND_ALS
+
+    @property
+    def moment(self) -> float:
+        """The time the bundle's history and features are as of (the end of its training data)."""
+        return float(self.context.ref_time.max()) if len(self.context.ref_time) else 0.0
 
     @cached_property
-    def als_candidates(self) -> ImplicitCandidates:
-        return ImplicitCandidates(self.als, self.history)
-
-    @cached_property
-    def popular(self) -> PopularityCandidates:
-        return PopularityCandidates(self.history)
-
-    @cached_property
-    def candidates(self) -> MergedCandidates:
-        return MergedCandidates(self.als_candidates, self.popular, self.n_popular)
+    def popular_order(self) -> np.ndarray:
+        return popular_order(self.popularity)
 
     @cached_property
     def user_index(self) -> dict[str, int]:
         return {user: i for i, user in enumerate(self.user_ids)}
 
-    def recommend(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two-stage top-k for known user indices: ALS top-N plus popular candidates, reranked by the ranker;
-        without a ranker, ALS alone."""
-        n = max(self.n_candidates, k)
-        if self.ranker is None:
-            return self.als_candidates.recommend(users, k)
-        users = np.asarray(users)
-        items = np.full((len(users), k), PAD, dtype=np.int64)
-        scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        for start in range(0, len(users), RERANK_BATCH):  # bounds the memory of candidates and their features
-            batch = slice(start, start + RERANK_BATCH)
-            candidates = self.candidates.candidates(users[batch], n)
-            items[batch], scores[batch] = rerank(self.ranker, self.context, users[batch], candidates, k)
-        return items, scores
+    def rerank_fn(
+        self, users: np.ndarray, context: FeatureContext | None = None, num_threads: int = 0
+    ) -> Callable[[np.ndarray, CandidateSet, int], tuple[np.ndarray, np.ndarray]]:
+        """The ranker applied to candidates of `users[positions]` (indices into `context`)."""
+        ctx = self.context if context is None else context
+        ranker = self.ranker
+
+        def apply(positions: np.ndarray, candidates: CandidateSet, k: int) -> tuple[np.ndarray, np.ndarray]:
+            assert ranker is not None
+            return rerank(ranker, ctx, users[positions], candidates, k, num_threads=num_threads)
+
+        return apply
+
+    def recommend(self, users: np.ndarray, k: int, *, kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k for known user indices as of the bundle's moment, by the bundle's kind (or `kind`)."""
+        users = np.asarray(users, dtype=np.int64)
+        return score_users(
+            self,
+            self.history[users],
+            k,
+            vectors=self.user_factors[users],
+            rerank_fn=self.rerank_fn(users) if self.ranker is not None else None,
+            kind=kind,
+        )
+
+    def candidate_set(self, users: np.ndarray) -> CandidateSet:
+        """The two-stage candidates of known users (what the ranker scores)."""
+        users = np.asarray(users, dtype=np.int64)
+        return two_stage_candidates(self, self.history[users], self.user_factors[users])
 
     def recommend_ids(self, user_ids: list[str], k: int) -> list[dict[str, Any]]:
-        """Recommendations by external id: known users get the two-stage model, unknown users the popular items."""
+        """Recommendations by external id: known users get the model, unknown users the popular items."""
         known_arr = np.asarray([self.user_index.get(u, -1) for u in user_ids], dtype=np.int64)
         rows = np.flatnonzero(known_arr >= 0)
         personal_items, personal_scores = self.recommend(known_arr[rows], k)
-        top_popular = self.popular.order[:k]
+        top_popular = self.popular_order[:k]
         out: list[dict[str, Any]] = []
         by_row = {int(r): j for j, r in enumerate(rows)}
         for position, user in enumerate(user_ids):
             if position in by_row:
                 j = by_row[position]
                 chosen, chosen_scores = personal_items[j], personal_scores[j]
-                strategy = "personalized"
+                strategy = "personalized" if self.kind != KIND_POPULARITY else "popular"
             else:
-                chosen, chosen_scores = top_popular, self.popular.scores[top_popular]
+                chosen, chosen_scores = top_popular, self.popularity[top_popular]
                 strategy = "popular"
             keep = chosen != PAD
             out.append(
@@ -137,7 +164,20 @@ class ModelBundle:
                 self.ranker.save_model(tmp, num_iteration=self.ranker.best_iteration or None)
         else:
             ranker_file.unlink(missing_ok=True)
+        with atomic_path(path / "popularity.npy") as tmp, tmp.open("wb") as fh:
+            np.save(fh, self.popularity)
+        item_item_file = path / "item_item.npz"
+        if self.item_item is not None:
+            with atomic_path(item_item_file) as tmp, tmp.open("wb") as fh:
+                if sp.issparse(self.item_item):
+                    sp.save_npz(fh, sp.csr_matrix(self.item_item))
+                else:
+                    np.savez(fh, dense=self.item_item)
+        else:
+            item_item_file.unlink(missing_ok=True)
         meta = {
+            "kind": self.kind,
+            "n_item_item": self.n_item_item,
             "actions": list(self.actions),
             "action_weights": self.action_weights.tolist(),
             "half_life_days": self.half_life_days,
@@ -158,6 +198,12 @@ class ModelBundle:
         with np.load(path / "als.npz") as als:
             user_factors, item_factors = als["user_factors"], als["item_factors"]
         ranker = lgb.Booster(model_file=str(path / "ranker.txt")) if meta["has_ranker"] else None
+        item_item: sp.csr_matrix | np.ndarray | None = None
+        if (path / "item_item.npz").exists():
+            with np.load(path / "item_item.npz", allow_pickle=False) as data:
+                item_item = data["dense"] if "dense" in data.files else None
+            if item_item is None:
+                item_item = sp.load_npz(path / "item_item.npz").tocsr()
         return cls(
             user_ids=np.asarray(pq.read_table(path / "users.parquet")[USER_ID].to_pylist(), dtype=object),
             item_ids=np.asarray(pq.read_table(path / "items.parquet")[ITEM_ID].to_pylist(), dtype=object),
@@ -172,6 +218,10 @@ class ModelBundle:
             ranker=ranker,
             n_candidates=int(meta["n_candidates"]),
             n_popular=int(meta.get("n_popular", 0)),
+            kind=str(meta.get("kind", KIND_TWO_STAGE if meta["has_ranker"] else KIND_ALS)),
+            popularity=np.load(path / "popularity.npy") if (path / "popularity.npy").exists() else np.zeros(0),
+            item_item=item_item,
+            n_item_item=int(meta.get("n_item_item", 0)),
             info=meta["info"],
         )
 

@@ -1,4 +1,4 @@
-"""Candidate generators: implicit ALS (with automatic tuning), time-decayed popularity, item-kNN.
+"""Candidate generators: implicit ALS (with automatic tuning), item-kNN and EASE item-item weights.
 
 Every generator answers `recommend(users, n) -> (items, scores)`: users x n item indices (padded with -1)
 and their scores, never returning an item the user already had nor an item without any history.
@@ -140,6 +140,24 @@ def _drop_seen(
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
+def knn_similarity(history: sp.csr_matrix, neighbours: int = 100) -> sp.csr_matrix:
+    """Items x items BM25 item-kNN similarity (implicit's): a user's item scores are row @ similarity."""
+    return item_knn(history, neighbours).model.similarity.tocsr().astype(np.float32)
+
+
+def ease_weights(history: sp.csr_matrix, regularization: float) -> np.ndarray:
+    """EASE (Steck 2019): B = I - P diag(1/diag(P)), P = (X'X + lambda I)^-1, on the binarised history;
+    a user's item scores are row @ B. Dense items x items: callers check the catalogue fits."""
+    binary = history.copy().astype(np.float64)
+    binary.data[:] = 1.0
+    gram = np.asarray((binary.T @ binary).todense())
+    gram[np.diag_indices_from(gram)] += regularization
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights.astype(np.float32)
+
+
 def item_knn(history: sp.csr_matrix, neighbours: int = 100) -> ImplicitCandidates:
     """The item-kNN baseline: implicit's BM25-weighted item-item recommender."""
     model = BM25Recommender(K=neighbours)
@@ -150,36 +168,7 @@ def item_knn(history: sp.csr_matrix, neighbours: int = 100) -> ImplicitCandidate
     return ImplicitCandidates(model, history)
 
 
-class PopularityCandidates:
-    """The most popular items by time-decayed confidence, excluding what each user already had."""
-
-    def __init__(self, history: sp.csr_matrix) -> None:
-        self.history = history
-        self.scores = np.asarray(history.sum(axis=0)).ravel().astype(np.float32)
-        popular = np.flatnonzero(self.scores > 0)
-        self.order = popular[np.argsort(-self.scores[popular], kind="stable")]
-
-    def recommend(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        users = np.asarray(users)
-        ids = np.full((len(users), n), PAD, dtype=np.int64)
-        scores = np.full((len(users), n), -np.inf, dtype=np.float32)
-        seen_counts = np.diff(self.history.indptr)[users] if len(users) else np.zeros(0, dtype=np.int64)
-        depth = int(min(len(self.order), n + (seen_counts.max() if len(users) else 0)))
-        top = self.order[:depth]
-        for start in range(0, len(users), BATCH_USERS):
-            batch = users[start : start + BATCH_USERS]
-            seen = self.history[batch][:, top].toarray() > 0
-            # stable argsort of the seen-mask moves unseen items to the front, keeping popularity order
-            pick = np.argsort(seen, axis=1, kind="stable")[:, :n]
-            chosen = top[pick]
-            chosen_seen = np.take_along_axis(seen, pick, axis=1)
-            rows = slice(start, start + len(batch))
-            ids[rows, : chosen.shape[1]] = np.where(chosen_seen, PAD, chosen)
-            scores[rows, : chosen.shape[1]] = np.where(chosen_seen, -np.inf, self.scores[chosen])
-        return ids, scores
-
-
-SOURCE_ALS, SOURCE_POPULAR = 1, 2  # bits of CandidateSet.sources
+SOURCE_ALS, SOURCE_POPULAR, SOURCE_ITEM_ITEM = 1, 2, 4  # bits of CandidateSet.sources
 
 
 @dataclass(frozen=True)
@@ -190,113 +179,85 @@ class CandidateSet:
     items: np.ndarray  # int64
     scores: np.ndarray  # float32, the ALS score user . item (-inf at PAD)
     sources: np.ndarray  # int8 bit mask of SOURCE_*, 0 at PAD
-
-
-class MergedCandidates:
-    """ALS top-n plus the top `n_popular` popular items each user has not had and ALS did not propose.
-
-    Popular items are the ones a plain popularity baseline would show (strong when the near future is driven by
-    what is popular now); the ranker sees both sources through `CandidateSet.sources` and the ALS score of every
-    candidate, so it can promote a popular item that ALS ranked low.
-    """
-
-    def __init__(self, als: ImplicitCandidates, popular: PopularityCandidates, n_popular: int) -> None:
-        self.als = als
-        self.popular = popular
-        self.n_popular = n_popular
-
-    def candidates(self, users: np.ndarray, n: int) -> CandidateSet:
-        users = np.asarray(users)
-        items, scores = self.als.recommend(users, n)
-        sources = np.where(items != PAD, SOURCE_ALS, 0).astype(np.int8)
-        if self.n_popular <= 0 or len(users) == 0:
-            return CandidateSet(items, scores, sources)
-        popular, _ = self.popular.recommend(users, self.n_popular)
-        extra = np.full(popular.shape, PAD, dtype=np.int64)
-        extra_scores = np.full(popular.shape, -np.inf, dtype=np.float32)
-        user_factors, item_factors = self.als.model.user_factors, self.als.model.item_factors
-        for start in range(0, len(users), BATCH_USERS):
-            batch = slice(start, start + BATCH_USERS)
-            als_block, popular_block = items[batch], popular[batch]
-            same = (popular_block[:, :, None] == als_block[:, None, :]) & (popular_block != PAD)[:, :, None]
-            sources[batch][same.any(axis=1)] |= SOURCE_POPULAR
-            new = np.where(same.any(axis=2), PAD, popular_block)
-            order = np.argsort(new == PAD, axis=1, kind="stable")  # keep popularity order, padding last
-            new = np.take_along_axis(new, order, axis=1)
-            dots = np.einsum("uf,ukf->uk", user_factors[users[batch]], item_factors[np.where(new == PAD, 0, new)])
-            extra[batch] = new
-            extra_scores[batch] = np.where(new == PAD, -np.inf, dots)
-        extra_sources = np.where(extra != PAD, SOURCE_POPULAR, 0).astype(np.int8)
-        return CandidateSet(
-            np.hstack([items, extra]), np.hstack([scores, extra_scores]), np.hstack([sources, extra_sources])
-        )
+    item_item: np.ndarray | None = None  # float32, the item-item model's score (NaN at PAD), when there is one
 
 
 @dataclass(frozen=True)
 class TuneResult:
     params: ALSParams
-    model: AlternatingLeastSquares  # fitted on the tuning history with `params`
+    models: list[AlternatingLeastSquares]  # one per fold, fitted on the fold's history with `params`
     trials: list[dict[str, float]]
     tuned: bool
 
 
 SEARCH_GRID: dict[str, tuple[float, ...]] = {
-    "alpha": (1.0, 3.0, 10.0, 30.0, 100.0),
-    "regularization": (0.01, 0.05, 0.2, 1.0),
+    "alpha": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+    "regularization": (0.01, 0.05, 0.2, 1.0, 5.0),
     "factors": (32, 64, 128),
 }
 
 
 def tune_als(
-    history: sp.csr_matrix,
-    truth: GroundTruth,
+    folds: list[tuple[sp.csr_matrix, GroundTruth]],
     settings: ALSSettings,
     *,
     k: int = 10,
     on_trial: Callable[[dict[str, float]], None] | None = None,
 ) -> TuneResult:
-    """Coordinate search over alpha, regularization and factors, scored by NDCG@k on the validation window.
+    """Coordinate search over alpha, regularization and factors, scored by the mean NDCG@k over validation
+    folds (each a history matrix and the users it is judged on).
 
     Starts from params.yaml (always scored), then sweeps each searched parameter over its grid keeping the best
-    value, until the grid is exhausted, the trial count runs out, or the next trial (as long as the average one)
-    would end past `budget_seconds`. With tuning disabled the params.yaml values are used as they are (pinned).
+    value, until the grid is exhausted or `max_trials` were run (and, only when `budget_seconds` is set, the next
+    trial would end past it: a wall-clock budget makes the choice depend on the machine). With tuning disabled
+    the params.yaml values are used as they are (pinned).
     """
     start_params = ALSParams.from_settings(settings)
     tune = settings.tune
     rng = np.random.default_rng(settings.random_state)
-    users = truth.users
-    relevant = truth.relevant
-    if len(users) > tune.max_users:
-        rows = np.sort(rng.choice(len(users), tune.max_users, replace=False))
-        users, relevant = users[rows], relevant[rows]
+    judged = []
+    for _, truth in folds:
+        users, relevant = truth.users, truth.relevant
+        if len(users) > tune.max_users:
+            rows = np.sort(rng.choice(len(users), tune.max_users, replace=False))
+            users, relevant = users[rows], relevant[rows]
+        judged.append((users, relevant))
 
     trials: list[dict[str, float]] = []
-    scored: dict[ALSParams, tuple[float, AlternatingLeastSquares]] = {}
+    scored: dict[ALSParams, tuple[float, list[AlternatingLeastSquares]]] = {}
 
     def score(params: ALSParams) -> float:
         if params not in scored:
             began = time.perf_counter()
-            model = fit_als(history, params)
-            recs, _ = ImplicitCandidates(model, history).recommend(users, k)
-            metric = ranking_metrics(recs, relevant, k=k, recall_k=k, n_catalogue=history.shape[1])[f"ndcg@{k}"]
-            trial = {**asdict(params), f"ndcg@{k}": metric, "seconds": time.perf_counter() - began}
+            models, values = [], []
+            for (history, _), (users, relevant) in zip(folds, judged, strict=True):
+                model = fit_als(history, params)
+                recs, _ = ImplicitCandidates(model, history).recommend(users, k)
+                values.append(
+                    ranking_metrics(recs, relevant, k=k, recall_k=k, n_catalogue=history.shape[1])[f"ndcg@{k}"]
+                )
+                models.append(model)
+            metric = float(np.mean(values))
+            trial = {**asdict(params), f"ndcg@{k}": round(metric, 5), "seconds": round(time.perf_counter() - began, 3)}
             trials.append(trial)
             if on_trial:
                 on_trial(trial)
             logger.info("ALS trial %s: ndcg@%d=%.4f", params, k, metric)
-            scored[params] = (metric, model)
+            scored[params] = (metric, models)
         return scored[params][0]
 
     best = start_params
     score(best)
-    deadline = time.perf_counter() + tune.budget_seconds
+    deadline = None if tune.budget_seconds is None else time.perf_counter() + tune.budget_seconds
     if tune.enabled:
         for name in tune.search:
             for value in SEARCH_GRID[name]:
+                if len(trials) >= tune.max_trials:
+                    break
                 typical = float(np.mean([trial["seconds"] for trial in trials]))
-                if time.perf_counter() + typical > deadline or len(trials) >= tune.max_trials:
+                if deadline is not None and time.perf_counter() + typical > deadline:
                     break  # a trial that would end past the budget is not started
                 candidate = replace(best, **{name: type(getattr(best, name))(value)})
                 if score(candidate) > score(best):
                     best = candidate
-    return TuneResult(params=best, model=scored[best][1], trials=trials, tuned=tune.enabled)
+    return TuneResult(params=best, models=scored[best][1], trials=trials, tuned=tune.enabled)

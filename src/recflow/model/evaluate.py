@@ -1,7 +1,15 @@
-"""The evaluate stage: score the two-stage model and the baselines on the held-out test window.
+"""The evaluate stage: score what is served, beside the baselines, on events the model never trained on.
 
-Every model ranks the full catalogue for the same users, with what each user already had excluded.
-Baselines: time-decayed popularity, item-kNN (BM25), ALS alone; all fitted on the backtest history.
+Two ways, one scoring function (model.scoring, as `recommend` and the service use it):
+
+- `evaluate`: the backtest bundle (the train stage's choices fitted on everything before the TEST window)
+  on the TEST window, as of the window's moment (the cut for a global time split, the end of the training
+  part otherwise, as `recflow recommend` answers as of the end of its data).
+- `evaluate_holdout`: the deployable bundle on a file of held-out events (`recflow evaluate --holdout`), as of
+  the end of the data it was trained on: relevant = each user's held-out items the user did not have.
+
+Every model ranks the full catalogue for the same users, with what each user already had excluded; each metric
+comes with its number of users and a bootstrap 95% interval, and a warning below `selection.min_users`.
 """
 
 from __future__ import annotations
@@ -9,23 +17,35 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import scipy.sparse as sp
 
 from recflow.config import Settings
+from recflow.constants import ITEM_ID, USER_ID
+from recflow.errors import InputFileError
 from recflow.model.bundle import ModelBundle
-from recflow.model.candidates import PopularityCandidates, Recommender, item_knn
+from recflow.model.candidates import ease_weights, knn_similarity
 from recflow.model.features import SPLIT_TEST, atomic_path, load_interactions, window
-from recflow.model.metrics import ground_truth, ranking_metrics, recall_curve
-from recflow.model.training import BACKTEST_DIR
+from recflow.model.metrics import (
+    GroundTruth,
+    bootstrap_interval,
+    ground_truth,
+    ndcg_per_user,
+    ranking_metrics,
+    recall_curve,
+)
+from recflow.model.scoring import KIND_ALS, KIND_EASE, KIND_ITEM_KNN, KIND_POPULARITY, KIND_TWO_STAGE
+from recflow.model.training import BACKTEST_DIR, BUNDLE_DIR
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 CURVE_FILE = "recall_at_k.csv"
-MODEL_NAMES = ("popularity", "item_knn", "als", "als_ranker")
+SERVED = "served"
 
 
 @dataclass(frozen=True)
@@ -34,14 +54,9 @@ class EvaluationReport:
     test_users: int  # test users available (warm users with a new item in the test window)
     metrics: dict[str, dict[str, float]]  # model -> metric -> value
     curve: dict[str, dict[int, float]]  # model -> k -> recall@k
-
-
-class _TwoStage:
-    def __init__(self, bundle: ModelBundle) -> None:
-        self.bundle = bundle
-
-    def recommend(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.bundle.recommend(users, n)
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # model -> NDCG@k 95% interval
+    served_kind: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def evaluate(
@@ -52,42 +67,128 @@ def evaluate(
     *,
     progress: Callable[[str], None] | None = None,
 ) -> EvaluationReport:
+    """The evaluate stage: the backtest bundle and the baselines on the TEST window."""
     inter, meta = load_interactions(features)
     bundle = ModelBundle.load(models / BACKTEST_DIR)
     cuts = {k: float(v) for k, v in meta["cuts"].items()}
     test = window(inter, SPLIT_TEST, str(meta["summary"]["method"]), cuts)
-    truth = ground_truth(test, bundle.history)
-    conf = settings.evaluate
-    users, relevant = truth.users, truth.relevant
-    if len(users) > conf.max_users:
-        rows = np.sort(np.random.default_rng(conf.seed).choice(len(users), conf.max_users, replace=False))
-        users, relevant = users[rows], relevant[rows]
-    depth = max(conf.k, conf.recall_k, *conf.curve_ks)
-    recommenders: dict[str, Callable[[], Recommender]] = {
-        "popularity": lambda: PopularityCandidates(bundle.history),
-        "item_knn": lambda: item_knn(bundle.history),
-        "als": lambda: bundle.als_candidates,
-        "als_ranker": lambda: _TwoStage(bundle),
-    }
-    if bundle.ranker is None:
-        del recommenders["als_ranker"]
-    n_catalogue = int((np.asarray(bundle.history.getnnz(axis=0)) > 0).sum())
-    metrics: dict[str, dict[str, float]] = {}
-    curve: dict[str, dict[int, float]] = {}
-    for name, make in recommenders.items():
-        if progress:
-            progress(name)
-        recs, _ = make().recommend(users, depth)
-        metrics[name] = ranking_metrics(recs, relevant, k=conf.k, recall_k=conf.recall_k, n_catalogue=n_catalogue)
-        curve[name] = recall_curve(recs, relevant, conf.curve_ks)
-        logger.info("%s: %s", name, metrics[name])
-    report = EvaluationReport(users=len(users), test_users=len(truth.users), metrics=metrics, curve=curve)
+    report = score_bundle(bundle, ground_truth(test, bundle.history), settings, progress=progress)
     _write(report, models, reports)
     return report
 
 
+def evaluate_holdout(
+    path: Path, models: Path, settings: Settings, *, progress: Callable[[str], None] | None = None
+) -> EvaluationReport:
+    """The deployable bundle on a file of held-out events (any event file `recflow ingest` reads)."""
+    from recflow.events.contract import validate_table
+    from recflow.events.fileio import read_event_file
+
+    bundle = ModelBundle.load(models / BUNDLE_DIR)
+    table, rejected = read_event_file(path)
+    batch = validate_table(table, settings=settings.events, source=str(path))
+    rejected = [*rejected, *batch.rejected]
+    if batch.accepted.num_rows == 0:
+        raise InputFileError(f"{path} holds no valid event ({len(rejected)} rejected): nothing to evaluate")
+    users = np.asarray([bundle.user_index.get(u, -1) for u in batch.accepted[USER_ID].to_pylist()])
+    item_index = {item: i for i, item in enumerate(bundle.item_ids)}
+    items = np.asarray([item_index.get(i, -1) for i in batch.accepted[ITEM_ID].to_pylist()])
+    known = (users >= 0) & (items >= 0)
+    shape = bundle.history.shape
+    target = sp.csr_matrix((np.ones(int(known.sum()), dtype=np.float32), (users[known], items[known])), shape=shape)
+    truth = _new_items(target, bundle.history)
+    warnings = []
+    unknown_users = len(set(pc.unique(batch.accepted[USER_ID]).to_pylist()) - set(bundle.user_index))
+    if unknown_users:
+        warnings.append(f"{unknown_users} held-out users are not in the training data (cold users are not scored)")
+    if (~known & (users >= 0)).any():
+        warnings.append(f"{int((~known & (users >= 0)).sum())} held-out events name items the model does not know")
+    if rejected:
+        warnings.append(f"{len(rejected)} held-out records rejected by the event contract")
+    return score_bundle(bundle, truth, settings, progress=progress, warnings=warnings)
+
+
+def _new_items(target: sp.csr_matrix, history: sp.csr_matrix) -> GroundTruth:
+    target.sum_duplicates()
+    target.data[:] = 1.0
+    had = history.copy()
+    had.data[:] = 1.0
+    new = (target - target.multiply(had)).tocsr()
+    new.eliminate_zeros()
+    users = np.flatnonzero((np.diff(new.indptr) > 0) & (np.diff(history.indptr) > 0))
+    return GroundTruth(users=users, relevant=new[users])
+
+
+def score_bundle(
+    bundle: ModelBundle,
+    truth: GroundTruth,
+    settings: Settings,
+    *,
+    progress: Callable[[str], None] | None = None,
+    warnings: list[str] | None = None,
+) -> EvaluationReport:
+    """The served model and the baselines the bundle can score (same history, same moment) on `truth`."""
+    conf = settings.evaluate
+    warnings = list(warnings or [])
+    users, relevant = truth.users, truth.relevant
+    if len(users) > conf.max_users:
+        rows = np.sort(np.random.default_rng(conf.seed).choice(len(users), conf.max_users, replace=False))
+        users, relevant = users[rows], relevant[rows]
+    if len(users) < settings.selection.min_users:
+        warnings.append(
+            f"only {len(users)} users to evaluate (< selection.min_users={settings.selection.min_users}): "
+            "the intervals below are wide and the ranking of models may be noise"
+        )
+    depth = max(conf.k, conf.recall_k, *conf.curve_ks)
+    n_catalogue = int((np.asarray(bundle.history.getnnz(axis=0)) > 0).sum())
+    served_item_item = bundle.item_item
+    item_item = {KIND_ITEM_KNN: lambda: knn_similarity(bundle.history, settings.selection.knn_neighbours)}
+    if bundle.history.shape[1] <= settings.selection.ease_max_items:
+        lam = float(bundle.info.get("ease_lambda", settings.selection.ease_lambdas[-1]))
+        item_item[KIND_EASE] = lambda: ease_weights(bundle.history, lam)
+    kinds = [KIND_POPULARITY, KIND_ITEM_KNN, KIND_EASE, KIND_ALS]
+    if bundle.ranker is not None:
+        kinds.append(KIND_TWO_STAGE)
+    metrics: dict[str, dict[str, float]] = {}
+    curve: dict[str, dict[int, float]] = {}
+    intervals: dict[str, list[float]] = {}
+    for name in [SERVED, *kinds]:
+        kind = bundle.kind if name == SERVED else name
+        if name in item_item:
+            if kind not in item_item:
+                continue
+            bundle.item_item = item_item[kind]()
+        else:
+            bundle.item_item = served_item_item
+        if progress:
+            progress(name)
+        recs, _ = bundle.recommend(users, depth, kind=kind)
+        values = ranking_metrics(recs, relevant, k=conf.k, recall_k=conf.recall_k, n_catalogue=n_catalogue)
+        metrics[name] = {**values, "users": float(len(users))}
+        intervals[name] = list(bootstrap_interval(ndcg_per_user(recs, relevant, conf.k), settings.selection.bootstrap))
+        curve[name] = recall_curve(recs, relevant, conf.curve_ks)
+        logger.info("%s: %s", name, metrics[name])
+    bundle.item_item = served_item_item
+    return EvaluationReport(
+        users=len(users),
+        test_users=len(truth.users),
+        metrics=metrics,
+        curve=curve,
+        intervals=intervals,
+        served_kind=bundle.kind,
+        warnings=warnings,
+    )
+
+
 def _write(report: EvaluationReport, models: Path, reports: Path) -> None:
-    payload = {**report.metrics, "users": report.users, "test_users": report.test_users}
+    payload = {
+        **report.metrics,
+        "users": report.users,
+        "test_users": report.test_users,
+        "served_kind": report.served_kind,
+        "ndcg_ci95": report.intervals,
+        "warnings": report.warnings,
+    }
     with atomic_path(models / METRICS_FILE) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
     names = list(report.curve)

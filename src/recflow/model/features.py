@@ -13,6 +13,7 @@ the future); with `per_user` each user's last events form that user's windows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -130,7 +131,12 @@ def encode_events(table: pa.Table, actions: tuple[str, ...]) -> Interactions:
 
 
 def assign_split(inter: Interactions, split: SplitSettings) -> tuple[np.ndarray, dict[str, float]]:
-    """Label each event FIT / VALIDATION / TEST by time; returns the labels and the cut times (global split)."""
+    """Label each event FIT / VALIDATION / TEST; returns the labels and the cut times (global split).
+
+    global_time: the windows are cut at time quantiles shared by all users. per_user: each user's last events
+    (a share of them, at least one for a user with two or more). random: a random share of each user's events
+    (seeded), for data whose timestamps say nothing. `auto` must be resolved first (`resolve_method`).
+    """
     labels = np.full(len(inter), SPLIT_FIT, dtype=np.int8)
     cuts: dict[str, float] = {}
     if split.method == "global_time":
@@ -145,57 +151,94 @@ def assign_split(inter: Interactions, split: SplitSettings) -> tuple[np.ndarray,
         validation_start = float(np.quantile(before, 1.0 - split.validation_fraction, method="higher"))
         labels[(inter.ts >= validation_start) & (inter.ts < test_start)] = SPLIT_VALIDATION
         cuts = {"validation_start": validation_start, "test_start": test_start}
+        return labels, cuts
+    if split.method == "random":
+        rank = np.random.default_rng(split.seed).random(len(inter))
+        order = np.lexsort((rank, inter.user_idx))  # each user's events in a random order
+    elif split.method == "per_user":
+        order = np.argsort(inter.user_idx, kind="stable")  # events are sorted by time: each user's in time order
     else:
-        # Events are sorted by time, so a stable sort by user gives each user's events in time order.
-        order = np.argsort(inter.user_idx, kind="stable")
-        users = inter.user_idx[order]
-        counts = np.bincount(users, minlength=inter.n_users)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        position = np.arange(len(order)) - starts[users]
-        n_test = np.floor(counts * split.test_fraction).astype(np.int64)
-        n_validation = np.floor((counts - n_test) * split.validation_fraction).astype(np.int64)
-        from_end = counts[users] - position  # 1 for a user's last event
-        sorted_labels = np.where(
-            from_end <= n_test[users],
-            SPLIT_TEST,
-            np.where(from_end <= n_test[users] + n_validation[users], SPLIT_VALIDATION, SPLIT_FIT),
-        )
-        labels[order] = sorted_labels
+        raise ValueError(f"split method {split.method!r} must be resolved first (resolve_method)")
+    users = inter.user_idx[order]
+    counts = np.bincount(users, minlength=inter.n_users)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    position = np.arange(len(order)) - starts[users]
+    n_test = _held_out(counts, split.test_fraction)
+    n_validation = _held_out(counts - n_test, split.validation_fraction)
+    from_end = counts[users] - position  # 1 for a user's last event
+    sorted_labels = np.where(
+        from_end <= n_test[users],
+        SPLIT_TEST,
+        np.where(from_end <= n_test[users] + n_validation[users], SPLIT_VALIDATION, SPLIT_FIT),
+    )
+    labels[order] = sorted_labels
     return labels, cuts
 
 
+def _held_out(counts: np.ndarray, fraction: float) -> np.ndarray:
+    """Events held out per user: the share rounded, at least one for a user with two or more events."""
+    if fraction <= 0:
+        return np.zeros(len(counts), dtype=np.int64)
+    return np.where(counts >= 2, np.clip(np.rint(counts * fraction), 1, counts - 1), 0).astype(np.int64)
+
+
+def resolve_method(method: str, time_informative: bool) -> str:
+    """`auto`: each user's last events when timestamps carry information, a random share when they do not."""
+    if method != "auto":
+        return method
+    return "per_user" if time_informative else "random"
+
+
 def window(inter: Interactions, target_split: int, method: str, cuts: dict[str, float]) -> Window:
-    """History = events of earlier splits; target = events of `target_split` (none past the last split)."""
+    """History = events of earlier splits; target = events of `target_split` (none past the last split).
+
+    The moment the recommendations are made is the end of the history: the cut for a global split, the last
+    history event (+1 s) otherwise, as `recflow recommend` answers as of the end of the data it was trained on.
+    """
     history = inter.before(target_split)
     target = inter.in_split(target_split)
     if len(history) == 0:
         raise EmptyDataError("no events before the target window: the data set is too small to split")
-    if target_split > SPLIT_TEST:  # production: all events are history, recommendations are for "now"
-        ref = np.full(inter.n_users, float(history.ts.max()) + 1.0)
-    elif method == "global_time":
-        start = cuts["validation_start" if target_split == SPLIT_VALIDATION else "test_start"]
-        ref = np.full(inter.n_users, start, dtype=np.float64)
+    if method == "global_time" and target_split <= SPLIT_TEST:
+        moment = cuts["validation_start" if target_split == SPLIT_VALIDATION else "test_start"]
     else:
-        ref = np.full(inter.n_users, float(history.ts.max()) + 1.0)
-        last = np.full(inter.n_users, -np.inf)
-        np.maximum.at(last, history.user_idx, history.ts.astype(np.float64))
-        seen = np.isfinite(last)
-        ref[seen] = last[seen] + 1.0
-    return Window(history=history, target=target, ref_time=ref)
+        moment = float(history.ts.max()) + 1.0
+    return Window(history=history, target=target, ref_time=np.full(inter.n_users, moment, dtype=np.float64))
+
+
+def last_event_times(inter: Interactions, n_users: int | None = None) -> np.ndarray:
+    """Each user's last event time (seconds), -inf for a user without events."""
+    last = np.full(n_users or inter.n_users, -np.inf)
+    np.maximum.at(last, inter.user_idx, inter.ts.astype(np.float64))
+    return last
+
+
+def decay(age_seconds: np.ndarray, half_life_days: float | None) -> np.ndarray:
+    """Weight of an event `age_seconds` before its user's last event: 2^(-age / half-life); 1 without decay."""
+    if not half_life_days:
+        return np.ones(len(age_seconds))
+    return np.exp2(-np.maximum(age_seconds, 0.0) / (half_life_days * SECONDS_PER_DAY))
 
 
 def confidence_matrix(
     inter: Interactions,
     weights: np.ndarray,
-    half_life_days: float,
-    ref_time: np.ndarray,
+    half_life_days: float | None,
     n_users: int | None = None,
+    *,
+    anchor: np.ndarray | None = None,
 ) -> sp.csr_matrix:
-    """Users x items matrix of summed action weight x time decay, relative to each user's ref_time."""
-    age_days = np.maximum(ref_time[inter.user_idx] - inter.ts, 0.0) / SECONDS_PER_DAY
-    values = weights[inter.action_idx] * np.exp2(-age_days / half_life_days)
-    shape = (n_users or inter.n_users, inter.n_items)
-    matrix = sp.csr_matrix((values.astype(np.float32), (inter.user_idx, inter.item_idx)), shape=shape)
+    """Users x items matrix of summed action weight x time decay.
+
+    The decay is measured back from each user's own last event (`anchor`, default: the last event in `inter`),
+    not from a global "now": a user who has been away keeps the shape of their history, and the row does not
+    depend on when it is asked for. `half_life_days` 0 or None: no decay.
+    """
+    n = n_users or inter.n_users
+    anchor = last_event_times(inter, n) if anchor is None else anchor
+    age = anchor[inter.user_idx] - inter.ts if len(inter) else np.zeros(0)
+    values = weights[inter.action_idx] * decay(age, half_life_days)
+    matrix = sp.csr_matrix((values.astype(np.float32), (inter.user_idx, inter.item_idx)), shape=(n, inter.n_items))
     matrix.sum_duplicates()
     return matrix
 
@@ -221,7 +264,11 @@ def build_features(store: Path, out: Path, settings: Settings) -> FeatureSummary
 
     table = scan_store(store, columns=[USER_ID, ITEM_ID, ACTION, TIMESTAMP])
     inter = encode_events(table, tuple(settings.events.actions))
-    labels, cuts = assign_split(inter, settings.features.split)
+    from recflow.model.profile import profile_interactions
+
+    profile = profile_interactions(inter)
+    method = resolve_method(settings.features.split.method, profile.time_informative)
+    labels, cuts = assign_split(inter, dataclasses.replace(settings.features.split, method=method))
     inter = Interactions(**{**inter.__dict__, "split": labels})
     counts = np.bincount(labels, minlength=3)
     summary = FeatureSummary(
@@ -231,14 +278,14 @@ def build_features(store: Path, out: Path, settings: Settings) -> FeatureSummary
         fit=int(counts[SPLIT_FIT]),
         validation=int(counts[SPLIT_VALIDATION]),
         test=int(counts[SPLIT_TEST]),
-        method=settings.features.split.method,
+        method=method,
     )
     if min(summary.fit, summary.validation, summary.test) == 0:
         raise EmptyDataError(
             f"the split left an empty window (fit={summary.fit}, validation={summary.validation}, "
             f"test={summary.test}); the store needs more events per user or over time"
         )
-    meta = {"actions": list(inter.actions), "cuts": cuts, "summary": summary.__dict__}
+    meta = {"actions": list(inter.actions), "cuts": cuts, "summary": summary.__dict__, "profile": profile.as_dict()}
     save_interactions(inter, out, meta)
     logger.info("features: %d events, %d users, %d items", summary.events, summary.users, summary.items)
     return summary

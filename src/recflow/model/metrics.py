@@ -82,3 +82,22 @@ def recall_curve(recs: np.ndarray, relevant: sp.csr_matrix, ks: tuple[int, ...])
     n_relevant = np.diff(relevant.indptr).astype(np.float64)
     cumulative = np.cumsum(hit, axis=1)
     return {k: float(np.mean(cumulative[:, min(k, recs.shape[1]) - 1] / n_relevant)) for k in ks}
+
+
+def ndcg_per_user(recs: np.ndarray, relevant: sp.csr_matrix, k: int) -> np.ndarray:
+    """NDCG@k of each row (binary relevance), the values `ranking_metrics` averages."""
+    hit = hits(recs[:, :k], relevant)
+    n_relevant = np.diff(relevant.indptr)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.cumsum(discounts)[np.minimum(n_relevant, k).astype(int) - 1]
+    return np.asarray((hit[:, :k] * discounts[: hit.shape[1]]).sum(axis=1) / ideal, dtype=np.float64)
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean over users."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = np.array([values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)])
+    return (round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from recflow.config import RankerSettings
-from recflow.model.candidates import SOURCE_ALS, SOURCE_POPULAR, CandidateSet
+from recflow.model.candidates import SOURCE_ALS, SOURCE_ITEM_ITEM, SOURCE_POPULAR, CandidateSet
 from recflow.model.features import SECONDS_PER_DAY, Interactions
 from recflow.model.metrics import PAD
 
@@ -128,7 +128,10 @@ def feature_names(actions: tuple[str, ...], windows_days: tuple[float, ...]) -> 
         "als_gap_to_top",
         "from_als",
         "from_popular",
+        "from_item_item",
+        "item_item_score",
         *windows,
+        "item_pop_at_user_last",
         "item_pop_trend",
         "item_pop_all",
         "item_age_days",
@@ -164,6 +167,9 @@ def candidate_features(
     sources = candidates.sources[valid]
     ref = ctx.ref_time[row_user]
     pop_windows, pop_all = _popularity(ctx, row_item, ref)
+    user_last = ctx.user_last_ts[row_user]
+    # popularity (longest window) as of the user's own last event: what was current when a dormant user left
+    at_user_last = _popularity(ctx, row_item, np.where(np.isfinite(user_last), user_last + 1.0, ref))[0][-1]
     short_rate = pop_windows[0] / ctx.windows_days[0]
     long_rate = pop_windows[-1] / ctx.windows_days[-1]
     age = (ref - ctx.item_first_ts[row_item]) / SECONDS_PER_DAY
@@ -177,7 +183,10 @@ def candidate_features(
         masked.max(axis=1, keepdims=True).repeat(items.shape[1], axis=1)[valid] - all_scores[valid],
         (sources & SOURCE_ALS) > 0,
         (sources & SOURCE_POPULAR) > 0,
+        (sources & SOURCE_ITEM_ITEM) > 0,
+        np.full(len(row_user), np.nan) if candidates.item_item is None else candidates.item_item[valid],
         *pop_windows,
+        at_user_last,
         (short_rate + 1e-3) / (long_rate + 1e-3),
         pop_all,
         age,

@@ -239,7 +239,7 @@ def candidate_frames(
             raise EmptyDataError(f"no user active in {start:%Y-%m-%d} .. {stop:%Y-%m-%d} is known to the model")
         if len(active) > conf.candidate_users:
             active = np.sort(rng.choice(active, conf.candidate_users, replace=False))
-        candidates = bundle.candidates.candidates(active, bundle.n_candidates)
+        candidates = bundle.candidate_set(active)
         X, _, _ = candidate_features(context, active, candidates)
         frame = pd.DataFrame(X.astype(np.float64), columns=names)
         if bundle.ranker is not None:

@@ -82,7 +82,7 @@ def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, sett
     cuts = {k: float(v) for k, v in meta["cuts"].items()}
     test = window(inter, SPLIT_TEST, str(meta["summary"]["method"]), cuts)
     weights = action_weights(settings, inter.actions)
-    history = confidence_matrix(test.history, weights, settings.features.half_life_days, test.ref_time)
+    history = confidence_matrix(test.history, weights, None)
     truth = ground_truth(test, history)
     user_maps = [_index_map(inter.user_ids, bundle.user_ids) for bundle in bundles]
     known = np.all([m[truth.users] >= 0 for m in user_maps], axis=0) if bundles else np.ones(0, dtype=bool)
@@ -104,7 +104,8 @@ def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, sett
         if _same_ids(bundle, inter.user_ids, inter.item_ids):
             recs, _ = bundle.recommend(users, depth)
         else:
-            adapted = dataclasses.replace(bundle, history=_remap(history, user_map, item_map, bundle))
+            own = confidence_matrix(test.history, weights, bundle.half_life_days)  # weighted as the bundle weighs
+            adapted = dataclasses.replace(bundle, history=_remap(own, user_map, item_map, bundle))
             bundle_recs, _ = adapted.recommend(user_map[users], depth)
             back = np.full(len(bundle.item_ids) + 1, PAD, dtype=np.int64)  # bundle item -> current item; PAD -> PAD
             known_items = np.flatnonzero(item_map >= 0)

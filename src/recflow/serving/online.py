@@ -41,11 +41,10 @@ from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
 from recflow.events.contract import Rejection, ValidatedBatch, validate_records
 from recflow.model.bundle import ModelBundle
-from recflow.model.candidates import SOURCE_ALS, SOURCE_POPULAR, CandidateSet
-from recflow.model.features import Interactions, confidence_matrix
+from recflow.model.features import Interactions, confidence_matrix, decay
 from recflow.model.metrics import PAD
-from recflow.model.ranker import rerank
 from recflow.model.ranker_features import FeatureContext
+from recflow.model.scoring import KIND_POPULARITY, score_users
 from recflow.serving.userstate import StoredVector, UserEvent, UserState
 
 logger = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class OnlineRecommender:
         self.solver.YtY  # noqa: B018 - computed once here, not on the first request
         self.cold = np.asarray(bundle.history.getnnz(axis=0)) == 0
         self.cold_items = np.flatnonzero(self.cold)
-        self.popular_order = bundle.popular.order
+        self.popular_order = bundle.popular_order
         ctx = bundle.context
         self.ref_time = float(ctx.ref_time.max()) if len(ctx.ref_time) else 0.0
 
@@ -167,8 +166,18 @@ class OnlineRecommender:
             item_ids=self.bundle.item_ids,
             actions=self.bundle.actions,
         )
-        ref = np.array([self._ref_time(u.index) for u in users], dtype=np.float64)
-        new = confidence_matrix(inter, self.bundle.action_weights, self.bundle.half_life_days, ref, len(users))
+        # decay runs back from each user's last event: the trained row (anchored at the last trained event)
+        # ages by the time to the newest event, and the new events are weighed from it
+        trained_last = np.array([self._trained_last(u.index) for u in users], dtype=np.float64)
+        newest = np.full(len(users), -np.inf)
+        if len(rows):
+            np.maximum.at(newest, inter.user_idx, inter.ts.astype(np.float64))
+        anchor = np.fmax(trained_last, newest)
+        aged = np.where(np.isfinite(trained_last), anchor - trained_last, 0.0)
+        base = sp.diags(decay(aged, self.bundle.half_life_days).astype(np.float32)) @ base
+        new = confidence_matrix(
+            inter, self.bundle.action_weights, self.bundle.half_life_days, len(users), anchor=anchor
+        )
         return (base + new).tocsr()
 
     def solve(self, rows: sp.csr_matrix) -> np.ndarray:
@@ -203,6 +212,11 @@ class OnlineRecommender:
     def _ref_time(self, index: int) -> float:
         return float(self.bundle.context.ref_time[index]) if index >= 0 else self.ref_time
 
+    def _trained_last(self, index: int) -> float:
+        """The user's last event in the training data (-inf for a user the model has not seen)."""
+        last = float(self.bundle.context.user_last_ts[index]) if index >= 0 else np.nan
+        return last if np.isfinite(last) else -np.inf
+
     def vector(self, user: _User) -> np.ndarray | None:
         """The user's current vector: trained, stored folded-in, or folded now (and stored) when stale."""
         if not self._usable(user.events):
@@ -230,14 +244,15 @@ class OnlineRecommender:
             return self.popular(user_id, k, seen=self._seen(user) if exclude_seen else None)
         seen = self._seen(user)
         items, scores = self._two_stage(user, vector, seen if exclude_seen else None, k)
-        return Recommendation(user_id, self._answer(items, scores), "personalized")
+        strategy: Strategy = "popular" if self.bundle.kind == KIND_POPULARITY else "personalized"
+        return Recommendation(user_id, self._answer(items, scores), strategy)
 
     def popular(self, user_id: str, k: int, seen: np.ndarray | None = None) -> Recommendation:
         order = self.popular_order
         if seen is not None and len(seen):
             order = order[~np.isin(order, seen)]
         top = order[:k]
-        return Recommendation(user_id, self._answer(top, self.bundle.popular.scores[top]), "popular")
+        return Recommendation(user_id, self._answer(top, self.bundle.popularity[top]), "popular")
 
     def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
         """The k items closest to `item_id` by cosine of ALS item factors; None when the model lacks it."""
@@ -260,31 +275,26 @@ class OnlineRecommender:
     def _two_stage(
         self, user: _User, vector: np.ndarray, seen: np.ndarray | None, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        """The user's top-k by the bundle's own scoring function (model.scoring), from the user's current row,
+        vector and ranker features."""
         bundle = self.bundle
-        scores = (bundle.item_factors @ vector).astype(np.float32)
-        als_scores = scores.copy()
-        als_scores[self.cold_items] = -np.inf
-        seen = np.zeros(0, dtype=np.int64) if seen is None else seen
-        als_scores[seen] = -np.inf
-        if bundle.ranker is None:
-            top = _top(als_scores, k)
-            return top, als_scores[top]
-        als = _top(als_scores, max(bundle.n_candidates, k))
-        # as MergedCandidates: the user's top popular items (never cold) not had; those ALS did not propose are added
-        head = self.popular_order[: bundle.n_popular + len(seen)]
-        popular = head[~np.isin(head, seen)][: bundle.n_popular]
-        extra = popular[~np.isin(popular, als)]
-        items = np.concatenate([als, extra])
-        sources = np.concatenate(
-            [np.full(len(als), SOURCE_ALS, dtype=np.int8), np.full(len(extra), SOURCE_POPULAR, dtype=np.int8)]
+        rows = self.user_rows([user])
+        rerank_fn = (
+            bundle.rerank_fn(np.zeros(1, dtype=np.int64), context=self._context(user), num_threads=1)
+            if bundle.ranker is not None
+            else None
         )
-        sources[: len(als)] |= np.where(np.isin(als, popular), SOURCE_POPULAR, 0).astype(np.int8)
-        candidates = CandidateSet(items[None, :], scores[items][None, :].astype(np.float32), sources[None, :])
-        ranked, ranked_scores = rerank(
-            bundle.ranker, self._context(user), np.zeros(1, dtype=np.int64), candidates, k, num_threads=1
+        items, scores = score_users(
+            bundle,
+            rows,
+            k,
+            vectors=np.asarray(vector, dtype=np.float32)[None, :],
+            rerank_fn=rerank_fn,
+            seen=[np.zeros(0, dtype=np.int64) if seen is None else seen],
+            exclude_seen=seen is not None,
         )
-        keep = ranked[0] != PAD
-        return ranked[0][keep], ranked_scores[0][keep]
+        keep = items[0] != PAD
+        return items[0][keep], scores[0][keep]
 
     def _context(self, user: _User) -> FeatureContext:
         """The ranker's feature context for this one user (row 0): trained user statistics updated with the

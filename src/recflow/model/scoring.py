@@ -1,0 +1,200 @@
+"""The one scoring function: a model's top-k for users as they are at one moment.
+
+Batch `recflow recommend`, `recflow evaluate` (backtest and `--holdout`), the train stage's model selection
+and the HTTP service all call `score_users`. What they hand it is the users' state at the moment of the
+answer: each user's confidence row (what they had, weighted as training weighs it), their ALS vector (trained,
+or folded in from the row), and the ranker's feature context computed as of that moment. The model kinds:
+
+    popularity   the most popular items (in the window chosen on validation) the user has not had
+    item_knn     row @ S, S the BM25 item-kNN similarity (implicit)
+    ease         row @ B, B the EASE item-item weights
+    als          user vector . item factors
+    als_ranker   ALS top-N, plus popular and item-item candidates, reranked by the LightGBM ranker
+
+Items the user had (non-zero in the row, plus `seen`) and items without any history are never returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from recflow.model.candidates import SOURCE_ALS, SOURCE_ITEM_ITEM, SOURCE_POPULAR, CandidateSet
+from recflow.model.metrics import PAD
+
+BATCH_USERS = 1024  # users scored at once (a users x items float32 block)
+POPULARITY_TIE = 1e-6  # popularity breaks ties of item-item scores (a user whose items have no neighbours)
+
+KIND_POPULARITY, KIND_ITEM_KNN, KIND_EASE, KIND_ALS, KIND_TWO_STAGE = (
+    "popularity",
+    "item_knn",
+    "ease",
+    "als",
+    "als_ranker",
+)
+ITEM_ITEM_KINDS = (KIND_ITEM_KNN, KIND_EASE)
+
+
+class ScoringModel(Protocol):
+    """What scoring needs of a trained model (a ModelBundle is one)."""
+
+    kind: str
+    item_factors: np.ndarray  # items x factors (ALS)
+    popularity: np.ndarray  # float32 per item, as of the model's moment; 0 = no history (never recommended)
+    item_item: sp.csr_matrix | np.ndarray | None  # items x items weights of the item-item model, when fitted
+    n_candidates: int
+    n_popular: int
+    n_item_item: int
+
+
+def popular_order(popularity: np.ndarray) -> np.ndarray:
+    """Items with any history, most popular first (stable: ties keep item order)."""
+    known = np.flatnonzero(popularity > 0)
+    return known[np.argsort(-popularity[known], kind="stable")]
+
+
+def _top(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise indices of the n highest finite scores, best first; PAD / -inf where fewer."""
+    n_rows, n_items = scores.shape
+    n = min(n, n_items)
+    items = np.full((n_rows, n), PAD, dtype=np.int64)
+    values = np.full((n_rows, n), -np.inf, dtype=np.float32)
+    if n == 0 or n_rows == 0:
+        return items, values
+    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    top = np.take_along_axis(part, order, axis=1)
+    top_scores = np.take_along_axis(part_scores, order, axis=1)
+    keep = np.isfinite(top_scores)
+    items[:] = np.where(keep, top, PAD)
+    values[:] = np.where(keep, top_scores, -np.inf)
+    return items, values
+
+
+def _masked(scores: np.ndarray, rows: sp.csr_matrix, cold: np.ndarray, seen: Sequence[np.ndarray] | None) -> np.ndarray:
+    """Scores with the items each user had (row non-zeros, `seen`) and cold items set to -inf."""
+    scores = np.asarray(scores, dtype=np.float32)
+    scores[:, cold] = -np.inf
+    r, c = rows.nonzero()
+    scores[r, c] = -np.inf
+    if seen is not None:
+        for i, items in enumerate(seen):
+            if len(items):
+                scores[i, items] = -np.inf
+    return scores
+
+
+def item_item_scores(model: ScoringModel, rows: sp.csr_matrix) -> np.ndarray:
+    """row @ W: how strongly each item follows from what each user had."""
+    assert model.item_item is not None
+    if sp.issparse(model.item_item):
+        return np.asarray((rows @ model.item_item).todense(), dtype=np.float32)
+    return np.asarray(rows @ model.item_item, dtype=np.float32)
+
+
+def base_scores(model: ScoringModel, kind: str, rows: sp.csr_matrix, vectors: np.ndarray | None) -> np.ndarray:
+    """Users x items scores of a one-stage model kind (before exclusion)."""
+    if kind == KIND_POPULARITY:
+        return np.broadcast_to(model.popularity, (rows.shape[0], len(model.popularity))).copy()
+    if kind in ITEM_ITEM_KINDS:
+        tie = model.popularity / max(float(model.popularity.max(initial=0.0)), 1e-12) * POPULARITY_TIE
+        return item_item_scores(model, rows) + tie.astype(np.float32)
+    if vectors is None:
+        raise ValueError("ALS scoring needs the users' vectors")
+    return (vectors @ model.item_factors.T).astype(np.float32)
+
+
+def two_stage_candidates(
+    model: ScoringModel,
+    rows: sp.csr_matrix,
+    vectors: np.ndarray,
+    seen: Sequence[np.ndarray] | None = None,
+    mask_rows: sp.csr_matrix | None = None,
+) -> CandidateSet:
+    """ALS top-N, then the top popular and top item-item items each user has not had and ALS did not propose.
+
+    Every candidate carries its ALS score; `CandidateSet.item_item` its item-item score (when the model has one)."""
+    cold = model.popularity <= 0
+    mask_rows = rows if mask_rows is None else mask_rows
+    als = _masked(base_scores(model, KIND_ALS, rows, vectors), mask_rows, cold, seen)
+    n_users = rows.shape[0]
+    als_items, _ = _top(als, model.n_candidates)
+    blocks = [als_items]
+    sources = [np.where(als_items != PAD, SOURCE_ALS, 0).astype(np.int8)]
+    taken = np.zeros(als.shape, dtype=bool)
+    rows_index = np.arange(n_users)[:, None]
+    taken[rows_index, np.where(als_items == PAD, 0, als_items)] |= als_items != PAD
+    ii = item_item_scores(model, rows) if model.item_item is not None else None
+    extra_sources: list[tuple[int, np.ndarray, int]] = [
+        (SOURCE_POPULAR, base_scores(model, KIND_POPULARITY, rows, None), model.n_popular)
+    ]
+    if ii is not None:
+        extra_sources.append((SOURCE_ITEM_ITEM, ii.copy(), model.n_item_item))
+    for bit, scores, n in extra_sources:
+        if n <= 0:
+            continue
+        ranked = _masked(scores, mask_rows, cold, seen)
+        top, _ = _top(ranked, n)
+        valid = top != PAD
+        already = taken[rows_index, np.where(valid, top, 0)] & valid
+        for block, source in zip(blocks, sources, strict=True):  # mark items other sources already proposed
+            same = (block[:, :, None] == np.where(already, top, -2)[:, None, :]).any(axis=2)
+            source[same] |= bit
+        new = np.where(valid & ~already, top, PAD)
+        order = np.argsort(new == PAD, axis=1, kind="stable")
+        new = np.take_along_axis(new, order, axis=1)
+        taken[rows_index, np.where(new == PAD, 0, new)] |= new != PAD
+        blocks.append(new)
+        sources.append(np.where(new != PAD, bit, 0).astype(np.int8))
+    items = np.hstack(blocks)
+    safe = np.where(items == PAD, 0, items)
+    als_raw = np.einsum("uf,ukf->uk", vectors, model.item_factors[safe]).astype(np.float32)
+    item_item = None if ii is None else np.take_along_axis(ii, safe, axis=1)
+    return CandidateSet(
+        items=items,
+        scores=np.where(items == PAD, -np.inf, als_raw).astype(np.float32),
+        sources=np.hstack(sources),
+        item_item=None if item_item is None else np.where(items == PAD, np.nan, item_item).astype(np.float32),
+    )
+
+
+def score_users(
+    model: ScoringModel,
+    rows: sp.csr_matrix,
+    k: int,
+    *,
+    vectors: np.ndarray | None = None,
+    rerank_fn: object = None,
+    seen: Sequence[np.ndarray] | None = None,
+    kind: str | None = None,
+    exclude_seen: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k items and scores (users x k, PAD / -inf where fewer) for users whose state is `rows` (and
+    `vectors` for the ALS kinds). `rerank_fn(user_positions, candidates, k)` reranks two-stage candidates;
+    `kind` overrides the model's own (to score the baselines a bundle carries); `exclude_seen=False` lets
+    items the user had come back."""
+    kind = kind or model.kind
+    n_users = rows.shape[0]
+    items = np.full((n_users, k), PAD, dtype=np.int64)
+    scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+    cold = model.popularity <= 0
+    for start in range(0, n_users, BATCH_USERS):
+        batch = slice(start, min(start + BATCH_USERS, n_users))
+        batch_rows = rows[batch]
+        mask_rows = batch_rows if exclude_seen else sp.csr_matrix(batch_rows.shape, dtype=np.float32)
+        batch_vectors = None if vectors is None else vectors[batch]
+        batch_seen = None if seen is None or not exclude_seen else seen[batch]
+        if kind == KIND_TWO_STAGE:
+            assert batch_vectors is not None and callable(rerank_fn)
+            candidates = two_stage_candidates(model, batch_rows, batch_vectors, batch_seen, mask_rows)
+            top, top_scores = rerank_fn(np.arange(batch.start, batch.stop), candidates, k)
+        else:
+            raw = base_scores(model, kind, batch_rows, batch_vectors)
+            top, top_scores = _top(_masked(raw, mask_rows, cold, batch_seen), k)
+        items[batch, : top.shape[1]] = top
+        scores[batch, : top.shape[1]] = top_scores
+    return items, scores

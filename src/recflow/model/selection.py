@@ -1,0 +1,424 @@
+"""Choices made by validation inside the training data, and the one function that fits a bundle.
+
+Folds: the training events are cut again, as the held-out data will be cut (data profile, profile.py): by
+global time and by each user's last events when timestamps carry information, at random per user when they
+do not. Each fold's judged users are split in two, once: *tune* users choose the decay, ALS's parameters, the
+popularity window, EASE's regularisation, and train the ranker; *select* users, which nothing was fitted or
+tuned on, then choose the model kind that is served: popularity, item-kNN, EASE, ALS or ALS + ranker. Every
+model is scored by `model.scoring` through a bundle, the same function `recommend` and the service call,
+as of each fold's moment (the end of its history). Budgets are counted in trials, so a slower machine makes
+the same choices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+
+from recflow.config import Settings, SplitSettings
+from recflow.errors import EmptyDataError
+from recflow.model.bundle import ModelBundle
+from recflow.model.candidates import ALSParams, ease_weights, fit_als, knn_similarity, tune_als
+from recflow.model.features import (
+    SECONDS_PER_DAY,
+    SPLIT_TEST,
+    Interactions,
+    Window,
+    assign_split,
+    confidence_matrix,
+    window,
+)
+from recflow.model.metrics import GroundTruth, bootstrap_interval, ground_truth, ndcg_per_user, recall_curve
+from recflow.model.profile import PROTOCOL_GLOBAL, PROTOCOL_USER, DataProfile
+from recflow.model.ranker import RankerFit, action_grades, grade_labels, train_ranker
+from recflow.model.ranker_features import build_context, candidate_features, feature_names
+from recflow.model.scoring import (
+    ITEM_ITEM_KINDS,
+    KIND_ALS,
+    KIND_EASE,
+    KIND_ITEM_KNN,
+    KIND_POPULARITY,
+    KIND_TWO_STAGE,
+)
+
+logger = logging.getLogger(__name__)
+
+K = 10  # NDCG@10 decides
+SIMPLICITY = (KIND_POPULARITY, KIND_ITEM_KNN, KIND_ALS, KIND_EASE, KIND_TWO_STAGE)  # ties go to the simpler
+POPULARITY_ALL_TIME_TIE = 1e-3  # items outside the popularity window keep a trace of their all-time count
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Everything the served model is built with."""
+
+    kind: str
+    half_life_days: float  # 0: no decay
+    als: ALSParams
+    popularity_window_days: float  # 0: all time
+    item_item: str | None  # "ease" or "item_knn": the item-item model (served, or a source of the two-stage)
+    ease_lambda: float
+
+
+@dataclass
+class Fold:
+    protocol: str
+    window: Window
+    truth: GroundTruth  # every judged user of the fold
+    tune_rows: np.ndarray  # rows of truth: users that tune and train the ranker
+    select_rows: np.ndarray  # rows of truth: users that choose the model
+
+    def part(self, rows: np.ndarray) -> GroundTruth:
+        return GroundTruth(users=self.truth.users[rows], relevant=self.truth.relevant[rows])
+
+
+@dataclass
+class SelectionReport:
+    choices: dict[str, Any]
+    folds: list[dict[str, Any]]
+    models: dict[str, dict[str, Any]]  # kind -> validation NDCG@10, interval, users
+    decided: str  # why the served kind was chosen
+    warnings: list[str] = field(default_factory=list)
+    trials: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    ranker: dict[str, Any] | None = None
+
+
+PROTOCOL_METHODS = {PROTOCOL_GLOBAL: "global_time", PROTOCOL_USER: "per_user"}
+
+
+def make_folds(history: Interactions, profile: DataProfile, settings: Settings) -> tuple[list[Fold], list[str]]:
+    """One validation fold per protocol of the profile, cut inside `history`; folds with fewer than
+    `selection.min_users` judged users are dropped (with a warning), unless none has that many."""
+    conf = settings.selection
+    fraction = settings.features.split.validation_fraction
+    rng = np.random.default_rng(conf.seed)
+    folds: list[Fold] = []
+    warnings: list[str] = []
+    for protocol in profile.protocols:
+        method = PROTOCOL_METHODS.get(protocol, "random")
+        split = SplitSettings(method=method, test_fraction=fraction, validation_fraction=0.0, seed=conf.seed)
+        try:
+            labels, cuts = assign_split(history, split)
+            labelled = Interactions(**{**history.__dict__, "split": labels})
+            win = window(labelled, SPLIT_TEST, method, cuts)
+        except EmptyDataError as exc:
+            warnings.append(f"{protocol} fold: {exc}")
+            continue
+        had = confidence_matrix(win.history, np.ones(len(history.actions)), None)
+        truth = ground_truth(win, had)
+        if len(truth.users) > conf.max_users:
+            keep = np.sort(rng.choice(len(truth.users), conf.max_users, replace=False))
+            truth = GroundTruth(truth.users[keep], truth.relevant[keep])
+        n = len(truth.users)
+        selecting = rng.random(n) < conf.select_share
+        if n >= 2 and (selecting.all() or not selecting.any()):
+            selecting[:] = np.arange(n) % 2 == 0
+        folds.append(Fold(protocol, win, truth, np.flatnonzero(~selecting), np.flatnonzero(selecting)))
+    if not folds:
+        raise EmptyDataError(
+            "no validation fold could be cut from the training data: it needs users with at least two events; "
+            + "; ".join(warnings)
+        )
+    enough = [f for f in folds if len(f.select_rows) >= conf.min_users and len(f.tune_rows) >= conf.min_users]
+    for fold in folds:
+        if fold not in enough:
+            warnings.append(
+                f"{fold.protocol} fold: {len(fold.tune_rows)} tuning and {len(fold.select_rows)} selecting users, "
+                f"fewer than selection.min_users={conf.min_users}"
+            )
+    if enough:
+        return enough, warnings
+    largest = max(folds, key=lambda f: len(f.truth.users))
+    warnings.append(
+        f"validation has only {len(largest.truth.users)} users (< {conf.min_users} per half): the choices below are "
+        "unreliable; add events, or lower selection.min_users knowingly"
+    )
+    return [largest], warnings
+
+
+def popularity_as_of(history: Interactions, weights: np.ndarray, moment: float, window_days: float) -> np.ndarray:
+    """Weighted event count per item in the window before `moment` (0: all time), plus a trace of the
+    all-time count so every item with history stays recommendable and ties go to the all-time favourite."""
+    values = weights[history.action_idx]
+    all_time = np.bincount(history.item_idx, weights=values, minlength=history.n_items)
+    if window_days <= 0:
+        return all_time.astype(np.float32)
+    recent = history.ts >= moment - window_days * SECONDS_PER_DAY
+    windowed = np.bincount(history.item_idx[recent], weights=values[recent], minlength=history.n_items)
+    trace = all_time / max(float(all_time.max(initial=0.0)), 1e-12) * POPULARITY_ALL_TIME_TIE
+    return (windowed + trace).astype(np.float32)
+
+
+def fit_bundle(
+    history: Interactions,
+    moment: float,
+    choices: Choices,
+    settings: Settings,
+    weights: np.ndarray,
+    *,
+    ranker: RankerFit | None = None,
+    als_model: AlternatingLeastSquares | None = None,
+    warm_start: AlternatingLeastSquares | None = None,
+    item_item: sp.csr_matrix | np.ndarray | None = None,
+) -> tuple[ModelBundle, AlternatingLeastSquares]:
+    """The one way a bundle is built (validation folds, backtest, deployable): `history` weighted with the
+    chosen decay, ALS (given, warm-started, or fitted), popularity and item-item weights as of `moment`."""
+    matrix = confidence_matrix(history, weights, choices.half_life_days)
+    if als_model is None:
+        iterations = settings.als.refit_iterations if warm_start is not None else None
+        als_model = fit_als(matrix, choices.als, warm_start=warm_start, iterations=iterations)
+    if item_item is None and choices.item_item is not None:
+        item_item = _item_item(choices.item_item, matrix, choices.ease_lambda, settings)
+    ref = np.full(history.n_users, moment, dtype=np.float64)
+    bundle = ModelBundle(
+        user_ids=history.user_ids,
+        item_ids=history.item_ids,
+        actions=history.actions,
+        action_weights=weights,
+        half_life_days=choices.half_life_days,
+        als_params=choices.als,
+        user_factors=als_model.user_factors,
+        item_factors=als_model.item_factors,
+        history=matrix,
+        context=build_context(history, ref, als_model.item_factors, settings.ranker),
+        ranker=None if ranker is None else ranker.booster,
+        n_candidates=settings.candidates.n,
+        n_popular=settings.candidates.popular,
+        kind=choices.kind,
+        popularity=popularity_as_of(history, weights, moment, choices.popularity_window_days),
+        item_item=item_item,
+        n_item_item=settings.candidates.item_item if item_item is not None else 0,
+    )
+    bundle.info["ease_lambda"] = choices.ease_lambda
+    return bundle, als_model
+
+
+def _item_item(name: str, matrix: sp.csr_matrix, ease_lambda: float, settings: Settings) -> sp.csr_matrix | np.ndarray:
+    if name == KIND_EASE:
+        return ease_weights(matrix, ease_lambda)
+    return knn_similarity(matrix, settings.selection.knn_neighbours)
+
+
+def _ndcg(bundle: ModelBundle, truth: GroundTruth, kind: str) -> np.ndarray:
+    recs, _ = bundle.recommend(truth.users, K, kind=kind)
+    return ndcg_per_user(recs, truth.relevant, K)
+
+
+def select(
+    history: Interactions, profile: DataProfile, settings: Settings, weights: np.ndarray, progress: Progress | None
+) -> tuple[Choices, RankerFit | None, SelectionReport]:
+    """Choose the decay, ALS parameters, popularity window, item-item model, ranker and the served kind."""
+    conf = settings.selection
+    say = progress or (lambda _name: None)
+    folds, warnings = make_folds(history, profile, settings)
+    trials: dict[str, list[dict[str, Any]]] = {}
+    start = ALSParams.from_settings(settings.als)
+    enabled = set(conf.models)
+
+    def tune_truths() -> list[GroundTruth]:
+        return [f.part(f.tune_rows) for f in folds]
+
+    # 1. decay, judged by ALS with the starting parameters on the tuning users
+    if settings.features.half_life_days is not None:
+        half_life = float(settings.features.half_life_days)
+    else:
+        say("choose decay")
+        scores = {}
+        for candidate in conf.half_lives_days:
+            values = []
+            for fold, truth in zip(folds, tune_truths(), strict=True):
+                matrix = confidence_matrix(fold.window.history, weights, candidate)
+                bundle, _ = fit_bundle(fold.window.history, _moment(fold), _plain(KIND_ALS, candidate, start), settings,
+                                       weights, als_model=fit_als(matrix, start))  # fmt: skip
+                values.append(_ndcg(bundle, truth, KIND_ALS).mean())
+            scores[candidate] = float(np.mean(values))
+        half_life = max(scores, key=lambda c: (scores[c], -c))
+        trials["half_life_days"] = [{"half_life_days": c, "ndcg@10": round(v, 5)} for c, v in scores.items()]
+
+    # 2. ALS parameters (coordinate search, trials counted)
+    say("tune ALS")
+    matrices = [confidence_matrix(f.window.history, weights, half_life) for f in folds]
+    tuned = tune_als(list(zip(matrices, tune_truths(), strict=True)), settings.als, k=K)
+    trials["als"] = tuned.trials
+    choices = _plain(KIND_ALS, half_life, tuned.params)
+
+    # 3. popularity window, EASE regularisation, item-item model: fold bundles share their ALS fits
+    say("choose popularity, item-item")
+    bundles = [
+        fit_bundle(f.window.history, _moment(f), choices, settings, weights, als_model=m)[0]
+        for f, m in zip(folds, tuned.models, strict=True)
+    ]
+    pop_scores = {}
+    for days in conf.popularity_windows_days:
+        values = []
+        for fold, bundle, truth in zip(folds, bundles, tune_truths(), strict=True):
+            bundle.popularity = popularity_as_of(fold.window.history, weights, _moment(fold), days)
+            values.append(_ndcg(bundle, truth, KIND_POPULARITY).mean())
+        pop_scores[days] = float(np.mean(values))
+    pop_days = max(pop_scores, key=lambda d: (pop_scores[d], -d))
+    trials["popularity_window_days"] = [{"days": d, "ndcg@10": round(v, 5)} for d, v in pop_scores.items()]
+    for fold, bundle in zip(folds, bundles, strict=True):
+        bundle.popularity = popularity_as_of(fold.window.history, weights, _moment(fold), pop_days)
+        bundle.__dict__.pop("popular_order", None)
+    choices = replace(choices, popularity_window_days=pop_days)
+
+    item_item_fits: dict[str, list[sp.csr_matrix | np.ndarray]] = {}
+    item_item_scores: dict[str, float] = {}
+    ease_lambda = conf.ease_lambdas[0] if conf.ease_lambdas else 0.0
+    if KIND_ITEM_KNN in enabled or KIND_TWO_STAGE in enabled:
+        fits = [knn_similarity(m, conf.knn_neighbours) for m in matrices]
+        item_item_fits[KIND_ITEM_KNN] = fits
+        item_item_scores[KIND_ITEM_KNN] = _item_item_score(bundles, fits, tune_truths(), KIND_ITEM_KNN)
+    if KIND_EASE in enabled and history.n_items <= conf.ease_max_items and conf.ease_lambdas:
+        best_fits: list[sp.csr_matrix | np.ndarray] = []
+        best = -1.0
+        lambda_trials = []
+        for lam in conf.ease_lambdas:
+            fits = [ease_weights(m, lam) for m in matrices]
+            value = _item_item_score(bundles, fits, tune_truths(), KIND_EASE)
+            lambda_trials.append({"lambda": lam, "ndcg@10": round(value, 5)})
+            if value > best:
+                best, best_fits, ease_lambda = value, fits, lam
+        trials["ease_lambda"] = lambda_trials
+        item_item_fits[KIND_EASE], item_item_scores[KIND_EASE] = best_fits, best
+    elif KIND_EASE in enabled:
+        warnings.append(f"EASE skipped: {history.n_items} items > selection.ease_max_items={conf.ease_max_items}")
+    item_item = max(item_item_scores, key=lambda name: item_item_scores[name]) if item_item_scores else None
+    choices = replace(choices, item_item=item_item, ease_lambda=ease_lambda)
+
+    # 4. the ranker, trained on the tuning users' candidates of every fold (item-item candidates included)
+    ranker_fit: RankerFit | None = None
+    ranker_info: dict[str, Any] | None = None
+    if KIND_TWO_STAGE in enabled and settings.ranker.enabled:
+        say("train ranker")
+        for bundle, fold in zip(bundles, folds, strict=True):
+            if item_item is not None:
+                bundle.item_item = item_item_fits[item_item][folds.index(fold)]
+                bundle.n_item_item = settings.candidates.item_item
+        ranker_fit, ranker_info = _train_ranker(folds, bundles, settings, weights)
+        for bundle in bundles:
+            bundle.ranker = None if ranker_fit is None else ranker_fit.booster
+
+    # 5. the served kind, chosen on the selecting users
+    say("select model")
+    per_kind: dict[str, list[np.ndarray]] = {}
+    for fold, bundle in zip(folds, bundles, strict=True):
+        truth = fold.part(fold.select_rows)
+        for kind in SIMPLICITY:
+            if kind not in enabled:
+                continue
+            if kind in ITEM_ITEM_KINDS:
+                if kind not in item_item_fits:
+                    continue
+                bundle.item_item = item_item_fits[kind][folds.index(fold)]
+            elif kind == KIND_TWO_STAGE:
+                if bundle.ranker is None:
+                    continue
+                bundle.item_item = None if item_item is None else item_item_fits[item_item][folds.index(fold)]
+            per_kind.setdefault(kind, []).append(_ndcg(bundle, truth, kind))
+    models: dict[str, dict[str, Any]] = {}
+    for kind, values in per_kind.items():
+        pooled = np.concatenate(values)
+        models[kind] = {
+            "ndcg@10": round(float(np.mean([v.mean() for v in values])), 5),
+            "ci95": bootstrap_interval(pooled, conf.bootstrap, conf.seed),
+            "users": len(pooled),
+            "per_fold": [round(float(v.mean()), 5) for v in values],
+        }
+    ranked = sorted(models, key=lambda kind: (-models[kind]["ndcg@10"], SIMPLICITY.index(kind)))
+    served = ranked[0]
+    decided = f"{served}: highest validation NDCG@10 ({models[served]['ndcg@10']:.4f})"
+    if len(ranked) > 1:
+        decided += f", next {ranked[1]} {models[ranked[1]]['ndcg@10']:.4f}"
+    if KIND_TWO_STAGE in enabled and served != KIND_TWO_STAGE and KIND_TWO_STAGE in models:
+        decided += "; the ranker did not beat its candidates and is switched off"
+    if served == KIND_POPULARITY:
+        decided += "; no personalised model beat popularity, so popularity serves"
+    choices = replace(choices, kind=served)
+    if served != KIND_TWO_STAGE:
+        ranker_fit = None
+    if served in ITEM_ITEM_KINDS:
+        choices = replace(choices, item_item=served)
+    elif served != KIND_TWO_STAGE:
+        choices = replace(choices, item_item=None)  # nothing served needs it
+    report = SelectionReport(
+        choices=asdict(choices),
+        folds=[
+            {
+                "protocol": f.protocol,
+                "events": len(f.window.history),
+                "tune_users": len(f.tune_rows),
+                "select_users": len(f.select_rows),
+            }
+            for f in folds
+        ],
+        models=models,
+        decided=decided,
+        warnings=warnings,
+        trials=trials,
+        ranker=ranker_info,
+    )
+    return choices, ranker_fit, report
+
+
+def _moment(fold: Fold) -> float:
+    return float(fold.window.ref_time.max())
+
+
+def _plain(kind: str, half_life: float, als: ALSParams) -> Choices:
+    return Choices(kind=kind, half_life_days=half_life, als=als, popularity_window_days=0.0, item_item=None,
+                   ease_lambda=0.0)  # fmt: skip
+
+
+def _item_item_score(
+    bundles: list[ModelBundle], fits: list[sp.csr_matrix | np.ndarray], truths: list[GroundTruth], kind: str
+) -> float:
+    values = []
+    for bundle, fit, truth in zip(bundles, fits, truths, strict=True):
+        bundle.item_item = fit
+        values.append(_ndcg(bundle, truth, kind).mean())
+    return float(np.mean(values))
+
+
+def _train_ranker(
+    folds: list[Fold], bundles: list[ModelBundle], settings: Settings, weights: np.ndarray
+) -> tuple[RankerFit | None, dict[str, Any]]:
+    """LambdaRank on the tuning users' two-stage candidates, features as of each fold's moment."""
+    grades = action_grades(weights)
+    parts = []
+    recall = []
+    offset = 0
+    for fold, bundle in zip(folds, bundles, strict=True):
+        truth = fold.part(fold.tune_rows)
+        users = truth.users[: settings.ranker.max_train_users]
+        candidates = bundle.candidate_set(users)
+        width = candidates.items.shape[1]
+        recall.append(recall_curve(candidates.items, truth.relevant[: len(users)], (width,))[width])
+        X, row_user, row_item = candidate_features(bundle.context, users, candidates)
+        labels = grade_labels(fold.window.target, row_user, row_item, grades)
+        parts.append((X, labels, offset + row_user))
+        offset += fold.window.history.n_users
+    X, labels, query = (np.concatenate(column) for column in zip(*parts, strict=True))
+    names = feature_names(bundles[0].actions, settings.ranker.popularity_windows_days)
+    info: dict[str, Any] = {"candidate_recall": [round(r, 4) for r in recall], "rows": len(X)}
+    try:
+        fit = train_ranker(X, labels, query, names, settings.ranker, seed=settings.als.random_state)
+    except ValueError as exc:
+        info["skipped"] = str(exc)
+        return None, info
+    info.update(
+        best_iteration=fit.best_iteration,
+        validation_ndcg=fit.validation_ndcg,
+        train_queries=fit.train_queries,
+        validation_queries=fit.validation_queries,
+        feature_importance=fit.importances,
+    )
+    return fit, info
