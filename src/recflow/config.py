@@ -100,7 +100,7 @@ class SelectionSettings:
     ease_lambdas: tuple[float, ...] = (10.0, 50.0, 200.0, 1000.0)
     ease_max_items: int = 10_000  # EASE's dense item x item matrix: 400 MB of float32 at 10k items
     knn_neighbours: int = 100
-    min_users: int = 50  # validation users per fold below which the fold is not used (and a warning is printed)
+    min_users: int = 20  # tuning and selecting users per fold below which the fold is not used (with a warning)
     max_users: int = 5000  # validation users per fold (a fixed random sample above it)
     select_share: float = 0.4  # share of each fold's users held out to choose the model; the rest tune and train
     bootstrap: int = 1000  # resamples of users for the 95% intervals
@@ -116,7 +116,6 @@ class RankerSettings:
     min_child_samples: int = 20
     early_stopping_rounds: int = 30
     max_train_users: int = 20_000
-    windows: int = 4
     popularity_windows_days: tuple[float, ...] = (1.0, 7.0, 30.0)
     recent_items: int = 5
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -9,17 +11,18 @@ import scipy.sparse as sp
 from recflow.config import ALSSettings, TuneSettings
 from recflow.model.candidates import (
     SOURCE_ALS,
+    SOURCE_ITEM_ITEM,
     SOURCE_POPULAR,
     ALSParams,
     ImplicitCandidates,
-    MergedCandidates,
-    PopularityCandidates,
-    Recommender,
+    ease_weights,
     fit_als,
     item_knn,
+    knn_similarity,
     tune_als,
 )
 from recflow.model.metrics import PAD, GroundTruth
+from recflow.model.scoring import score_users, two_stage_candidates
 
 N_BLOCKS, USERS_PER_BLOCK, ITEMS_PER_BLOCK = 3, 20, 8
 
@@ -76,20 +79,37 @@ def test_item_knn_stays_in_block() -> None:
     assert np.all(items[:, 0] // ITEMS_PER_BLOCK == held_out // ITEMS_PER_BLOCK)
 
 
-def generators(matrix: sp.csr_matrix) -> dict[str, Recommender]:
-    return {
-        "popularity": PopularityCandidates(matrix),
-        "item_knn": item_knn(matrix, neighbours=10),
-        "als": ImplicitCandidates(fit_als(matrix, PARAMS), matrix),
-    }
+def scoring_model(matrix: sp.csr_matrix, item_item: object = None, n_popular: int = 0, n_item_item: int = 0) -> object:
+    """What model.scoring needs, from a block matrix: ALS factors, all-time popularity, item-item weights."""
+    model = fit_als(matrix, PARAMS)
+    return SimpleNamespace(
+        kind="als",
+        item_factors=model.item_factors,
+        user_factors=model.user_factors,
+        popularity=np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32),
+        item_item=item_item,
+        n_candidates=2,
+        n_popular=n_popular,
+        n_item_item=n_item_item,
+    )
 
 
-@pytest.mark.parametrize("name", ["popularity", "item_knn", "als"])
+KINDS = {
+    "popularity": lambda m: None,
+    "item_knn": lambda m: knn_similarity(m, 10),
+    "ease": lambda m: ease_weights(m, 10.0),
+    "als": lambda m: None,
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("n", [1, 5, 40])
-def test_contract_no_seen_no_cold_padding_last_scores_descending(name: str, n: int) -> None:
+def test_contract_no_seen_no_cold_padding_last_scores_descending(kind: str, n: int) -> None:
+    """One contract over every one-stage model kind, through the one scoring function."""
     matrix, _ = block_matrix()
+    model = scoring_model(matrix, KINDS[kind](matrix))
     users = np.arange(matrix.shape[0])
-    items, scores = generators(matrix)[name].recommend(users, n)
+    items, scores = score_users(model, matrix, n, vectors=model.user_factors, kind=kind)
     assert items.shape == scores.shape == (len(users), n)
     cold = {matrix.shape[1] - 2, matrix.shape[1] - 1}
     for user in users:
@@ -101,54 +121,72 @@ def test_contract_no_seen_no_cold_padding_last_scores_descending(name: str, n: i
         assert np.all(row[len(real) :] == PAD), "padding must come after the real items"
         assert np.all(np.diff(scores[user][: len(real)]) <= 1e-6)
     if n == 40:  # more asked than each user can get: every unseen warm item is returned, then padding
-        assert np.all((items != PAD).sum(axis=1) <= ITEMS_PER_BLOCK * N_BLOCKS - (ITEMS_PER_BLOCK - 1))
+        assert np.all((items != PAD).sum(axis=1) == ITEMS_PER_BLOCK * N_BLOCKS - (ITEMS_PER_BLOCK - 1))
+
+
+@pytest.mark.parametrize("kind", ["item_knn", "ease", "als"])
+def test_personal_models_recommend_the_held_out_in_block_item(kind: str) -> None:
+    matrix, held_out = block_matrix()
+    model = scoring_model(matrix, KINDS[kind](matrix))
+    items, _ = score_users(model, matrix, 1, vectors=model.user_factors, kind=kind)
+    assert (items[:, 0] == held_out).mean() == 1.0
 
 
 def test_popularity_orders_by_summed_confidence() -> None:
     matrix = sp.csr_matrix(np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=np.float32))
-    items, _ = PopularityCandidates(matrix).recommend(np.array([3, 0]), 3)
+    model = SimpleNamespace(popularity=np.asarray(matrix.sum(axis=0)).ravel(), kind="popularity")
+    items, _ = score_users(model, matrix[[3, 0]], 3)
     assert items.tolist() == [[0, 1, 2], [1, 2, PAD]]
+
+
+def _truth(matrix: sp.csr_matrix, held_out: np.ndarray) -> GroundTruth:
+    return GroundTruth(
+        users=np.arange(matrix.shape[0]),
+        relevant=sp.csr_matrix((np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape),
+    )
 
 
 def test_tuning_keeps_the_best_trial_and_respects_pinning() -> None:
     matrix, held_out = block_matrix()
-    truth = GroundTruth(
-        users=np.arange(matrix.shape[0]),
-        relevant=sp.csr_matrix((np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape),
-    )
+    truth = _truth(matrix, held_out)
     base = ALSSettings(factors=8, regularization=0.01, alpha=5.0, iterations=10, random_state=1)
-    tuned = tune_als(matrix, truth, base.__class__(**{**base.__dict__, "tune": TuneSettings(max_trials=6)}))
+    tuned = tune_als([(matrix, truth)], base.__class__(**{**base.__dict__, "tune": TuneSettings(max_trials=6)}))
     best = max(trial["ndcg@10"] for trial in tuned.trials)
     chosen = next(t for t in tuned.trials if all(t[k] == v for k, v in tuned.params.__dict__.items()))
     assert chosen["ndcg@10"] == best
     assert len(tuned.trials) <= 6
-    pinned = tune_als(matrix, truth, base.__class__(**{**base.__dict__, "tune": TuneSettings(enabled=False)}))
+    pinned = tune_als([(matrix, truth)], base.__class__(**{**base.__dict__, "tune": TuneSettings(enabled=False)}))
     assert pinned.params == ALSParams.from_settings(base) and len(pinned.trials) == 1
 
 
-@pytest.mark.parametrize("n_popular", [0, 3, 30])
-def test_merged_candidates_add_unseen_popular_items_once_with_their_source(n_popular: int) -> None:
+@pytest.mark.parametrize(("n_popular", "n_item_item"), [(0, 0), (3, 0), (30, 0), (3, 5)])
+def test_two_stage_candidates_add_unseen_items_once_with_their_source(n_popular: int, n_item_item: int) -> None:
     """Popular items come from every block, ALS proposes in-block items: the lists overlap only in part."""
     matrix, _ = block_matrix()
-    model = fit_als(matrix, PARAMS)
-    als = ImplicitCandidates(model, matrix)
+    knn = knn_similarity(matrix, 10)
+    model = scoring_model(matrix, knn if n_item_item else None, n_popular, n_item_item)
     users = np.arange(matrix.shape[0])
-    merged = MergedCandidates(als, PopularityCandidates(matrix), n_popular).candidates(users, 2)
-    als_items, _ = als.recommend(users, 2)
-    assert merged.items.shape == merged.scores.shape == merged.sources.shape == (len(users), 2 + n_popular)
+    merged = two_stage_candidates(model, matrix, model.user_factors)
+    als_items, _ = score_users(model, matrix, 2, vectors=model.user_factors, kind="als")
+    popular_top, _ = score_users(model, matrix, n_popular, kind="popularity") if n_popular else (None, None)
+    knn_model = scoring_model(matrix, knn)
+    ii_top, _ = score_users(knn_model, matrix, n_item_item, kind="item_knn") if n_item_item else (None, None)
+    assert merged.items.shape == merged.scores.shape == merged.sources.shape
     assert np.array_equal(merged.items[:, :2], als_items), "the ALS top-n comes first, unchanged"
     cold = {matrix.shape[1] - 2, matrix.shape[1] - 1}
-    popular_top, _ = PopularityCandidates(matrix).recommend(users, n_popular)
     for user in users:
         row, sources = merged.items[user], merged.sources[user]
         real = row[row != PAD]
-        assert len(set(real)) == len(real), "an item proposed by both sources must appear once"
+        assert len(set(real)) == len(real), "an item proposed by several sources must appear once"
         assert not set(real) & set(matrix[user].indices) and not set(real) & cold
-        wanted = set(popular_top[user][popular_top[user] != PAD]) | set(als_items[user][als_items[user] != PAD])
-        assert set(real) == wanted
+        popular = set() if popular_top is None else set(popular_top[user][popular_top[user] != PAD])
+        similar = set() if ii_top is None else set(ii_top[user][ii_top[user] != PAD])
+        assert set(real) == set(als_items[user][als_items[user] != PAD]) | popular | similar
         for item, source in zip(row, sources, strict=True):
-            expected = (SOURCE_ALS if item in als_items[user] else 0) | (
-                SOURCE_POPULAR if item in popular_top[user] else 0
+            expected = (
+                (SOURCE_ALS if item in als_items[user] else 0)
+                | (SOURCE_POPULAR if item in popular else 0)
+                | (SOURCE_ITEM_ITEM if item in similar else 0)
             )
             assert source == (expected if item != PAD else 0)
     if n_popular == 30:  # every unseen item is popular enough: both kinds of candidates occur
@@ -156,16 +194,14 @@ def test_merged_candidates_add_unseen_popular_items_once_with_their_source(n_pop
     valid = merged.items != PAD
     dots = np.einsum("uf,ukf->uk", model.user_factors, model.item_factors[np.where(valid, merged.items, 0)])
     assert np.allclose(merged.scores[valid], dots[valid], atol=1e-5), "every candidate carries its ALS score"
+    assert (merged.item_item is None) == (n_item_item == 0)
 
 
 def test_tuning_does_not_start_a_trial_past_its_budget() -> None:
     """Regression: the budget was checked only before a trial, so a search could overrun it by a whole trial."""
     matrix, held_out = block_matrix()
-    truth = GroundTruth(
-        users=np.arange(matrix.shape[0]),
-        relevant=sp.csr_matrix((np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape),
-    )
+    truth = _truth(matrix, held_out)
     base = ALSSettings(factors=8, regularization=0.01, alpha=5.0, iterations=10, random_state=1)
     settings = base.__class__(**{**base.__dict__, "tune": TuneSettings(budget_seconds=0.0, max_trials=16)})
-    tuned = tune_als(matrix, truth, settings)
+    tuned = tune_als([(matrix, truth)], settings)
     assert len(tuned.trials) == 1 and tuned.params == ALSParams.from_settings(base)

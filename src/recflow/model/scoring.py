@@ -96,13 +96,16 @@ def item_item_scores(model: ScoringModel, rows: sp.csr_matrix) -> np.ndarray:
     return np.asarray(rows @ model.item_item, dtype=np.float32)
 
 
+def _popularity_tie(model: ScoringModel) -> np.ndarray:
+    return (model.popularity / max(float(model.popularity.max(initial=0.0)), 1e-12) * POPULARITY_TIE).astype(np.float32)
+
+
 def base_scores(model: ScoringModel, kind: str, rows: sp.csr_matrix, vectors: np.ndarray | None) -> np.ndarray:
     """Users x items scores of a one-stage model kind (before exclusion)."""
     if kind == KIND_POPULARITY:
         return np.broadcast_to(model.popularity, (rows.shape[0], len(model.popularity))).copy()
     if kind in ITEM_ITEM_KINDS:
-        tie = model.popularity / max(float(model.popularity.max(initial=0.0)), 1e-12) * POPULARITY_TIE
-        return item_item_scores(model, rows) + tie.astype(np.float32)
+        return item_item_scores(model, rows) + _popularity_tie(model)
     if vectors is None:
         raise ValueError("ALS scoring needs the users' vectors")
     return (vectors @ model.item_factors.T).astype(np.float32)
@@ -132,8 +135,8 @@ def two_stage_candidates(
     extra_sources: list[tuple[int, np.ndarray, int]] = [
         (SOURCE_POPULAR, base_scores(model, KIND_POPULARITY, rows, None), model.n_popular)
     ]
-    if ii is not None:
-        extra_sources.append((SOURCE_ITEM_ITEM, ii.copy(), model.n_item_item))
+    if ii is not None:  # ranked as the item-item kinds rank (popularity breaks ties)
+        extra_sources.append((SOURCE_ITEM_ITEM, ii + _popularity_tie(model), model.n_item_item))
     for bit, scores, n in extra_sources:
         if n <= 0:
             continue
