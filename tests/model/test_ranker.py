@@ -9,13 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recflow.config import RankerSettings
+from recflow.config import RankerSettings, SplitSettings
 from recflow.model.candidates import SOURCE_ALS, CandidateSet
-from recflow.model.features import SECONDS_PER_DAY, encode_events
+from recflow.model.features import SECONDS_PER_DAY, SPLIT_TEST, Interactions, assign_split, encode_events, window
 from recflow.model.metrics import PAD
 from recflow.model.ranker import action_grades, grade_labels, rerank, train_ranker
 from recflow.model.ranker_features import build_context, candidate_features, feature_names
-from recflow.model.training import earlier_window
 
 ACTIONS = ("view", "click", "add_to_cart", "purchase")
 DAY0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
@@ -121,20 +120,22 @@ def test_stacked_windows_keep_a_users_queries_apart() -> None:
     assert fit.train_queries + fit.validation_queries == (np.bincount(query, weights=labels) > 0).sum()
 
 
-@pytest.mark.parametrize("method", ["global_time", "per_user"])
-def test_an_earlier_window_ends_where_its_target_begins(method: str) -> None:
+@pytest.mark.parametrize("method", ["global_time", "per_user", "random"])
+def test_a_window_is_scored_as_of_the_end_of_its_history(method: str) -> None:
+    """Every protocol answers as of one moment: the cut (global time) or the end of the history (per user,
+    random), as `recflow recommend` answers as of the end of its data; no history event is after it."""
     rows = [(u, f"i{j}", "view", 10 * k + j) for k, u in enumerate("abc") for j in range(10)]
     inter = encode_events(table(rows), ACTIONS)
-    earlier = earlier_window(inter, method, 0.2)
-    assert len(earlier.history) + len(earlier.target) == len(inter)
+    labels, cuts = assign_split(inter, SplitSettings(method=method, test_fraction=0.2, validation_fraction=0.0))
+    win = window(Interactions(**{**inter.__dict__, "split": labels}), SPLIT_TEST, method, cuts)
+    assert len(win.history) + len(win.target) == len(inter)
+    assert np.all(win.ref_time == win.ref_time[0]), "one moment for every user"
+    assert win.history.ts.max() < win.ref_time[0]
     if method == "global_time":  # the last 20% of all events, after one cut shared by every user
-        assert earlier.history.ts.max() < earlier.target.ts.min()
-        assert np.all(earlier.ref_time == earlier.target.ts.min())
-    else:  # each user's last 2 events
-        assert np.bincount(earlier.target.user_idx).tolist() == [2, 2, 2]
-        for user in range(3):
-            assert earlier.history.ts[earlier.history.user_idx == user].max() < earlier.ref_time[user]
-            assert earlier.ref_time[user] <= earlier.target.ts[earlier.target.user_idx == user].min()
+        assert win.history.ts.max() < win.target.ts.min() == win.ref_time[0]
+    else:  # 2 of each user's 10 events: the last ones, or random ones
+        assert np.bincount(win.target.user_idx).tolist() == [2, 2, 2]
+        assert win.ref_time[0] == win.history.ts.max() + 1
 
 
 def test_rerank_keeps_only_real_candidates_in_ranker_order() -> None:
