@@ -69,7 +69,7 @@ def main() -> None:
     settings = load_settings()
     if args.with_model:  # a quick bundle: the check needs a model, not the best one
         settings = settings.replace("als", iterations=8, tune=settings.als.tune.__class__(enabled=False))
-        settings = settings.replace("ranker", n_estimators=60, windows=1)
+        settings = settings.replace("ranker", n_estimators=60)
     scores: dict[tuple[str, bool], list[float]] = defaultdict(list)
     flagged: dict[tuple[str, bool], int] = defaultdict(int)
     for drift in (False, True):

@@ -54,9 +54,7 @@ def als_versus_bare(work: Path, repeats: int) -> tuple[list[float], list[float],
     for _ in range(repeats):
         began = time.perf_counter()
         win = window(inter, PRODUCTION, str(meta["summary"]["method"]), meta["cuts"])
-        matrix = confidence_matrix(
-            win.history, action_weights(settings, inter.actions), settings.features.half_life_days, win.ref_time
-        )
+        matrix = confidence_matrix(win.history, action_weights(settings, inter.actions), 30.0)
         fit_als(matrix, params)
         stage.append(time.perf_counter() - began)
         model = AlternatingLeastSquares(

@@ -57,7 +57,6 @@ def build_project(work: Path, args: argparse.Namespace) -> None:
     params["generate"].update(users=args.users, items=args.items, events=args.events, days=60)
     params["als"].update(factors=args.factors)
     params["als"]["tune"]["enabled"] = False
-    params["ranker"].update(windows=1)
     params["service"] = {**params.get("service", {}), "reload_check_seconds": 0}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = ["generate", "ingest", "features", "train", "evaluate", "deploy"]

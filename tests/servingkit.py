@@ -24,7 +24,9 @@ from .conftest import REPO, write_small_project
 SERVING_PROJECT = {
     "generate": {"users": 300, "items": 150, "events": 12_000, "days": 30, "groups": 5},
     "als": {"factors": 16, "iterations": 10, "tune": {"enabled": False}},
-    "ranker": {"n_estimators": 40, "windows": 1, "max_train_users": 300},
+    "ranker": {"n_estimators": 40, "max_train_users": 300},
+    # the serving tests exercise the two-stage path: pin it rather than let validation choose
+    "selection": {"models": ["als_ranker"], "half_lives_days": [30], "ease_lambdas": [50]},
 }
 
 

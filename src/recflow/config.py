@@ -1,17 +1,27 @@
-"""Typed settings read from params.yaml: the one source of truth for paths and parameters."""
+"""Typed settings read from params.yaml: the one source of truth for paths and parameters.
+
+Each section of params.yaml is a frozen pydantic dataclass (so `dataclasses.replace` and `asdict` work on it). The
+field types and constraints are the validation; `_explain` turns pydantic's errors into ConfigErrors that name the
+params.yaml key and say what it must be. Scalars are strict as YAML gives them: an int setting takes 8 or 8.0 but
+not "8" or true, a bool takes only true/false. A few settings may be overridden by `RECFLOW_*` environment
+variables: the field declares its variable (`Env`), and the section's `resolved(environ)` applies them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, dataclass_transform, get_args
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from recflow.errors import ConfigError
 
@@ -19,9 +29,68 @@ DEFAULT_PARAMS = Path("params.yaml")
 SPLIT_METHODS = ("auto", "global_time", "per_user", "random")
 MODEL_KINDS = ("popularity", "item_knn", "ease", "als", "als_ranker")
 
+T = TypeVar("T")
 
-@dataclass(frozen=True)
-class Paths:
+
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# YAML scalars as the settings take them (pydantic's lax mode would also take "8" for an int and "yes" for a bool).
+Int = Annotated[int, BeforeValidator(_whole_number), Strict()]  # 8 or 8.0; not "8", 8.5 or true
+Float = Annotated[float, Strict()]  # 0.5 or 1; not "0.5" or true
+Bool = Annotated[bool, Strict()]  # true or false only
+Count = Annotated[Int, Field(ge=1)]  # at least 1
+NonNegativeInt = Annotated[Int, Field(ge=0)]
+NonNegative = Annotated[Float, Field(ge=0)]
+Positive = Annotated[Float, Field(gt=0)]
+# str settings are lax with numbers (`token: 12345` is the string "12345"), see _CONFIG; Path settings take strings.
+
+_CONFIG = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+_PARAMS_FILE = "params_file"  # validation context key: set while reading params.yaml (rules only the file must meet)
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+    """Field marker: the environment variable that overrides this setting, applied by the section's `resolved`.
+    An unset or empty variable leaves the setting as it is."""
+
+    variable: str
+
+
+class _Section:
+    __pydantic_fields__: ClassVar[dict[str, FieldInfo]]  # set by pydantic on each section
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        return {} if data is None else data  # `service:` with every key commented out: the defaults
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, Field))
+def _settings(key: str) -> Callable[[type[T]], type[T]]:
+    """Make a class a settings section: a frozen pydantic dataclass whose invalid values, when it is built in code
+    (`ServiceSettings(k_max=0)`, `settings.replace(...)`), raise a ConfigError naming `key` (its params.yaml key)."""
+
+    def make(cls: type[T]) -> type[T]:
+        section = pydantic.dataclasses.dataclass(frozen=True, config=_CONFIG)(cls)
+        validate = section.__init__
+
+        @functools.wraps(validate)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                validate(self, *args, **kwargs)
+            except ValidationError as exc:
+                raise ConfigError(_explain(exc, section, key)) from None
+
+        section.__init__ = __init__  # type: ignore[method-assign]
+        return section  # type: ignore[return-value]  # the same class, now a pydantic dataclass
+
+    return make
+
+
+@_settings("paths")
+class Paths(_Section):
     inbox: Path = Path("data/inbox")
     store: Path = Path("data/events")
     rejected: Path = Path("data/rejected")
@@ -30,136 +99,163 @@ class Paths:
     reports: Path = Path("reports")
 
 
-@dataclass(frozen=True)
-class EventSettings:
-    actions: dict[str, float] = field(
+@_settings("events")
+class EventSettings(_Section):
+    actions: dict[str, Positive] = field(
         default_factory=lambda: {"view": 0.5, "click": 1.0, "add_to_cart": 1.5, "purchase": 2.0}
     )
-    max_future_skew_seconds: float = 300.0
-    max_id_length: int = 256
+    max_future_skew_seconds: Float = 300.0
+    max_id_length: Int = 256
+
+    @pydantic.field_validator("actions")
+    @classmethod
+    def _at_least_one_action(cls, actions: dict[str, float]) -> dict[str, float]:
+        if not actions:
+            raise ValueError("must name at least one action with its weight")
+        return actions
 
 
-@dataclass(frozen=True)
-class GenerateSettings:
-    seed: int = 42
-    users: int = 5000
-    items: int = 2000
-    events: int = 300_000
-    days: int = 60
-    groups: int = 12
+@_settings("generate")
+class GenerateSettings(_Section):
+    seed: Int = 42
+    users: Int = 5000
+    items: Int = 2000
+    events: Int = 300_000
+    days: Int = 60
+    groups: Int = 12
 
 
-@dataclass(frozen=True)
-class SplitSettings:
+@_settings("features.split")
+class SplitSettings(_Section):
     method: str = "auto"  # auto | global_time | per_user | random (auto: per_user, or random when time says nothing)
-    test_fraction: float = 0.2
-    validation_fraction: float = 0.2
-    seed: int = 0  # the random split's seed
+    test_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2
+    # 0 (no validation window) is for folds the code cuts (selection.make_folds); params.yaml needs one
+    validation_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.2
+    seed: Int = 0  # the random split's seed
+
+    @pydantic.field_validator("method")
+    @classmethod
+    def _a_split_method(cls, method: str) -> str:
+        if method not in SPLIT_METHODS:
+            raise ValueError(f"must be one of {', '.join(SPLIT_METHODS)}")
+        return method
+
+    @pydantic.field_validator("validation_fraction")
+    @classmethod
+    def _a_validation_window_in_params(cls, value: float, info: ValidationInfo) -> float:
+        if value == 0 and info.context and _PARAMS_FILE in info.context:
+            raise ValueError("must be between 0 and 1 (the ranker's labels and the tuning's targets come from it)")
+        return value
 
 
-@dataclass(frozen=True)
-class FeatureSettings:
-    half_life_days: float | None = None  # pinned time decay; null: chosen by validation (selection.half_lives_days)
+@_settings("features")
+class FeatureSettings(_Section):
+    # pinned decay, measured back from each user's last event (0: none); null: chosen on validation
+    half_life_days: NonNegative | None = None
     split: SplitSettings = field(default_factory=SplitSettings)
 
 
-@dataclass(frozen=True)
-class TuneSettings:
-    enabled: bool = True
-    budget_seconds: float | None = None  # wall-clock cap (null: none; trials alone keep dvc repro deterministic)
-    max_trials: int = 16
-    max_users: int = 5000
-    search: tuple[str, ...] = ("alpha", "regularization", "factors")
+@_settings("als.tune")
+class TuneSettings(_Section):
+    enabled: Bool = True
+    budget_seconds: Float | None = None  # wall-clock cap; null: trials only (dvc repro chooses the same anywhere)
+    max_trials: Int = 16
+    max_users: Int = 5000
+    search: tuple[Literal["alpha", "regularization", "factors"], ...] = ("alpha", "regularization", "factors")
 
 
-@dataclass(frozen=True)
-class ALSSettings:
-    factors: int = 64
-    regularization: float = 0.05
-    alpha: float = 10.0
-    iterations: int = 15
-    refit_iterations: int = 5
-    random_state: int = 7
+@_settings("als")
+class ALSSettings(_Section):
+    factors: Int = 64
+    regularization: Float = 0.05
+    alpha: Float = 10.0
+    iterations: Int = 15
+    refit_iterations: Int = 5
+    random_state: Int = 7
     tune: TuneSettings = field(default_factory=TuneSettings)
 
 
-@dataclass(frozen=True)
-class CandidateSettings:
-    n: int = 100
-    popular: int = 20
-    item_item: int = 50  # plus the top items of the item-to-item model (EASE or item-kNN) not proposed yet
+@_settings("candidates")
+class CandidateSettings(_Section):
+    n: Int = 100
+    popular: Int = 20
+    item_item: NonNegativeInt = 50  # plus the top items of the item-to-item model (EASE or item-kNN)
 
 
-@dataclass(frozen=True)
-class SelectionSettings:
+@_settings("selection")
+class SelectionSettings(_Section):
     """What the train stage chooses on validation folds inside the training data (recflow/model/selection.py)."""
 
-    models: tuple[str, ...] = ("popularity", "item_knn", "ease", "als", "als_ranker")
-    half_lives_days: tuple[float, ...] = (0.0, 30.0, 180.0)  # decay candidates; 0: no decay
-    popularity_windows_days: tuple[float, ...] = (0.0, 1.0, 7.0, 30.0)  # 0: all time
-    ease_lambdas: tuple[float, ...] = (10.0, 50.0, 200.0, 1000.0)
-    ease_max_items: int = 10_000  # EASE's dense item x item matrix: 400 MB of float32 at 10k items
-    knn_neighbours: int = 100
-    min_users: int = 20  # tuning and selecting users per fold below which the fold is not used (with a warning)
-    max_users: int = 5000  # validation users per fold (a fixed random sample above it)
-    select_share: float = 0.4  # share of each fold's users held out to choose the model; the rest tune and train
-    bootstrap: int = 1000  # resamples of users for the 95% intervals
-    seed: int = 0
+    models: tuple[Literal["popularity", "item_knn", "ease", "als", "als_ranker"], ...] = MODEL_KINDS
+    half_lives_days: tuple[NonNegative, ...] = (0.0, 30.0, 180.0)  # decay candidates; 0: no decay
+    popularity_windows_days: tuple[NonNegative, ...] = (0.0, 1.0, 7.0, 30.0)  # 0: all time
+    ease_lambdas: tuple[Positive, ...] = (10.0, 50.0, 200.0, 1000.0)
+    ease_max_items: NonNegativeInt = 10_000  # EASE's dense item x item matrix: 400 MB of float32 at 10k items
+    knn_neighbours: Count = 100
+    min_users: Count = 20  # tuning and selecting users per fold below which the fold is not used (with a warning)
+    max_users: Count = 5000  # judged users per fold (a fixed random sample above it)
+    global_folds: Count = 4  # most global-time cuts, each earlier, while they judge fewer than max_users users
+    select_share: Annotated[Float, Field(gt=0, lt=1)] = 0.4  # users held out to choose the served kind
+    bootstrap: Count = 1000  # resamples for the 95% intervals
+    seed: Int = 0
+
+    @pydantic.field_validator("models", "half_lives_days", "popularity_windows_days")
+    @classmethod
+    def _not_empty(cls, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not values:
+            raise ValueError("must name at least one")
+        return values
 
 
-@dataclass(frozen=True)
-class RankerSettings:
-    enabled: bool = True
-    n_estimators: int = 300
-    learning_rate: float = 0.05
-    num_leaves: int = 4
-    min_child_samples: int = 20
-    early_stopping_rounds: int = 30
-    max_train_users: int = 20_000
-    popularity_windows_days: tuple[float, ...] = (1.0, 7.0, 30.0)
-    recent_items: int = 5
+@_settings("ranker")
+class RankerSettings(_Section):
+    enabled: Bool = True
+    n_estimators: Int = 300
+    learning_rate: Float = 0.05
+    num_leaves: Int = 4
+    min_child_samples: Int = 20
+    early_stopping_rounds: Int = 30
+    max_train_users: Int = 20_000
+    popularity_windows_days: tuple[Float, ...] = (1.0, 7.0, 30.0)
+    recent_items: Int = 5
 
 
-@dataclass(frozen=True)
-class EvaluateSettings:
-    k: int = 10
-    recall_k: int = 20
-    curve_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
-    max_users: int = 20_000
-    seed: int = 0
+@_settings("evaluate")
+class EvaluateSettings(_Section):
+    k: Int = 10
+    recall_k: Int = 20
+    curve_ks: tuple[Int, ...] = (1, 5, 10, 20, 50, 100)
+    max_users: Int = 20_000
+    seed: Int = 0
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
+@_settings("service")
+class ServiceSettings(_Section):
     """The HTTP service (bentos/service.py). `token` and `redis_url` may be overridden by the environment
     variables RECFLOW_SERVICE_TOKEN and RECFLOW_SERVICE_REDIS_URL (see `resolved`)."""
 
-    token: str | None = None  # bearer token required by the write endpoints (/events, /reload); null: open
-    max_body_bytes: int = 1_048_576  # larger request bodies are refused with 413
-    max_events: int = 1000  # events per POST /events (and recent_events per /recommend)
-    k_max: int = 200  # the largest k a request may ask for
-    redis_url: str | None = None  # user state in Redis (shared by workers and replicas); null: state_path
+    # bearer token required by the write endpoints (/events, /reload); null: open
+    token: Annotated[str | None, Env("RECFLOW_SERVICE_TOKEN")] = None
+    max_body_bytes: Count = 1_048_576  # larger request bodies are refused with 413
+    max_events: Count = 1000  # events per POST /events (and recent_events per /recommend)
+    k_max: Int = 200  # the largest k a request may ask for
+    # user state in Redis (shared by workers and replicas); null: state_path
+    redis_url: Annotated[str | None, Env("RECFLOW_SERVICE_REDIS_URL")] = None
     redis_prefix: str = "recflow:state:"  # key prefix of the user state in Redis
     state_path: Path = Path("models/serving/user_state.jsonl")  # append-only log of user state without Redis
-    reload_check_seconds: float = 5.0  # how often a request may check whether production changed (0: never)
-    workers: int = 1  # service processes; more than one needs redis_url (the local state log serves one process)
+    reload_check_seconds: NonNegative = 5.0  # how often a request may check whether production changed (0: never)
+    workers: Count = 1  # service processes; more than one needs redis_url (the local state log serves one process)
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.k_max <= 200:
-            raise ConfigError(f"service.k_max must be between 1 and 200 (the API's limit), got {self.k_max}")
-        for name in ("max_body_bytes", "max_events", "workers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"service.{name} must be at least 1, got {getattr(self, name)}")
-        if self.reload_check_seconds < 0:
-            raise ConfigError(f"service.reload_check_seconds must not be negative, got {self.reload_check_seconds}")
+    @pydantic.field_validator("k_max")
+    @classmethod
+    def _within_the_api_limit(cls, k_max: int) -> int:
+        if not 1 <= k_max <= 200:
+            raise ValueError("must be between 1 and 200 (the API's limit)")
+        return k_max
 
     def resolved(self, environ: Mapping[str, str]) -> ServiceSettings:
         """These settings with the environment's overrides applied; more than one worker needs Redis."""
-        resolved = dataclasses.replace(
-            self,
-            token=environ.get("RECFLOW_SERVICE_TOKEN") or self.token,
-            redis_url=environ.get("RECFLOW_SERVICE_REDIS_URL") or self.redis_url,
-        )
+        resolved = _with_environment(self, environ)
         if resolved.workers > 1 and not resolved.redis_url:
             raise ConfigError(
                 f"service.workers is {resolved.workers}, which needs the user state in Redis: set service.redis_url "
@@ -168,94 +264,89 @@ class ServiceSettings:
         return resolved
 
 
-@dataclass(frozen=True)
-class EventLogSettings:
+@_settings("eventlog")
+class EventLogSettings(_Section):
     """The real-time event log (recflow.stream.log) and its consumer (recflow.stream.consumer). The environment
     variable RECFLOW_REDIS_URL overrides `redis_url` (see `resolved`)."""
 
-    redis_url: str | None = None  # null: the local spool file (embedded, single machine)
+    # null: the local spool file (embedded, single machine)
+    redis_url: Annotated[str | None, Env("RECFLOW_REDIS_URL")] = None
     stream: str = "recflow:events"  # Redis stream the events are appended to
     group: str = "recflow-store"  # consumer group that stores them
     consumer: str | None = None  # consumer name; null: the host name (a restart takes back its own pending entries)
-    maxlen: int = 1_000_000  # length cap: acknowledged entries beyond it are trimmed (never unacknowledged ones)
-    batch_size: int = 10_000  # entries read and stored per batch (one store write each)
-    block_ms: int = 1000  # how long one read waits for new entries
-    linger_ms: int = 200  # after the first new entry, wait up to this long to fill a batch (fewer store files)
-    claim_idle_ms: int = 60_000  # pending entries of another consumer idle this long are claimed (dead consumer)
-    max_deliveries: int = 5  # delivered this often: stored one by one; the one a consumer dies on is dead-lettered
+    maxlen: Count = 1_000_000  # length cap: acknowledged entries beyond it are trimmed (never unacknowledged ones)
+    batch_size: Count = 10_000  # entries read and stored per batch (one store write each)
+    block_ms: NonNegativeInt = 1000  # how long one read waits for new entries
+    linger_ms: NonNegativeInt = (
+        200  # after the first new entry, wait up to this long to fill a batch (fewer store files)
+    )
+    claim_idle_ms: NonNegativeInt = (
+        60_000  # pending entries of another consumer idle this long are claimed (dead consumer)
+    )
+    max_deliveries: Count = 5  # delivered this often: stored one by one; the one a consumer dies on is dead-lettered
     dead_letter_stream: str = "recflow:events:dead"  # poison entries with their reason
     spool: Path = Path("spool")  # folder of the spool file and its consumer position (outside data/)
 
-    def __post_init__(self) -> None:
-        for name in ("maxlen", "batch_size", "max_deliveries"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eventlog.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("block_ms", "linger_ms", "claim_idle_ms"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"eventlog.{name} must not be negative, got {getattr(self, name)}")
-        if self.stream == self.dead_letter_stream:
-            raise ConfigError("eventlog.dead_letter_stream must differ from eventlog.stream")
+    @pydantic.field_validator("dead_letter_stream")
+    @classmethod
+    def _not_the_stream(cls, dead_letter_stream: str, info: ValidationInfo) -> str:
+        if dead_letter_stream == info.data.get("stream"):
+            raise ValueError("must differ from eventlog.stream")
+        return dead_letter_stream
 
     def resolved(self, environ: Mapping[str, str]) -> EventLogSettings:
         """These settings with the environment's override (RECFLOW_REDIS_URL) applied."""
-        return dataclasses.replace(self, redis_url=environ.get("RECFLOW_REDIS_URL") or self.redis_url)
+        return _with_environment(self, environ)
 
 
-@dataclass(frozen=True)
-class RegistrySettings:
+@_settings("registry")
+class RegistrySettings(_Section):
     """The model registry (recflow.ops.registry): versions in the BentoML model store and the promotion gate."""
 
     home: Path = Path(".bentoml")  # BentoML home (model store, bentos), relative to the project folder
     model_name: str = "recflow"  # BentoML model name of the deployable versions
-    tolerance: float = 0.005  # promote when candidate NDCG@k >= production's - tolerance, on the same test window
+    # promote when candidate NDCG@k >= production's - tolerance, on the same test window
+    tolerance: NonNegative = 0.005
 
-    def __post_init__(self) -> None:
-        if self.tolerance < 0:
-            raise ConfigError(f"registry.tolerance must not be negative, got {self.tolerance}")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.model_name):  # a BentoML tag name (lower case)
-            raise ConfigError(
-                f"registry.model_name must be lower case a-z, 0-9, '-', '_' or '.', got {self.model_name!r}"
-            )
-
-
-DRIFT_METHODS = ("jensenshannon", "wasserstein", "psi", "hellinger", "kl_div", "ks", "chisquare", "z", "mannw")
+    @pydantic.field_validator("model_name")
+    @classmethod
+    def _a_bentoml_tag_name(cls, model_name: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", model_name):  # BentoML lower-cases tag names
+            raise ValueError("must be lower case a-z, 0-9, '-', '_' or '.'")
+        return model_name
 
 
-@dataclass(frozen=True)
-class DriftCheck:
+DriftMethod = Literal["jensenshannon", "wasserstein", "psi", "hellinger", "kl_div", "ks", "chisquare", "z", "mannw"]
+DRIFT_METHODS: tuple[str, ...] = get_args(DriftMethod)
+
+
+@_settings("drift.*")
+class DriftCheck(_Section):
     """How Evidently compares one data set of the drift check (recflow.ops.drift). Methods are Evidently stat-test
     names; distance methods flag a column when score >= threshold, p-value methods (ks, chisquare, z, mannw)
     when p < threshold. A data set drifts when the share of its drifted columns reaches `drift_share`."""
 
-    num_method: str = "wasserstein"
-    num_threshold: float = 0.1
-    cat_method: str = "jensenshannon"
-    cat_threshold: float = 0.1
-    drift_share: float = 0.5
-    per_column_threshold: dict[str, float] = field(default_factory=dict)  # column -> threshold (overrides)
-
-    def __post_init__(self) -> None:
-        for name in ("num_method", "cat_method"):
-            if getattr(self, name) not in DRIFT_METHODS:
-                known = ", ".join(DRIFT_METHODS)
-                raise ConfigError(f"drift.*.{name} must be one of {known}, got {getattr(self, name)!r}")
-        if not 0.0 < self.drift_share <= 1.0:
-            raise ConfigError(f"drift.*.drift_share must be in (0, 1], got {self.drift_share}")
+    num_method: DriftMethod = "wasserstein"
+    num_threshold: Float = 0.1
+    cat_method: DriftMethod = "jensenshannon"
+    cat_threshold: Float = 0.1
+    drift_share: Annotated[Float, Field(gt=0, le=1)] = 0.5
+    per_column_threshold: dict[str, Float] = field(default_factory=dict)  # column -> threshold (overrides)
 
 
-@dataclass(frozen=True)
-class DriftSettings:
+@_settings("drift")
+class DriftSettings(_Section):
     """The drift check (recflow.ops.drift): a reference window, the current window after it, and what is compared."""
 
-    current_days: float = 7.0  # the current window: the last days of the store
-    reference_days: float = 7.0  # the reference window: the days before the current one
-    lookback_days: float = 14.0  # history before each window: new items/users, popularity buckets, ranker context
-    popularity_buckets: int = 10  # items bucketed by their share of the lookback's events
-    min_events: int = 1000  # fewer events in either window: no verdict (EmptyDataError)
-    max_rows: int = 50_000  # rows per window handed to Evidently; a seeded random sample above it
-    candidate_users: int = 500  # active users per window whose candidates the ranker scores
-    seed: int = 0
-    keep_reports: int = 48  # report pairs kept in reports/drift (older ones are removed)
+    current_days: Positive = 7.0  # the current window: the last days of the store
+    reference_days: Positive = 7.0  # the reference window: the days before the current one
+    lookback_days: Positive = 14.0  # history before each window: new items/users, popularity buckets, ranker context
+    popularity_buckets: Count = 10  # items bucketed by their share of the lookback's events
+    min_events: Count = 1000  # fewer events in either window: no verdict (EmptyDataError)
+    max_rows: Count = 50_000  # rows per window handed to Evidently; a seeded random sample above it
+    candidate_users: Count = 500  # active users per window whose candidates the ranker scores
+    seed: Int = 0
+    keep_reports: Count = 48  # report pairs kept in reports/drift (older ones are removed)
     events: DriftCheck = field(  # one row per event
         default_factory=lambda: DriftCheck(
             drift_share=0.25,
@@ -265,17 +356,9 @@ class DriftSettings:
     users: DriftCheck = field(default_factory=lambda: DriftCheck(num_threshold=0.15))  # one row per active user
     candidates: DriftCheck = field(default_factory=lambda: DriftCheck(num_threshold=0.15))  # (user, candidate) rows
 
-    def __post_init__(self) -> None:
-        for name in ("current_days", "reference_days", "lookback_days"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"drift.{name} must be positive, got {getattr(self, name)}")
-        for name in ("popularity_buckets", "min_events", "max_rows", "candidate_users", "keep_reports"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"drift.{name} must be at least 1, got {getattr(self, name)}")
 
-
-@dataclass(frozen=True)
-class Settings:
+@_settings("")
+class Settings(_Section):
     paths: Paths = field(default_factory=Paths)
     events: EventSettings = field(default_factory=EventSettings)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
@@ -295,56 +378,6 @@ class Settings:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
 
-T = TypeVar("T")
-
-
-def _build(cls: type[T], raw: Any, where: str) -> T:
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(sorted(names))}")
-    values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in raw.items()}
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union) and type(None) in typing.get_args(hint):  # `X | None`: null allowed
-        if value is None:
-            return None
-        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return _coerce(inner, value, where)
-    try:
-        if hint is Path:
-            return Path(value)
-        if hint is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if hint in (int, float, str):
-            if isinstance(value, bool) or (hint is not str and not isinstance(value, int | float)):
-                raise TypeError
-            if hint is int and float(value) != int(value):
-                raise TypeError
-            return hint(value)
-        if origin is tuple:
-            (inner, _) = typing.get_args(hint)
-            return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
-        if origin is dict:
-            key_type, value_type = typing.get_args(hint)
-            return {_coerce(key_type, k, where): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()}
-    except (TypeError, ValueError, AttributeError):
-        raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
-    raise ConfigError(f"{where}: unsupported setting type {hint}")
-
-
 def load_settings(path: Path | str = DEFAULT_PARAMS) -> Settings:
     """Read params.yaml into Settings. A missing file gives the built-in defaults (same as the shipped file)."""
     path = Path(path)
@@ -356,35 +389,73 @@ def load_settings(path: Path | str = DEFAULT_PARAMS) -> Settings:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    settings = _build(Settings, raw, path.name)
-    _check(settings, path)
-    return settings
+    try:
+        return pydantic.TypeAdapter(Settings).validate_python(raw, context={_PARAMS_FILE: path})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(exc, Settings, '')}") from None
 
 
-def _check(settings: Settings, path: Path) -> None:
-    split = settings.features.split
-    if split.method not in SPLIT_METHODS:
-        raise ConfigError(
-            f"{path}: features.split.method must be one of {', '.join(SPLIT_METHODS)}, got {split.method!r}"
-        )
-    for name in ("test_fraction", "validation_fraction"):
-        value = getattr(split, name)
-        if not 0.0 < value < 1.0:
-            raise ConfigError(f"{path}: features.split.{name} must be between 0 and 1, got {value}")
-    if not settings.events.actions:
-        raise ConfigError(f"{path}: events.actions must name at least one action with its weight")
-    if any(w <= 0 for w in settings.events.actions.values()):
-        raise ConfigError(f"{path}: events.actions weights must be positive")
-    unknown = sorted(set(settings.als.tune.search) - {"alpha", "regularization", "factors"})
-    if unknown:
-        raise ConfigError(f"{path}: als.tune.search may name alpha, regularization, factors; not {', '.join(unknown)}")
-    half_life = settings.features.half_life_days
-    if half_life is not None and half_life < 0:
-        raise ConfigError(f"{path}: features.half_life_days must be 0 (no decay), positive, or null (chosen)")
-    unknown_models = sorted(set(settings.selection.models) - set(MODEL_KINDS))
-    if unknown_models or not settings.selection.models:
-        raise ConfigError(
-            f"{path}: selection.models must name some of {', '.join(MODEL_KINDS)}; not {', '.join(unknown_models)}"
-        )
-    if not 0.0 < settings.selection.select_share < 1.0:
-        raise ConfigError(f"{path}: selection.select_share must be between 0 and 1")
+S = TypeVar("S", ServiceSettings, EventLogSettings)
+
+
+def _with_environment(section: S, environ: Mapping[str, str]) -> S:
+    """`section` with the environment variables its fields declare (`Env`) applied; unset or empty ones are ignored."""
+    changes: dict[str, Any] = {
+        name: environ[marker.variable]
+        for name, info in type(section).__pydantic_fields__.items()
+        for marker in info.metadata
+        if isinstance(marker, Env) and environ.get(marker.variable)
+    }
+    return dataclasses.replace(section, **changes) if changes else section
+
+
+_EXPECTED_TYPE = {"int": "int", "float": "float", "bool": "bool", "string": "str", "path": "a path"}
+_EXPECTED_TYPE |= {"tuple": "a list", "list": "a list", "dict": "a mapping", "dataclass": "a mapping"}
+
+
+def _explain(exc: ValidationError, section: type, key: str) -> str:
+    """pydantic's errors as sentences that name the params.yaml key (`section` is at `key`) and say what to fix."""
+    sentences: list[str] = []
+    unknown: dict[tuple[str, ...], list[str]] = {}  # section -> its unknown keys (one sentence per section)
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            unknown.setdefault(loc[:-1], []).append(_key(key, *loc))
+        else:
+            sentences.append(f"{_key(key, *loc) or 'the file'} {_rule(error)}, got {error['input']!r}")
+    for parent, keys in unknown.items():
+        owner = section
+        for part in parent:
+            owner = owner.__pydantic_fields__[part].annotation  # type: ignore[attr-defined]
+        known = ", ".join(sorted(owner.__pydantic_fields__))  # type: ignore[attr-defined]
+        sentences.append(f"unknown key {', '.join(keys)}; the keys of {_key(key, *parent) or 'the file'} are {known}")
+    return "; ".join(sentences)
+
+
+def _key(*parts: str) -> str:
+    return ".".join(part for part in parts if part)
+
+
+_EXPECTED_TYPE = {"int": "int", "float": "float", "bool": "bool", "string": "str", "path": "a path"}
+_EXPECTED_TYPE |= {"tuple": "a list", "list": "a list", "dict": "a mapping", "dataclass": "a mapping"}
+
+
+def _rule(error: ErrorDetails) -> str:
+    """What the value must be, in the words of params.yaml's comments."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    bound = {name: f"{value:g}" for name, value in ctx.items() if name in ("ge", "gt", "le", "lt")}
+    if kind == "value_error":
+        return str(ctx["error"])
+    if kind == "literal_error":
+        return "must be " + str(ctx["expected"]).replace("'", "")
+    if kind == "greater_than_equal":
+        return "must not be negative" if ctx["ge"] == 0 else f"must be at least {bound['ge']}"
+    if kind == "greater_than":
+        return "must be positive" if ctx["gt"] == 0 else f"must be greater than {bound['gt']}"
+    if kind == "less_than_equal":
+        return f"must be at most {bound['le']}"
+    if kind == "less_than":
+        return f"must be less than {bound['lt']}"
+    if kind.split("_")[0] in _EXPECTED_TYPE:
+        return f"must be {_EXPECTED_TYPE[kind.split('_')[0]]}"
+    return f"is invalid ({error['msg']})"  # a rule without wording here: pydantic's own

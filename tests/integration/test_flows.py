@@ -62,7 +62,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     write_small_project(
         root,
         als={"tune": {"enabled": False}},
-        ranker={"windows": 1, "n_estimators": 40},
+        ranker={"n_estimators": 40},
         generate={"days": DAYS, "events": 30_000},
     )
     settings = load_settings(root / "params.yaml")

@@ -271,7 +271,7 @@ def test_two_workers_share_the_user_state_in_redis(project: Any, redis_prefix: s
     states = [RedisUserState("redis://127.0.0.1:6379/0", redis_prefix) for _ in range(2)]
     one, other = (OnlineRecommender(bundle, "v", state, EventSettings()) for state in states)
     user = str(bundle.user_ids[30])
-    item = str(bundle.item_ids[bundle.popular.order[0]])
+    item = str(bundle.item_ids[bundle.popular_order[0]])
     before = other.recommend(user, 10)
     one.record_events([{"user_id": user, "item_id": item, "action": "purchase", "timestamp": 1795000000}])
     after = other.recommend(user, 10)  # the other worker sees the event and the folded vector

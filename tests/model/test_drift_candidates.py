@@ -29,7 +29,8 @@ DAYS, DRIFT_DAY = 35, 28
 def test_ranker_inputs_drift_with_the_events(tmp_path: Path, drift: bool) -> None:
     settings = load_settings(REPO / "params.yaml")
     settings = settings.replace("als", iterations=8, tune=settings.als.tune.__class__(enabled=False))
-    settings = settings.replace("ranker", n_estimators=40, windows=1)
+    settings = settings.replace("ranker", n_estimators=40)
+    settings = settings.replace("selection", models=("als_ranker",), half_lives_days=(30.0,))  # the ranker's inputs
     conf = GenerateSettings(seed=7, users=1000, items=300, events=30_000, days=DAYS, groups=6)
     table = generate_events(conf, drift=DriftSpec(start_fraction=DRIFT_DAY / DAYS) if drift else None)
     cut = pa.scalar(DEFAULT_START + timedelta(days=DRIFT_DAY), type=table["timestamp"].type)

@@ -10,7 +10,6 @@ from recflow.config import SplitSettings
 from recflow.errors import EmptyDataError, UnknownActionError
 from recflow.model.features import (
     PRODUCTION,
-    SECONDS_PER_DAY,
     SPLIT_FIT,
     SPLIT_TEST,
     SPLIT_VALIDATION,
@@ -98,12 +97,22 @@ def test_window_reference_times_leave_the_target_in_the_future() -> None:
 def test_confidence_is_weight_times_half_life_decay_summed() -> None:
     inter = encode_events(events([("a", "x", "purchase", 0), ("a", "x", "view", 10), ("a", "y", "click", 10)]), ACTIONS)
     weights = np.array([0.5, 1.0, 1.5, 2.0])
-    ref = np.array([DAY0 + 10 * SECONDS_PER_DAY])
-    matrix = confidence_matrix(inter, weights, half_life_days=10.0, ref_time=ref)
-    # the purchase is one half-life old: 2.0 * 0.5, plus a fresh view 0.5
+    matrix = confidence_matrix(inter, weights, half_life_days=10.0)
+    # the purchase is one half-life before the user's last event: 2.0 * 0.5, plus a fresh view 0.5
     assert matrix[0, 0] == pytest.approx(1.5)
     assert matrix[0, 1] == pytest.approx(1.0)
     assert matrix.nnz == 2
+    assert np.allclose(confidence_matrix(inter, weights, 0).toarray(), [[2.5, 1.0]]), "half-life 0: no decay"
+
+
+def test_decay_runs_back_from_each_users_last_event_so_a_dormant_user_keeps_their_history() -> None:
+    """Regression (issue 10): a half-life measured from the global "now" erased the rows of users who had been
+    away; measured from each user's own last event, a dormant user's row is the row of an active one."""
+    rows = [("active", "x", "view", 90), ("active", "y", "view", 100), ("dormant", "x", "view", 0)]
+    rows.append(("dormant", "y", "view", 10))
+    inter = encode_events(events(rows), ACTIONS)
+    matrix = confidence_matrix(inter, np.ones(4), half_life_days=10.0).toarray()
+    assert np.allclose(matrix[0], matrix[1]) and np.allclose(matrix[0], [0.5, 1.0])
 
 
 def test_interactions_round_trip(tmp_path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recflow.config import ServiceSettings, load_settings
+from recflow.config import EventLogSettings, ServiceSettings, load_settings
 from recflow.errors import ConfigError
 
 
@@ -45,3 +45,15 @@ def test_more_than_one_worker_needs_the_user_state_in_redis() -> None:
         settings.resolved({})
     assert settings.resolved({"RECFLOW_SERVICE_REDIS_URL": "redis://r:1/0"}).workers == 2
     assert ServiceSettings(workers=2, redis_url="redis://r:1/0").resolved({}).workers == 2
+
+
+def test_an_empty_variable_overrides_nothing() -> None:
+    settings = ServiceSettings(token="from-params", redis_url="redis://p:1/0")
+    assert settings.resolved({"RECFLOW_SERVICE_TOKEN": "", "RECFLOW_SERVICE_REDIS_URL": ""}) == settings
+
+
+def test_each_section_reads_only_its_own_variables() -> None:
+    """RECFLOW_REDIS_URL is the event log's Redis, RECFLOW_SERVICE_REDIS_URL the service's user state."""
+    environ = {"RECFLOW_REDIS_URL": "redis://log:1/0", "RECFLOW_SERVICE_REDIS_URL": "redis://state:1/0"}
+    assert ServiceSettings().resolved(environ).redis_url == "redis://state:1/0"
+    assert EventLogSettings().resolved(environ).redis_url == "redis://log:1/0"

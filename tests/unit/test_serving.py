@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from recflow.config import EventSettings
 from recflow.model.bundle import ModelBundle
+from recflow.model.features import decay
 from recflow.serving.online import OnlineRecommender
 from recflow.serving.userstate import LocalUserState
 
@@ -78,8 +80,12 @@ def test_fold_in_is_the_exact_least_squares_solution_of_the_users_full_row(bundl
         [event(user_id, new_items[0], "purchase"), event(user_id, new_items[1], "view")]
     )
     assert outcome.accepted == 2 and outcome.users_updated == [user_id]
-    # the row is the training row plus each new event at its action weight (age 0: no decay)
-    expected_row = bundle.history[user].toarray().ravel().astype(np.float64)
+    # decay runs back from the user's last event: the training row ages by the time from the last trained event
+    # to the new ones, and the new events (the newest) count at their action weight
+    gap = float(datetime.fromisoformat(NOW).timestamp()) - float(bundle.context.user_last_ts[user])
+    expected_row = (
+        bundle.history[user].toarray().ravel().astype(np.float64) * decay(np.array([gap]), bundle.half_life_days)[0]
+    )
     weights = dict(zip(bundle.actions, bundle.action_weights, strict=True))
     for item, action in ((new_items[0], "purchase"), (new_items[1], "view")):
         expected_row[recommender.item_index[item]] += weights[action]
@@ -144,8 +150,8 @@ def test_an_unknown_user_gets_popular_items_until_it_has_history(bundle: ModelBu
     recommender = make()
     answer = recommender.recommend("stranger", 10)
     assert answer.strategy == "popular"
-    assert [item for item, _ in answer.items] == [str(i) for i in bundle.item_ids[bundle.popular.order[:10]]]
-    liked = str(bundle.item_ids[bundle.popular.order[0]])
+    assert [item for item, _ in answer.items] == [str(i) for i in bundle.item_ids[bundle.popular_order[:10]]]
+    liked = str(bundle.item_ids[bundle.popular_order[0]])
     recommender.record_events([event("stranger", liked)])
     folded = recommender.recommend("stranger", 10)
     assert folded.strategy == "personalized" and liked not in [item for item, _ in folded.items]
@@ -207,7 +213,7 @@ def test_invalid_events_are_rejected_with_the_stores_reasons(make: Factory) -> N
 
 def test_request_events_shape_one_answer_and_are_not_stored(bundle: ModelBundle, make: Factory) -> None:
     recommender = make()
-    liked = str(bundle.item_ids[bundle.popular.order[3]])
+    liked = str(bundle.item_ids[bundle.popular_order[3]])
     recent, rejected = recommender.validate_recent("visitor", [{"item_id": liked, "action": "click", "timestamp": NOW}])
     assert rejected == []
     answer = recommender.recommend("visitor", 10, recent=recent)
@@ -249,7 +255,7 @@ def test_user_state_survives_a_restart_and_skips_a_torn_line(bundle: ModelBundle
 
 def test_similar_items_exclude_the_item_and_unknown_items_get_none(bundle: ModelBundle, make: Factory) -> None:
     recommender = make()
-    item = str(bundle.item_ids[bundle.popular.order[0]])
+    item = str(bundle.item_ids[bundle.popular_order[0]])
     similar = recommender.similar(item, 5)
     assert similar is not None and len(similar) == 5 and item not in [i for i, _ in similar]
     assert [s for _, s in similar] == sorted((s for _, s in similar), reverse=True)

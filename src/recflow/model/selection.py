@@ -68,7 +68,7 @@ class Choices:
     ease_lambda: float
 
 
-@dataclass
+@dataclass(eq=False)
 class Fold:
     protocol: str
     window: Window
@@ -105,35 +105,48 @@ def make_folds(history: Interactions, profile: DataProfile, settings: Settings) 
     for protocol in profile.protocols:
         method = PROTOCOL_METHODS.get(protocol, "random")
         split = SplitSettings(method=method, test_fraction=fraction, validation_fraction=0.0, seed=conf.seed)
-        try:
-            labels, cuts = assign_split(history, split)
-            labelled = Interactions(**{**history.__dict__, "split": labels})
-            win = window(labelled, SPLIT_TEST, method, cuts)
-        except EmptyDataError as exc:
-            warnings.append(f"{protocol} fold: {exc}")
-            continue
-        had = confidence_matrix(win.history, np.ones(len(history.actions)), None)
-        truth = ground_truth(win, had)
-        if len(truth.users) > conf.max_users:
-            keep = np.sort(rng.choice(len(truth.users), conf.max_users, replace=False))
-            truth = GroundTruth(truth.users[keep], truth.relevant[keep])
-        n = len(truth.users)
-        selecting = rng.random(n) < conf.select_share
-        if n >= 2 and (selecting.all() or not selecting.any()):
-            selecting[:] = np.arange(n) % 2 == 0
-        folds.append(Fold(protocol, win, truth, np.flatnonzero(~selecting), np.flatnonzero(selecting)))
+        source = history
+        # a global cut judges only the users active after it: earlier cuts (each moving back by as many events)
+        # add users until the protocol has selection.max_users of them or `global_folds` cuts were made
+        cuts_wanted = conf.global_folds if protocol == PROTOCOL_GLOBAL else 1
+        judged = 0
+        for _ in range(cuts_wanted):
+            try:
+                labels, cuts = assign_split(source, split)
+                labelled = Interactions(**{**source.__dict__, "split": labels})
+                win = window(labelled, SPLIT_TEST, method, cuts)
+            except EmptyDataError as exc:
+                warnings.append(f"{protocol} fold: {exc}")
+                break
+            had = confidence_matrix(win.history, np.ones(len(history.actions)), None)
+            truth = ground_truth(win, had)
+            if len(truth.users) > conf.max_users:
+                keep = np.sort(rng.choice(len(truth.users), conf.max_users, replace=False))
+                truth = GroundTruth(truth.users[keep], truth.relevant[keep])
+            n = len(truth.users)
+            selecting = rng.random(n) < conf.select_share
+            if n >= 2 and (selecting.all() or not selecting.any()):
+                selecting[:] = np.arange(n) % 2 == 0
+            folds.append(Fold(protocol, win, truth, np.flatnonzero(~selecting), np.flatnonzero(selecting)))
+            judged += n
+            if judged >= conf.max_users:
+                break
+            source = win.history
     if not folds:
         raise EmptyDataError(
             "no validation fold could be cut from the training data: it needs users with at least two events; "
             + "; ".join(warnings)
         )
-    enough = [f for f in folds if len(f.select_rows) >= conf.min_users and len(f.tune_rows) >= conf.min_users]
-    for fold in folds:
-        if fold not in enough:
-            warnings.append(
-                f"{fold.protocol} fold: {len(fold.tune_rows)} tuning and {len(fold.select_rows)} selecting users, "
-                f"fewer than selection.min_users={conf.min_users}"
-            )
+    protocols = {f.protocol for f in folds}
+    tune = {p: sum(len(f.tune_rows) for f in folds if f.protocol == p) for p in protocols}
+    chosen = {p: sum(len(f.select_rows) for f in folds if f.protocol == p) for p in protocols}
+    keep = {p for p in protocols if min(tune[p], chosen[p]) >= conf.min_users}
+    enough = [f for f in folds if f.protocol in keep]
+    for protocol in sorted(protocols - keep):
+        warnings.append(
+            f"{protocol} folds: {tune[protocol]} tuning and {chosen[protocol]} selecting users, fewer than "
+            f"selection.min_users={conf.min_users}: not used"
+        )
     if enough:
         return enough, warnings
     largest = max(folds, key=lambda f: len(f.truth.users))
@@ -239,7 +252,7 @@ def select(
                 bundle, _ = fit_bundle(fold.window.history, _moment(fold), _plain(KIND_ALS, candidate, start), settings,
                                        weights, als_model=fit_als(matrix, start))  # fmt: skip
                 values.append(_ndcg(bundle, truth, KIND_ALS).mean())
-            scores[candidate] = float(np.mean(values))
+            scores[candidate] = _protocol_mean(values, folds)
         half_life = max(scores, key=lambda c: (scores[c], -c))
         trials["half_life_days"] = [{"half_life_days": c, "ndcg@10": round(v, 5)} for c, v in scores.items()]
 
@@ -262,7 +275,7 @@ def select(
         for fold, bundle, truth in zip(folds, bundles, tune_truths(), strict=True):
             bundle.popularity = popularity_as_of(fold.window.history, weights, _moment(fold), days)
             values.append(_ndcg(bundle, truth, KIND_POPULARITY).mean())
-        pop_scores[days] = float(np.mean(values))
+        pop_scores[days] = _protocol_mean(values, folds)
     pop_days = max(pop_scores, key=lambda d: (pop_scores[d], -d))
     trials["popularity_window_days"] = [{"days": d, "ndcg@10": round(v, 5)} for d, v in pop_scores.items()]
     for fold, bundle in zip(folds, bundles, strict=True):
@@ -276,14 +289,14 @@ def select(
     if KIND_ITEM_KNN in enabled or KIND_TWO_STAGE in enabled:
         fits = [knn_similarity(m, conf.knn_neighbours) for m in matrices]
         item_item_fits[KIND_ITEM_KNN] = fits
-        item_item_scores[KIND_ITEM_KNN] = _item_item_score(bundles, fits, tune_truths(), KIND_ITEM_KNN)
+        item_item_scores[KIND_ITEM_KNN] = _item_item_score(bundles, fits, tune_truths(), KIND_ITEM_KNN, folds)
     if KIND_EASE in enabled and history.n_items <= conf.ease_max_items and conf.ease_lambdas:
         best_fits: list[sp.csr_matrix | np.ndarray] = []
         best = -1.0
         lambda_trials = []
         for lam in conf.ease_lambdas:
             fits = [ease_weights(m, lam) for m in matrices]
-            value = _item_item_score(bundles, fits, tune_truths(), KIND_EASE)
+            value = _item_item_score(bundles, fits, tune_truths(), KIND_EASE, folds)
             lambda_trials.append({"lambda": lam, "ndcg@10": round(value, 5)})
             if value > best:
                 best, best_fits, ease_lambda = value, fits, lam
@@ -299,9 +312,9 @@ def select(
     ranker_info: dict[str, Any] | None = None
     if KIND_TWO_STAGE in enabled and settings.ranker.enabled:
         say("train ranker")
-        for bundle, fold in zip(bundles, folds, strict=True):
+        for index, bundle in enumerate(bundles):
             if item_item is not None:
-                bundle.item_item = item_item_fits[item_item][folds.index(fold)]
+                bundle.item_item = item_item_fits[item_item][index]
                 bundle.n_item_item = settings.candidates.item_item
         ranker_fit, ranker_info = _train_ranker(folds, bundles, settings, weights)
         for bundle in bundles:
@@ -310,7 +323,7 @@ def select(
     # 5. the served kind, chosen on the selecting users
     say("select model")
     per_kind: dict[str, list[np.ndarray]] = {}
-    for fold, bundle in zip(folds, bundles, strict=True):
+    for index, (fold, bundle) in enumerate(zip(folds, bundles, strict=True)):
         truth = fold.part(fold.select_rows)
         for kind in SIMPLICITY:
             if kind not in enabled:
@@ -318,17 +331,17 @@ def select(
             if kind in ITEM_ITEM_KINDS:
                 if kind not in item_item_fits:
                     continue
-                bundle.item_item = item_item_fits[kind][folds.index(fold)]
+                bundle.item_item = item_item_fits[kind][index]
             elif kind == KIND_TWO_STAGE:
                 if bundle.ranker is None:
                     continue
-                bundle.item_item = None if item_item is None else item_item_fits[item_item][folds.index(fold)]
+                bundle.item_item = None if item_item is None else item_item_fits[item_item][index]
             per_kind.setdefault(kind, []).append(_ndcg(bundle, truth, kind))
     models: dict[str, dict[str, Any]] = {}
     for kind, values in per_kind.items():
         pooled = np.concatenate(values)
         models[kind] = {
-            "ndcg@10": round(float(np.mean([v.mean() for v in values])), 5),
+            "ndcg@10": round(_protocol_mean([v.mean() for v in values], folds), 5),
             "ci95": bootstrap_interval(pooled, conf.bootstrap, conf.seed),
             "users": len(pooled),
             "per_fold": [round(float(v.mean()), 5) for v in values],
@@ -369,6 +382,14 @@ def select(
     return choices, ranker_fit, report
 
 
+def _protocol_mean(values: list[float], folds: list[Fold]) -> float:
+    """The mean over protocols of the mean over each protocol's folds: every protocol counts the same."""
+    by_protocol: dict[str, list[float]] = {}
+    for value, fold in zip(values, folds, strict=True):
+        by_protocol.setdefault(fold.protocol, []).append(float(value))
+    return float(np.mean([np.mean(v) for v in by_protocol.values()]))
+
+
 def _moment(fold: Fold) -> float:
     return float(fold.window.ref_time.max())
 
@@ -379,13 +400,17 @@ def _plain(kind: str, half_life: float, als: ALSParams) -> Choices:
 
 
 def _item_item_score(
-    bundles: list[ModelBundle], fits: list[sp.csr_matrix | np.ndarray], truths: list[GroundTruth], kind: str
+    bundles: list[ModelBundle],
+    fits: list[sp.csr_matrix | np.ndarray],
+    truths: list[GroundTruth],
+    kind: str,
+    folds: list[Fold],
 ) -> float:
     values = []
     for bundle, fit, truth in zip(bundles, fits, truths, strict=True):
         bundle.item_item = fit
         values.append(_ndcg(bundle, truth, kind).mean())
-    return float(np.mean(values))
+    return _protocol_mean(values, folds)
 
 
 def _train_ranker(
