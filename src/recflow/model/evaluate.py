@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from recflow.config import Settings
+from recflow.files import atomic_path
 from recflow.model.bundle import ModelBundle
 from recflow.model.candidates import PopularityCandidates, Recommender, item_knn
-from recflow.model.features import SPLIT_TEST, atomic_path, load_interactions, window
+from recflow.model.features import SPLIT_TEST, load_interactions, window
 from recflow.model.metrics import ground_truth, ranking_metrics, recall_curve
 from recflow.model.training import BACKTEST_DIR
 

@@ -27,6 +27,7 @@ from implicit.cpu.als import AlternatingLeastSquares
 
 from recflow.config import Settings, SplitSettings
 from recflow.errors import EmptyDataError
+from recflow.files import atomic_path
 from recflow.model.bundle import ModelBundle, save_bundle_atomically
 from recflow.model.candidates import (
     ALSParams,
@@ -44,7 +45,6 @@ from recflow.model.features import (
     Window,
     action_weights,
     assign_split,
-    atomic_path,
     confidence_matrix,
     load_interactions,
     window,

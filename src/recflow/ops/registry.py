@@ -34,6 +34,7 @@ import yaml
 
 from recflow.config import Settings
 from recflow.errors import ModelNotFoundError, NoProductionError, RecflowError, RegistryError
+from recflow.files import atomic_path
 
 if TYPE_CHECKING:  # the model code is imported when needed: rollback and listing stay fast
     from bentoml._internal.models.model import Model, ModelStore
@@ -418,8 +419,6 @@ def _read_pointer(settings: Settings, root: Path) -> dict[str, Any] | None:
 
 
 def _write_pointer(settings: Settings, root: Path, version: str, previous: list[str], at: datetime) -> None:
-    from recflow.model.features import atomic_path
-
     payload = {"version": version, "since": at.isoformat(timespec="seconds"), "previous": previous}
     with atomic_path(production_file(settings, root)) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
@@ -427,8 +426,6 @@ def _write_pointer(settings: Settings, root: Path, version: str, previous: list[
 
 def _append_history(settings: Settings, root: Path, record: dict[str, Any]) -> None:
     """Append one record: the whole file is rewritten atomically (it holds one short line per deployment)."""
-    from recflow.model.features import atomic_path
-
     path = _state_dir(settings, root) / HISTORY_FILE
     old = path.read_text() if path.exists() else ""
     with atomic_path(path) as tmp:
