@@ -7,8 +7,9 @@ One version is one BentoML model (`<registry.model_name>:<version>`) holding
     metrics.json   the offline metrics of `recflow evaluate` for that training
 with the data version (md5 of data.dvc), trained-at, parameters and metrics in the model's labels and metadata.
 
-The store is the BentoML home `registry.home` (default `<project>/.bentoml`); every call passes the store
-explicitly, so it does not matter whether BentoML already resolved its own home in this process. Beside the
+The store is the BentoML home `registry.home` (default `<project>/.bentoml`); every call of BentoML's public
+`bentoml.models` API passes the store explicitly (`recflow.serving.bentoml_adapter.model_store`), so it does not
+matter whether BentoML already resolved its own home in this process. Beside the
 models, `<home>/recflow/` holds the production pointer (`production.json`, with the stack of earlier
 production versions that rollback returns to) and the deployment history (`history.jsonl`, every promotion,
 refusal and rollback), both written atomically under a lock, so a service in the same project finds them.
@@ -21,7 +22,6 @@ import getpass
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,9 +37,10 @@ from recflow.errors import ModelNotFoundError, NoProductionError, RecflowError, 
 from recflow.files import atomic_path
 
 if TYPE_CHECKING:  # the model code is imported when needed: rollback and listing stay fast
-    from bentoml._internal.models.model import Model, ModelStore
+    from bentoml import Model
 
     from recflow.model.bundle import ModelBundle
+    from recflow.serving.bentoml_adapter import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -340,19 +341,17 @@ def _os_user() -> str:
 
 
 def _model_store(settings: Settings, root: Path) -> ModelStore:
-    from bentoml._internal.models.model import ModelStore
+    from recflow.serving.bentoml_adapter import model_store
 
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage reports from a library call (read once)
-    models = bentoml_home(settings, root) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    return ModelStore(models)
+    return model_store(bentoml_home(settings, root) / "models")
 
 
 def _models(settings: Settings, store: ModelStore) -> list[Model]:
+    import bentoml
     from bentoml.exceptions import NotFound
 
     try:
-        return store.list(settings.registry.model_name)
+        return bentoml.models.list(settings.registry.model_name, _model_store=store)
     except NotFound:
         return []
 
