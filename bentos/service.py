@@ -34,7 +34,8 @@ from starlette.concurrency import run_in_threadpool
 from recflow.config import ServiceSettings, Settings, load_settings
 from recflow.errors import RecflowError, UserStateUnavailableError
 from recflow.ops.registry import ModelVersion, load_production_bundle, production, production_file
-from recflow.serving.httpguard import RequestGuard, use_cancelling_timeout
+from recflow.serving.bentoml_adapter import use_cancelling_timeout
+from recflow.serving.httpguard import RequestGuard
 from recflow.serving.online import OnlineRecommender
 from recflow.serving.userstate import open_user_state
 from recflow.stream.log import open_event_log
@@ -180,7 +181,6 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-use_cancelling_timeout()
 admin = FastAPI(title="recflow admin", docs_url=None, redoc_url=None, openapi_url=None)
 try:
     WORKERS = project_settings(project_root())[1].workers  # BentoML starts the workers before any of them runs
@@ -399,3 +399,4 @@ def _readiness() -> tuple[bool, dict[str, str]]:
 
 
 Recommender.add_asgi_middleware(RequestGuard, post_routes=POST_ROUTES, limit=_body_limit, readiness=_readiness)
+use_cancelling_timeout(Recommender)  # BentoML's timeout is swapped in this service's app when it starts, nowhere else

@@ -10,8 +10,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.tasks import deploy_candidate
 from flows.train import metrics_table
 
-NO_REGISTRY = "recflow.ops.registry is not installed (issue #3): nothing deployed, the pipeline stops after evaluation"
-
 
 @flow(name="deploy", log_prints=True)
 def deploy(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
@@ -23,10 +21,6 @@ def deploy(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
         params: the parameter file, relative to the project folder.
     """
     decision = deploy_candidate(project, params)
-    if decision is None:
-        print(NO_REGISTRY)
-        create_markdown_artifact(key="deploy-decision", markdown=f"# Not deployed\n{NO_REGISTRY}")
-        return {"promoted": False, "reason": NO_REGISTRY}
     create_markdown_artifact(
         key="deploy-decision",
         markdown=f"# {'Promoted' if decision['promoted'] else 'Not promoted'}: {decision['candidate']}\n"

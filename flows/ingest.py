@@ -22,19 +22,13 @@ def ingest(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
     inbox = ingest_inbox(project, params)
     log = drain_event_log(project, params)
     version = record_data_version(project, params)
-    rows = [{"source": "inbox", **inbox}]
-    if log is None:
-        rows.append({"source": "event log", "note": "recflow.stream.consumer not installed: not drained"})
-    else:
-        rows.append({"source": "event log", **log})
     create_table_artifact(
         key="ingest-counts",
-        table=rows,
+        table=[{"source": "inbox", **inbox}, {"source": "event log", **log}],
         description=f"read = stored + duplicate + rejected; store version {version['store_version']}, "
         f"data.dvc md5 {version['dvc_md5'] or 'not recorded (no DVC project)'}",
     )
-    stored = inbox["stored"] + (log["stored"] if log else 0)
-    return {"inbox": inbox, "event_log": log, "stored": stored, **version}
+    return {"inbox": inbox, "event_log": log, "stored": inbox["stored"] + log["stored"], **version}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ so a rerun with unchanged inputs (and outputs still in place) skips them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import asdict
@@ -69,12 +68,9 @@ def ingest_inbox(project: str, params: str) -> dict[str, Any]:
 
 
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_on_io)
-def drain_event_log(project: str, params: str) -> dict[str, Any] | None:
+def drain_event_log(project: str, params: str) -> dict[str, Any]:
     """Everything pending in the event log (Redis stream or local spool) into the store, via
-    recflow.stream.consumer.drain. None when recflow.stream.consumer does not exist in this installation."""
-    if importlib.util.find_spec("recflow.stream.consumer") is None:
-        _logger().warning("recflow.stream.consumer is not installed: the event log was not drained")
-        return None
+    recflow.stream.consumer.drain."""
     from recflow.stream.consumer import drain
 
     root, settings = settings_of(project, params)
@@ -103,17 +99,21 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"recflow-{context.task.name}-{parameters['data_version']}-{parameters['params_digest']}"
 
 
-STAGE_OUTPUTS = {  # path under paths.<first part> that marks a stage's outputs as present
-    "build_features": ("features", "meta.json"),
-    "train_models": ("models", "bundle/bundle.json"),
-    "evaluate_models": ("models", "metrics.json"),
-}
-
-
 def outputs_exist(project: str, params: str, stage: str) -> bool:
+    """Whether the file that marks a stage's outputs as complete (written last) is in place."""
+    from recflow.model.bundle import BUNDLE_FILE
+    from recflow.model.evaluate import METRICS_FILE
+    from recflow.model.features import META_FILE
+    from recflow.model.training import BUNDLE_DIR
+
     root, settings = settings_of(project, params)
-    base, name = STAGE_OUTPUTS[stage]
-    return (root / getattr(settings.paths, base) / name).exists()
+    paths = settings.paths
+    marker = {
+        "build_features": paths.features / META_FILE,
+        "train_models": paths.models / BUNDLE_DIR / BUNDLE_FILE,
+        "evaluate_models": paths.models / METRICS_FILE,
+    }[stage]
+    return (root / marker).exists()
 
 
 @task(cache_key_fn=_cache_key, persist_result=True)
@@ -159,11 +159,8 @@ def check_drift(project: str, params: str) -> dict[str, Any]:
 
 
 @task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_on_io)
-def deploy_candidate(project: str, params: str) -> dict[str, Any] | None:
-    """recflow.ops.registry.deploy: register the trained bundle and promote it through the gate. None when
-    recflow.ops.registry is not in this installation (the pipeline then stops after evaluation)."""
-    if importlib.util.find_spec("recflow.ops.registry") is None:
-        return None
+def deploy_candidate(project: str, params: str) -> dict[str, Any]:
+    """recflow.ops.registry.deploy: register the trained bundle and promote it through the gate."""
     from recflow.ops import registry
 
     root, settings = settings_of(project, params)

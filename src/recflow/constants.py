@@ -15,4 +15,3 @@ REQUIRED_COLUMNS = (USER_ID, ITEM_ID, ACTION, TIMESTAMP)
 # Integer codes used after features have mapped ids to matrix rows and columns.
 USER_IDX = "user_idx"
 ITEM_IDX = "item_idx"
-WEIGHT = "weight"

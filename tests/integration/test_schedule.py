@@ -84,6 +84,17 @@ def prefect_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         log.close()
 
 
+def test_recflow_schedule_outside_the_project_folder_says_it_needs_it(tmp_path: Path) -> None:
+    """The flows are not installed with the package: the help says so, and the error names the missing files."""
+    recflow = str(BIN / "recflow")
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "COLUMNS": "200"}
+    helped = subprocess.run([recflow, "schedule", "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert helped.returncode == 0 and "Run it in the recflow project folder" in helped.stdout
+    done = subprocess.run([recflow, "schedule"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "needs the recflow project folder" in done.stderr and "flows/serve.py or prefect.yaml" in done.stderr
+
+
 def test_a_deployment_with_an_interval_schedule_runs_on_its_own(
     prefect_server: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:

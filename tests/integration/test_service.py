@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import pytest
 import redis
 import schemathesis
+from bentoml._internal.server.http.traffic import TimeoutMiddleware as BentoMLTimeout
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -29,7 +31,7 @@ with warnings.catch_warnings():
 from recflow.config import EventSettings, load_settings
 from recflow.model.bundle import ModelBundle
 from recflow.ops.registry import ModelVersion, deploy, production, rollback
-from recflow.serving.httpguard import CancellingTimeoutMiddleware
+from recflow.serving.bentoml_adapter import CancellingTimeoutMiddleware
 from recflow.serving.online import OnlineRecommender
 from recflow.serving.userstate import RedisUserState
 
@@ -173,7 +175,21 @@ def test_model_readyz_and_openapi_describe_the_service(client: TestClient, proje
 def test_the_service_lets_finished_requests_go(client: TestClient) -> None:
     """BentoML's own timeout would hold each request for traffic.timeout seconds (see test_httpguard)."""
     middleware = [m.cls for m in client.app.user_middleware]  # type: ignore[attr-defined]
-    assert CancellingTimeoutMiddleware in middleware and CancellingTimeoutMiddleware.__mro__[1] not in middleware
+    assert CancellingTimeoutMiddleware in middleware and BentoMLTimeout not in middleware
+
+
+def test_the_timeout_swap_stays_inside_the_recflow_service(client: TestClient) -> None:
+    """Regression: bentos/service.py patched BentoML when imported, so every app built later in the process (other
+    services, other tests) got recflow's middleware. Now only the recflow service's own app has it."""
+
+    @bentoml.service(name="unrelated")
+    class Unrelated:
+        @bentoml.api
+        def echo(self, text: str) -> str:
+            return text
+
+    middleware = [m.cls for m in Unrelated.to_asgi().user_middleware]  # type: ignore[attr-defined]
+    assert BentoMLTimeout in middleware and CancellingTimeoutMiddleware not in middleware
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

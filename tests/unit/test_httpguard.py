@@ -11,12 +11,14 @@ import weakref
 from collections.abc import Iterator
 
 import pytest
+from bentoml._internal.server.http.traffic import TimeoutMiddleware as BENTOML_TIMEOUT
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from recflow.serving.httpguard import CancellingTimeoutMiddleware, RequestGuard
+from recflow.serving.bentoml_adapter import CancellingTimeoutMiddleware
+from recflow.serving.httpguard import RequestGuard
 
 with warnings.catch_warnings():
     # starlette 1.x deprecates its httpx-based TestClient in favour of httpx2, which is not installed here
@@ -101,9 +103,6 @@ def context_outlives_the_request(middleware: type) -> bool:
         return alive() is not None  # checked while the loop (and any timer on it) is still running
 
     return asyncio.run(request())
-
-
-BENTOML_TIMEOUT = CancellingTimeoutMiddleware.__mro__[1]  # BentoML's own, even once the service swapped it out
 
 
 @pytest.mark.parametrize(("middleware", "outlives"), [(BENTOML_TIMEOUT, True), (CancellingTimeoutMiddleware, False)])

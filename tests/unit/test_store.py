@@ -17,9 +17,10 @@ import pytest
 
 import recflow.store.eventstore as store_module
 from recflow.config import EventSettings
+from recflow.constants import REQUIRED_COLUMNS
 from recflow.errors import InputFileError
 from recflow.events.contract import STORE_SCHEMA
-from recflow.store.eventstore import IngestReport, ingest_files, ingest_records, ingest_table, scan_store, store_summary
+from recflow.store.eventstore import IngestReport, ingest_files, ingest_table, scan_store, store_summary
 
 SETTINGS = EventSettings()
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
@@ -41,6 +42,18 @@ def dirs(tmp_path: Path) -> dict[str, Path]:
 
 def ingest(paths: list[Path], dirs: dict[str, Path], **kwargs: Any) -> IngestReport:
     return ingest_files(paths, settings=SETTINGS, now=NOW, **dirs, **kwargs)
+
+
+def text_table(records: list[dict[str, Any]]) -> pa.Table:
+    """JSON-like records as a table of text columns (as a CSV file reads), the required columns always present."""
+    names = dict.fromkeys([*REQUIRED_COLUMNS, *(name for record in records for name in record)])
+    columns = {n: [None if r.get(n) is None else str(r[n]) for r in records] for n in names}
+    return pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
+
+
+def store_records(records: list[dict[str, Any]], *, source: str, **kwargs: Any) -> IngestReport:
+    """Records from a JSON body, through the one in-memory entry of the store (`ingest_table`)."""
+    return ingest_table(text_table(records), source=source, **kwargs)
 
 
 def visible_files(root: Path) -> list[str]:
@@ -73,7 +86,7 @@ def test_duplicates_within_a_batch_keep_the_first(dirs: dict[str, Path]) -> None
         {"event_id": "e1", "user_id": "u2", "item_id": "i1", "action": "view", "timestamp": 1714564800},
         {"event_id": "e1", "user_id": "u3", "item_id": "i9", "action": "click", "timestamp": 1714564801},
     ]
-    report = ingest_records(records, source="request", settings=SETTINGS, now=NOW, **dirs)
+    report = store_records(records, source="request", settings=SETTINGS, now=NOW, **dirs)
     assert (report.read, report.stored, report.duplicate, report.rejected) == (4, 2, 2, 0)
     stored = scan_store(dirs["store"]).to_pylist()
     assert sorted(r["user_id"] for r in stored) == ["u1", "u2"]
@@ -81,8 +94,8 @@ def test_duplicates_within_a_batch_keep_the_first(dirs: dict[str, Path]) -> None
 
 def test_resent_event_id_with_another_timestamp_is_a_duplicate(dirs: dict[str, Path]) -> None:
     base = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "action": "view"}
-    ingest_records([{**base, "timestamp": "2024-05-01T12:00:00Z"}], source="r", settings=SETTINGS, now=NOW, **dirs)
-    again = ingest_records([{**base, "timestamp": "2024-05-03T12:00:00Z"}], source="r", settings=SETTINGS, now=NOW,
+    store_records([{**base, "timestamp": "2024-05-01T12:00:00Z"}], source="r", settings=SETTINGS, now=NOW, **dirs)
+    again = store_records([{**base, "timestamp": "2024-05-03T12:00:00Z"}], source="r", settings=SETTINGS, now=NOW,
                            **dirs)  # fmt: skip
     assert (again.stored, again.duplicate) == (0, 1)
     assert scan_store(dirs["store"])["timestamp"].to_pylist() == [datetime(2024, 5, 1, 12, tzinfo=UTC)]
@@ -104,9 +117,9 @@ def test_dedup_stays_exact_when_different_ids_share_a_hash(
         return [{"event_id": e, "user_id": f"u{first_user + i}", "item_id": "i1", "action": "view",
                  "timestamp": 1714564800 + i} for i, e in enumerate(ids)]  # fmt: skip
 
-    first = ingest_records(records(["e1", "e2", "e1", "e3", "e2", "e4"], 0), source="a", settings=SETTINGS,
+    first = store_records(records(["e1", "e2", "e1", "e3", "e2", "e4"], 0), source="a", settings=SETTINGS,
                            now=NOW, **dirs)  # fmt: skip
-    second = ingest_records(records(["e4", "e5", "e6", "e5"], 10), source="b", settings=SETTINGS, now=NOW, **dirs)
+    second = store_records(records(["e4", "e5", "e6", "e5"], 10), source="b", settings=SETTINGS, now=NOW, **dirs)
     assert (first.stored, first.duplicate, second.stored, second.duplicate) == (4, 2, 2, 2)
     stored = scan_store(dirs["store"]).sort_by("event_id")
     assert stored["event_id"].to_pylist() == ["e1", "e2", "e3", "e4", "e5", "e6"]
@@ -173,7 +186,7 @@ def test_no_rejected_log_without_rejections(tmp_path: Path, dirs: dict[str, Path
 
 def test_rejected_log_escapes_awkward_text(dirs: dict[str, Path]) -> None:
     awkward = 'a"b\\c\nd\x01é'
-    report = ingest_records([{"user_id": awkward, "item_id": "i", "action": awkward, "timestamp": 1714564800}],
+    report = store_records([{"user_id": awkward, "item_id": "i", "action": awkward, "timestamp": 1714564800}],
                             source='src "x"', settings=SETTINGS, now=NOW, **dirs)  # fmt: skip
     assert report.rejected_path is not None
     [logged] = [json.loads(text) for text in report.rejected_path.read_text(encoding="utf-8").splitlines()]
@@ -329,4 +342,4 @@ def test_empty_files_ingest_nothing(tmp_path: Path, dirs: dict[str, Path], name:
     report = ingest([path], dirs)
     assert (report.read, report.stored, report.duplicate, report.rejected) == (0, 0, 0, 0)
     assert scan_store(dirs["store"]).num_rows == 0
-    assert ingest_records([], source="request", settings=SETTINGS, now=NOW, **dirs).read == 0
+    assert store_records([], source="request", settings=SETTINGS, now=NOW, **dirs).read == 0

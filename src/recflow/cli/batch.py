@@ -143,6 +143,7 @@ def ingest(
 @app.command()
 def status(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Show what the event store holds and what the last training and evaluation produced."""
+    from recflow.model.evaluate import METRICS_FILE
     from recflow.store.eventstore import store_summary
 
     settings = load_settings(params)
@@ -157,7 +158,7 @@ def status(params: ParamsOption = DEFAULT_PARAMS) -> None:
         f"{summary.events:,}", f"{summary.users:,}", f"{summary.items:,}", str(summary.first), str(summary.last)
     )
     out.print(table)
-    metrics = settings.paths.models / "metrics.json"
+    metrics = settings.paths.models / METRICS_FILE
     if metrics.exists():
         print_metrics(json.loads(metrics.read_text()))
     else:

@@ -168,15 +168,23 @@ def drift_check(
 
 @app.command()
 def schedule(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Serve the scheduled flows (ingest every 5 minutes, drift hourly, pipeline nightly) from this process
-    against the Prefect server at PREFECT_API_URL: `python -m flows.serve` (see flows/README.md)."""
+    """Serve the scheduled flows of prefect.yaml (ingest every 5 minutes, drift hourly, pipeline nightly) from
+    this process against the Prefect server at PREFECT_API_URL: `python -m flows.serve` (see flows/README.md).
+
+    Run it in the recflow project folder (the checkout with flows/ and prefect.yaml): the Prefect flows are
+    part of the project, not of the installed recflow package."""
     from recflow.errors import ConfigError
 
+    missing = [name for name in ("flows/serve.py", "prefect.yaml") if not Path(name).exists()]
+    if missing:
+        raise ConfigError(
+            f"`recflow schedule` needs the recflow project folder, and {Path.cwd()} is not one (no "
+            f"{' or '.join(missing)}): the Prefect flows are not installed with the package, so run it in the "
+            "project checkout"
+        )
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError(
             "PREFECT_API_URL is not set: run `prefect server start` and export "
             "PREFECT_API_URL=http://127.0.0.1:4200/api (schedules never fire on Prefect's temporary server)"
         )
-    if not Path("flows/serve.py").exists():
-        raise ConfigError("no flows/serve.py here: run `recflow schedule` in the recflow project folder")
     os.execv(sys.executable, [sys.executable, "-m", "flows.serve", "--params", str(params)])

@@ -4,7 +4,8 @@ event tables as .parquet, .csv or .jsonl.
 Reading never validates: it only turns a file into a table (CSV cells as text, so that validation decides
 about types) plus the records that could not even be read as rows, each a `Rejection` with its record number:
 `bad_json`, `not_an_object` (JSON lines) or `bad_row` (a CSV row with the wrong number of fields). Writing is
-atomic (a hidden temporary file, then a rename), with timestamps as ISO-8601 + 'Z' in text formats.
+atomic (`recflow.files.atomic_path`: a hidden temporary file, then a rename), with timestamps as ISO-8601 + 'Z'
+in text formats.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from recflow.constants import EVENT_ID, REQUIRED_COLUMNS, TIMESTAMP, VALUE
 from recflow.errors import InputFileError
 from recflow.events.contract import FIELD_ORDER, MAX_RAW_CHARS, RAW_COLUMN, RECORD_COLUMN, Rejection, records_table
+from recflow.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +67,7 @@ def write_events(table: pa.Table, path: Path) -> None:
         raise InputFileError(
             f"cannot write events to {path}: unknown extension {suffix!r}; use {', '.join(WRITE_FORMATS)}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".parquet":
             pq.write_table(table, tmp)
         elif suffix == ".csv":
@@ -80,10 +76,6 @@ def write_events(table: pa.Table, path: Path) -> None:
             with tmp.open("wb") as out:
                 for batch in _iso_timestamps(table).to_batches(max_chunksize=500_000):
                     out.write(_json_lines(batch))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     logger.info("wrote %d events to %s", table.num_rows, path)
 
 

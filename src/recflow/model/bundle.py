@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -25,8 +22,8 @@ import scipy.sparse as sp
 
 from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import ModelNotFoundError
+from recflow.files import atomic_dir, atomic_path
 from recflow.model.candidates import ALSParams, CandidateSet
-from recflow.model.features import atomic_path
 from recflow.model.metrics import PAD
 from recflow.model.ranker import rerank
 from recflow.model.ranker_features import FeatureContext
@@ -230,16 +227,5 @@ def save_bundle_atomically(bundle: ModelBundle, path: Path) -> None:
     """Save into a fresh hidden sibling folder, then swap it in with two renames: a crash while saving leaves
     the previous bundle whole (the crash-safety the train stage and the Prefect train flow rely on;
     tests/integration/test_flows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a bundle folder is as readable as any other output
-    try:
+    with atomic_dir(path) as staging:
         bundle.save(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    retired = path.with_name(f".{path.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-    if path.exists():
-        os.replace(path, retired)
-    os.replace(staging, path)
-    shutil.rmtree(retired, ignore_errors=True)

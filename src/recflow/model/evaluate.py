@@ -27,9 +27,10 @@ import scipy.sparse as sp
 from recflow.config import Settings
 from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import InputFileError
+from recflow.files import atomic_path
 from recflow.model.bundle import ModelBundle
 from recflow.model.candidates import ease_weights, knn_similarity
-from recflow.model.features import SPLIT_TEST, atomic_path, load_interactions, window
+from recflow.model.features import SPLIT_TEST, load_interactions, window
 from recflow.model.metrics import (
     GroundTruth,
     bootstrap_interval,

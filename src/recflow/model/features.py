@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import scipy.sparse as sp
 from recflow.config import Settings, SplitSettings
 from recflow.constants import ACTION, ITEM_ID, ITEM_IDX, TIMESTAMP, USER_ID, USER_IDX
 from recflow.errors import EmptyDataError, ModelNotFoundError, UnknownActionError
+from recflow.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -329,23 +328,3 @@ def load_interactions(features: Path) -> tuple[Interactions, dict[str, object]]:
         actions=tuple(meta["actions"]),
     )
     return inter, meta
-
-
-class atomic_path:
-    """`with atomic_path(final) as tmp:` write to tmp; on success tmp replaces final, on error it is removed."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.final.name}.", dir=self.final.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.final)
-        else:
-            self.tmp.unlink(missing_ok=True)

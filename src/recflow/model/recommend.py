@@ -9,8 +9,8 @@ import pyarrow.csv as pacsv
 
 from recflow.constants import USER_ID
 from recflow.errors import InputFileError
+from recflow.files import atomic_path
 from recflow.model.bundle import ModelBundle
-from recflow.model.features import atomic_path
 from recflow.model.training import BUNDLE_DIR
 
 

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from recflow.config import Settings
+from recflow.files import atomic_path
 from recflow.model.bundle import save_bundle_atomically
 from recflow.model.features import (
     PRODUCTION,
     SPLIT_TEST,
     action_weights,
-    atomic_path,
     load_interactions,
     window,
 )

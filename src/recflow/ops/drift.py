@@ -41,7 +41,6 @@ from recflow.errors import EmptyDataError, ModelNotFoundError
 logger = logging.getLogger(__name__)
 
 EVENTS, USERS, CANDIDATES = "events", "users", "candidates"
-DATASETS = (EVENTS, USERS, CANDIDATES)
 SCORE = "ranker_score"
 NEW = "new"
 _DAY_MS = 86_400_000
@@ -337,12 +336,14 @@ def verdict(datasets: list[DatasetDrift]) -> list[str]:
 
 def check_drift(settings: Settings, *, root: Path = Path("."), end: datetime | None = None) -> DriftResult:
     """The drift stage: read the windows from the store, compare them, return the verdict (nothing written)."""
+    from recflow.model.training import BUNDLE_DIR
+
     paths = settings.paths
     events, windows = load_events(root / paths.store, settings, end=end)
     frames = event_frames(events, windows, settings)
     skipped: dict[str, str] = {}
     try:
-        frames[CANDIDATES] = candidate_frames(root / paths.models / "bundle", events, windows, settings)
+        frames[CANDIDATES] = candidate_frames(root / paths.models / BUNDLE_DIR, events, windows, settings)
     except (ModelNotFoundError, EmptyDataError) as exc:
         skipped[CANDIDATES] = str(exc)
         logger.info("ranker distributions not compared: %s", exc)

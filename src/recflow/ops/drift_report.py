@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from recflow.config import Settings
-from recflow.model.features import atomic_path
+from recflow.files import atomic_path
 from recflow.ops.drift import DriftResult, check_drift
 
 REPORT_DIR = "drift"  # under paths.reports

@@ -7,8 +7,9 @@ One version is one BentoML model (`<registry.model_name>:<version>`) holding
     metrics.json   the offline metrics of `recflow evaluate` for that training
 with the data version (md5 of data.dvc), trained-at, parameters and metrics in the model's labels and metadata.
 
-The store is the BentoML home `registry.home` (default `<project>/.bentoml`); every call passes the store
-explicitly, so it does not matter whether BentoML already resolved its own home in this process. Beside the
+The store is the BentoML home `registry.home` (default `<project>/.bentoml`); every call of BentoML's public
+`bentoml.models` API passes the store explicitly (`recflow.serving.bentoml_adapter.model_store`), so it does not
+matter whether BentoML already resolved its own home in this process. Beside the
 models, `<home>/recflow/` holds the production pointer (`production.json`, with the stack of earlier
 production versions that rollback returns to) and the deployment history (`history.jsonl`, every promotion,
 refusal and rollback), both written atomically under a lock, so a service in the same project finds them.
@@ -21,7 +22,6 @@ import getpass
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,11 +34,13 @@ import yaml
 
 from recflow.config import Settings
 from recflow.errors import ModelNotFoundError, NoProductionError, RecflowError, RegistryError
+from recflow.files import atomic_path
 
 if TYPE_CHECKING:  # the model code is imported when needed: rollback and listing stay fast
-    from bentoml._internal.models.model import Model, ModelStore
+    from bentoml import Model
 
     from recflow.model.bundle import ModelBundle
+    from recflow.serving.bentoml_adapter import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -339,19 +341,17 @@ def _os_user() -> str:
 
 
 def _model_store(settings: Settings, root: Path) -> ModelStore:
-    from bentoml._internal.models.model import ModelStore
+    from recflow.serving.bentoml_adapter import model_store
 
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage reports from a library call (read once)
-    models = bentoml_home(settings, root) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    return ModelStore(models)
+    return model_store(bentoml_home(settings, root) / "models")
 
 
 def _models(settings: Settings, store: ModelStore) -> list[Model]:
+    import bentoml
     from bentoml.exceptions import NotFound
 
     try:
-        return store.list(settings.registry.model_name)
+        return bentoml.models.list(settings.registry.model_name, _model_store=store)
     except NotFound:
         return []
 
@@ -418,8 +418,6 @@ def _read_pointer(settings: Settings, root: Path) -> dict[str, Any] | None:
 
 
 def _write_pointer(settings: Settings, root: Path, version: str, previous: list[str], at: datetime) -> None:
-    from recflow.model.features import atomic_path
-
     payload = {"version": version, "since": at.isoformat(timespec="seconds"), "previous": previous}
     with atomic_path(production_file(settings, root)) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
@@ -427,8 +425,6 @@ def _write_pointer(settings: Settings, root: Path, version: str, previous: list[
 
 def _append_history(settings: Settings, root: Path, record: dict[str, Any]) -> None:
     """Append one record: the whole file is rewritten atomically (it holds one short line per deployment)."""
-    from recflow.model.features import atomic_path
-
     path = _state_dir(settings, root) / HISTORY_FILE
     old = path.read_text() if path.exists() else ""
     with atomic_path(path) as tmp:

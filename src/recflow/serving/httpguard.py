@@ -1,15 +1,12 @@
 """ASGI middleware in front of the HTTP service (bentos/service.py): JSON-only request bodies within a size limit
 on the API routes, answered with 415 / 413 that name the problem instead of a parser error deep in the framework,
-and a /readyz whose JSON body says which part is not ready. Also a corrected copy of BentoML's request timeout
-(`use_cancelling_timeout`)."""
+and a /readyz whose JSON body says which part is not ready. Plain ASGI (starlette): the request timeout that
+replaces BentoML's own is in `recflow.serving.bentoml_adapter`."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 from collections.abc import Callable, Sequence
 
-from bentoml._internal.server.http import traffic
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -74,46 +71,3 @@ class RequestGuard:
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         ready, checks = await run_in_threadpool(self.readiness)  # pings may wait on the network
         await JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)(scope, receive, send)
-
-
-class CancellingTimeoutMiddleware(traffic.TimeoutMiddleware):
-    """BentoML 1.4's per-request timeout (`traffic.timeout`), with the timer cancelled when the request ends and
-    holding nothing of the request.
-
-    BentoML's own never cancels it, so each finished request's context (its tracing span, futures, locks: ~20
-    objects) stays alive until the timeout passes: at 200 req/s with a 30 s timeout, ~120k live objects that every
-    full garbage collection walks with the GIL held, ~70 ms each time, which was the service's p99.
-    """
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        # an empty context: a cancelled timer may wait in the loop's queue a while, and must not hold the request's
-        timer = loop.call_later(self.timeout, self._set_timer_out, waiter, context=contextvars.Context())
-
-        async def answered(message: Message) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-            await send(message)
-
-        request = asyncio.ensure_future(self.app(scope, receive, answered))
-        try:
-            await waiter
-        except TimeoutError:
-            if request.cancel():
-                problem = f"Not able to process the request in {self.timeout} seconds"
-                await JSONResponse({"error": problem}, status_code=504)(scope, receive, send)
-        else:
-            await request
-        finally:
-            timer.cancel()
-
-
-def use_cancelling_timeout() -> None:
-    """Make BentoML build its apps with `CancellingTimeoutMiddleware`: it looks the class up in its `traffic`
-    module each time it assembles an app, so this must run before the service starts (bentos/service.py does it
-    at import)."""
-    traffic.TimeoutMiddleware = CancellingTimeoutMiddleware  # type: ignore[misc]

@@ -28,7 +28,7 @@ from typing import IO, Protocol
 import numpy as np
 
 from recflow.errors import UserStateUnavailableError
-from recflow.model.features import atomic_path
+from recflow.files import atomic_path
 from recflow.stream.log import redact
 
 logger = logging.getLogger(__name__)

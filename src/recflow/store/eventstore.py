@@ -3,9 +3,10 @@
 Layout: `<store>/date=YYYY-MM-DD/part-<batch digest>.parquet`, columns in STORE_SCHEMA order. A batch is
 written atomically: each of its files goes to a hidden name (".part-...") in its target directory, which
 readers (pyarrow.dataset, `scan_store`, duckdb globs of `part-*.parquet`) ignore, and is then renamed into
-place with os.replace (each file is fsynced first). A crash leaves no half-written file; replaying the batch
-is safe because every event whose event_id is already stored is counted as a duplicate and not written again.
-The rejected log of a batch (`<rejected>/rejected-<UTC time>-<uuid8>.jsonl`) is written the same way.
+place with os.replace (each file fsynced before, each folder after: `recflow.files`). A crash leaves no
+half-written file; replaying the batch is safe because every event whose event_id is already stored is counted
+as a duplicate and not written again. The rejected log of a batch (`<rejected>/rejected-<UTC time>-<uuid8>.jsonl`)
+is written with `recflow.files.atomic_path`.
 
 Dedup compares event_id strings exactly, within the batch (the first occurrence wins; hashes single out the
 rows that can repeat) and against the event_id column of every stored file, in one DuckDB anti-join. Its cost
@@ -20,7 +21,7 @@ import logging
 import os
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -41,10 +42,10 @@ from recflow.events.contract import (
     Rejection,
     duckdb_cursor,
     json_objects,
-    validate_records,
     validate_table,
 )
 from recflow.events.fileio import EVENT_FILE_SUFFIXES, read_event_file, read_json_lines
+from recflow.files import atomic_path, fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -156,20 +157,6 @@ def ingest_table(
     """Validate and store the rows of an in-memory table (any column types; see events.validate_table)."""
     batch = validate_table(table, settings=settings, source=source, now=now)
     return _commit(batch.accepted, batch.rejected, read=table.num_rows, store=store, rejected=rejected, source=source)
-
-
-def ingest_records(
-    records: Sequence[Mapping[str, Any]],
-    *,
-    source: str,
-    store: Path,
-    rejected: Path,
-    settings: EventSettings,
-    now: datetime | None = None,
-) -> IngestReport:
-    """Validate and store JSON-decoded records (the event stream's and the HTTP service's path)."""
-    batch = validate_records(records, settings=settings, source=source, now=now)
-    return _commit(batch.accepted, batch.rejected, read=len(records), store=store, rejected=rejected, source=source)
 
 
 def scan_store(store: Path, columns: Sequence[str] | None = None) -> pa.Table:
@@ -339,6 +326,8 @@ def _write_partitions(table: pa.Table, keep: np.ndarray, store: Path) -> list[Pa
         finals = [temp.with_name(name) for temp in temps]
         for temp, final in zip(temps, finals, strict=True):
             os.replace(temp, final)
+        for folder in {*(final.parent for final in finals), store}:  # the renames, and new date= folders
+            fsync_dir(folder)
     finally:
         for temp in temps:
             temp.unlink(missing_ok=True)
@@ -383,15 +372,13 @@ def _digest(event_ids: pa.ChunkedArray, keep: np.ndarray | None = None) -> str:
 def _write_file(table: pa.Table, path: Path) -> None:
     with pa.OSFile(str(path), "wb") as sink:
         pq.write_table(table, sink, **_WRITE_OPTIONS)
-    _fsync(path)
+    fsync_file(path)
 
 
 def _write_rejected(rejections: Sequence[Rejection], folder: Path) -> Path:
     """One JSON object per rejection {source, record, code, reason, raw}, written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     path = folder / f"rejected-{stamp}-{uuid.uuid4().hex[:8]}.jsonl"
-    temp = folder / f".{path.name}.tmp"
     table = pa.table(
         {
             "source": pa.array([r.source for r in rejections], pa.string()),
@@ -404,14 +391,8 @@ def _write_rejected(rejections: Sequence[Rejection], folder: Path) -> Path:
     lines = pc.binary_join_element_wise(json_objects(table), "\n", "").combine_chunks()
     _, offsets, data = lines.buffers()  # the lines lie back to back in `data`: write them as they are
     bounds = np.frombuffer(offsets, np.int32, count=len(lines) + 1, offset=4 * lines.offset)
-    try:
-        with temp.open("wb") as handle:
-            handle.write(memoryview(data)[bounds[0] : bounds[-1]])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_path(path) as temp, temp.open("wb") as handle:
+        handle.write(memoryview(data)[bounds[0] : bounds[-1]])
     return path
 
 
@@ -442,11 +423,3 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
             f"nothing to ingest in {shown}; expected {', '.join('*' + s for s in EVENT_FILE_SUFFIXES)}"
         )
     return files
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,7 @@ from typing import Any
 
 from recflow.config import EventLogSettings
 from recflow.errors import EventLogUnavailableError
+from recflow.files import atomic_path
 from recflow.stream.log import Entry, Lag, encode
 
 logger = logging.getLogger(__name__)
@@ -202,18 +203,9 @@ class SpoolLog:
         return pos
 
     def _save_position(self) -> None:
-        path = self.folder / "position.json"
-        temp = path.with_name(".position.json.tmp")
-        with temp.open("w") as out:
+        # fsynced, and its folder after the rename: the new position must survive a power cut (see _compact)
+        with atomic_path(self.folder / "position.json") as temp, temp.open("w") as out:
             json.dump(vars(self._position), out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-        folder = os.open(self.folder, os.O_RDONLY)  # the rename itself must survive a power cut (see _compact)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
 
     def _compact(self) -> None:
         """Empty the spool file when every line of it is acknowledged (under the writers' lock). The

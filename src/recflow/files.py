@@ -1,0 +1,91 @@
+"""Atomic files: every output of recflow is written under a hidden temporary name beside its final one and then
+renamed over it, so a reader never sees half a file and a crash leaves the previous version whole.
+
+- `atomic_path(final)`: `with atomic_path(final) as tmp:` write `tmp`; on success it is fsynced and renamed
+  over `final`, and the folder is fsynced (the rename itself survives a power cut); on error it is removed.
+- `atomic_dir(final)`: the same for a folder (a model bundle): fill the staging folder it gives, and it is
+  swapped in with two renames (the folder it replaces is removed after); on error the staging folder is removed.
+- `fsync_file`, `fsync_dir`: for writers that commit several files at once (the event store's partitions).
+
+Temporary names start with "." (readers and globs such as `part-*.parquet` skip them). New files and folders get
+the permissions of any file the process creates (the umask applies), not the private ones of `tempfile`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_dir", "atomic_path", "fsync_dir", "fsync_file"]
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's content to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk: a rename into it, or a file created in it, survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """`with atomic_path(final) as tmp:` write to tmp; on success tmp (fsynced) replaces final and the folder is
+    fsynced, on error tmp is removed. The parent folder is created when missing."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _hidden_sibling(final, "tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """`with atomic_dir(final) as staging:` fill the (new, empty) staging folder; on success everything in it
+    is fsynced and it is swapped in for final with two renames (final moved aside, staging renamed to final),
+    then the old folder is removed; on error staging is removed and final stays as it was. A crash between the
+    two renames leaves no `final`, with the previous version whole in a hidden `.<name>.old-*` sibling."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = _hidden_sibling(final, "new")
+    staging.mkdir()
+    try:
+        yield staging
+        for folder, _, names in os.walk(staging):
+            for name in names:
+                fsync_file(Path(folder) / name)
+            fsync_dir(Path(folder))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = final.with_name(f".{final.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+    if final.exists():
+        os.replace(final, retired)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _hidden_sibling(final: Path, kind: str) -> Path:
+    """A fresh hidden name beside `final`: `.<name>.<kind>-<random>`."""
+    return final.with_name(f".{final.name}.{kind}-{secrets.token_hex(6)}")
