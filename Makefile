@@ -39,7 +39,7 @@ demo: install ## Run the whole batch loop on generated data and print the metric
 test: install ## Run the test suite (unit, model and integration tests)
 	python -m pytest
 
-test-fast: install ## Run the unit tests only: pure, no processes or training (~25 s on 2 cores)
+test-fast: install ## Run the unit tests only: pure, no processes or training (measured 18 s on 2 cores)
 	python -m pytest tests/unit
 
 lint: install ## Check style with ruff and types with mypy (strict on src/recflow)

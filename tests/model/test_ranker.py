@@ -3,10 +3,7 @@ stacked windows that each end where their labels begin."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from recflow.config import RankerSettings
@@ -17,22 +14,9 @@ from recflow.model.ranker import action_grades, grade_labels, rerank, train_rank
 from recflow.model.ranker_features import build_context, candidate_features, feature_names
 from recflow.model.training import earlier_window
 
-ACTIONS = ("view", "click", "add_to_cart", "purchase")
-DAY0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
+from ..factories import ACTIONS, DAY0, event_table
+
 SETTINGS = RankerSettings(n_estimators=60, min_child_samples=5, early_stopping_rounds=20)
-
-
-def table(rows: list[tuple[str, str, str, float]]) -> pa.Table:
-    users, items, actions, days = zip(*rows, strict=True)
-    stamps = [int((DAY0 + d * SECONDS_PER_DAY) * 1000) for d in days]
-    return pa.table(
-        {
-            "user_id": list(users),
-            "item_id": list(items),
-            "action": list(actions),
-            "timestamp": pa.array(stamps, pa.timestamp("ms", tz="UTC")),
-        }
-    )
 
 
 def als_candidates(items: list[list[int]] | np.ndarray, scores: np.ndarray) -> CandidateSet:
@@ -62,7 +46,7 @@ def test_ranker_learns_a_known_order() -> None:
 
 def test_labels_take_the_strongest_action_in_the_target_window() -> None:
     inter = encode_events(
-        table([("a", "x", "view", 1), ("a", "x", "purchase", 2), ("a", "y", "click", 3), ("b", "x", "view", 4)]),
+        event_table([("a", "x", "view", 1), ("a", "x", "purchase", 2), ("a", "y", "click", 3), ("b", "x", "view", 4)]),
         ACTIONS,
     )
     grades = action_grades(np.array([0.5, 1.0, 1.5, 2.0]))
@@ -77,7 +61,7 @@ def test_grades_follow_weights_not_the_order_actions_are_listed_in() -> None:
 def test_features_use_only_history_before_the_reference_time() -> None:
     """Popularity windows count events strictly before each user's reference time."""
     inter = encode_events(
-        table([("a", "x", "view", 0), ("b", "x", "view", 5), ("c", "x", "view", 9.5), ("c", "y", "view", 9.9)]),
+        event_table([("a", "x", "view", 0), ("b", "x", "view", 5), ("c", "x", "view", 9.5), ("c", "y", "view", 9.9)]),
         ACTIONS,
     )
     ref = np.array([DAY0 + 10 * SECONDS_PER_DAY, DAY0 + 6 * SECONDS_PER_DAY, DAY0 + 10 * SECONDS_PER_DAY])
@@ -100,7 +84,7 @@ def test_next_after_counts_what_followed_the_users_last_item() -> None:
     """In other users' histories y followed x twice and z followed x once; user d's last item is x."""
     rows = [("a", "x", "view", 1), ("a", "y", "view", 2), ("b", "x", "view", 1), ("b", "y", "view", 2)]
     rows += [("c", "x", "view", 1), ("c", "z", "view", 2), ("d", "w", "view", 1), ("d", "x", "view", 3)]
-    inter = encode_events(table(rows), ACTIONS)
+    inter = encode_events(event_table(rows), ACTIONS)
     ids = {item: i for i, item in enumerate(inter.item_ids)}
     user_d = list(inter.user_ids).index("d")
     ctx = build_context(inter, np.full(4, DAY0 + 5 * SECONDS_PER_DAY), np.eye(4, dtype=np.float32), SETTINGS)
@@ -124,7 +108,7 @@ def test_stacked_windows_keep_a_users_queries_apart() -> None:
 @pytest.mark.parametrize("method", ["global_time", "per_user"])
 def test_an_earlier_window_ends_where_its_target_begins(method: str) -> None:
     rows = [(u, f"i{j}", "view", 10 * k + j) for k, u in enumerate("abc") for j in range(10)]
-    inter = encode_events(table(rows), ACTIONS)
+    inter = encode_events(event_table(rows), ACTIONS)
     earlier = earlier_window(inter, method, 0.2)
     assert len(earlier.history) + len(earlier.target) == len(inter)
     if method == "global_time":  # the last 20% of all events, after one cut shared by every user
@@ -138,7 +122,7 @@ def test_an_earlier_window_ends_where_its_target_begins(method: str) -> None:
 
 
 def test_rerank_keeps_only_real_candidates_in_ranker_order() -> None:
-    inter = encode_events(table([("a", f"i{j}", "view", j) for j in range(6)]), ACTIONS)
+    inter = encode_events(event_table([("a", f"i{j}", "view", j) for j in range(6)]), ACTIONS)
     ctx = build_context(inter, np.array([DAY0 + 7 * SECONDS_PER_DAY]), np.eye(6, dtype=np.float32), SETTINGS)
     names = feature_names(ACTIONS, SETTINGS.popularity_windows_days)
     items = np.array([[0, 1, 2, PAD]])
