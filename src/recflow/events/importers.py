@@ -157,11 +157,12 @@ def import_mapped_csv(
     return result
 
 
-def parse_mapping(text: Sequence[str]) -> dict[str, str]:
+def parse_mapping(text: Sequence[str], *, contract_fields: bool = True) -> dict[str, str]:
     """CLI pairs to a mapping, e.g. ["user_id=customer", "action==purchase"] (a value starting with "=" is a constant).
 
-    Gives {"user_id": "customer", "action": "=purchase"}. Fields are checked against the contract; completeness is
-    checked by `import_mapped_csv`.
+    Gives {"user_id": "customer", "action": "=purchase"}. Fields are checked against the contract (unless
+    `contract_fields` is False, for action renames such as ["buy=purchase"]); completeness is checked by
+    `import_mapped_csv`.
     """
     mapping: dict[str, str] = {}
     for entry in text:
@@ -175,7 +176,8 @@ def parse_mapping(text: Sequence[str]) -> dict[str, str]:
         if name in mapping:
             raise InputFileError(f"mapping names {name!r} twice ({mapping[name]!r} and {column!r}); keep one")
         mapping[name] = column
-    _check_mapping(mapping, complete=False)
+    if contract_fields:
+        _check_mapping(mapping, complete=False)
     return mapping
 
 
