@@ -1,4 +1,11 @@
-"""Shared fixtures. OPENBLAS_NUM_THREADS must be set before numpy is first imported (see STACK_NOTES)."""
+"""Shared fixtures, and one marker per test folder. OPENBLAS_NUM_THREADS must be set before numpy is first imported
+(see STACK_NOTES).
+
+The folder says what a test is, and the marker follows from it (so `-m "not integration"` works anywhere):
+    tests/unit/         fast and pure: no processes, no redis-server, no model training, no Evidently run
+    tests/model/        trains small models (or runs Evidently) and checks their behaviour
+    tests/integration/  real processes: redis-server, `recflow`/`dvc`/`bentoml` subprocesses, Prefect
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MOVIELENS = REPO.parent / "shared" / "data" / "ml-100k"
+
+
+FOLDER_MARKERS = ("unit", "model", "integration")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.relative_to(Path(__file__).parent).parts[0]
+        if folder in FOLDER_MARKERS:
+            item.add_marker(folder)
 
 
 @pytest.fixture

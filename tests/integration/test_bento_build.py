@@ -8,14 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from ..conftest import REPO
 
 BENTOML = str(Path(sys.executable).parent / "bentoml")
-
-pytestmark = pytest.mark.integration
 
 
 def test_bentoml_build_offline_makes_a_versioned_bento(tmp_path: Path) -> None:

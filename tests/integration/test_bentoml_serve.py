@@ -31,8 +31,6 @@ from recflow.ops.registry import deploy
 from ..conftest import REPO
 from ..servingkit import train_small_project
 
-pytestmark = pytest.mark.integration
-
 BENTOML = str(Path(sys.executable).parent / "bentoml")
 RECFLOW = str(Path(sys.executable).parent / "recflow")
 WATCH = {"service": {"reload_check_seconds": 1}}

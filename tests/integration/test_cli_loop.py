@@ -11,8 +11,6 @@ import pytest
 
 RECFLOW = str(Path(sys.executable).parent / "recflow")
 
-pytestmark = pytest.mark.integration
-
 
 def run(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([RECFLOW, *args], cwd=cwd, capture_output=True, text=True, timeout=600)

@@ -20,8 +20,6 @@ from ..servingkit import train_small_project
 RECFLOW = str(Path(sys.executable).parent / "recflow")
 ENV = {**os.environ, "COLUMNS": "200"}  # wide tables: every version and reason on one line
 
-pytestmark = pytest.mark.integration
-
 
 def run(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([RECFLOW, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)

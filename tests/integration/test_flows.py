@@ -23,8 +23,6 @@ import yaml
 
 from ..conftest import write_small_project
 
-pytestmark = pytest.mark.integration
-
 DAYS, DRIFT_DAY = 37, 30  # 30 days of one distribution, then 7 drifted days (the generator's drift option)
 
 

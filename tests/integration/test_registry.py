@@ -33,8 +33,6 @@ from recflow.store.eventstore import ingest_table
 from ..conftest import write_small_project
 from ..servingkit import SERVING_PROJECT, train_small_project
 
-pytestmark = pytest.mark.integration
-
 BENTOML = str(Path(sys.executable).parent / "bentoml")
 MOVED = ("store", "rejected", "features", "models", "reports")
 

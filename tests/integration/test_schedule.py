@@ -21,8 +21,6 @@ import pytest
 
 from ..conftest import REPO, write_small_project
 
-pytestmark = pytest.mark.integration
-
 BIN = Path(sys.executable).parent
 STARTUP_SECONDS = 90
 RUN_SECONDS = 120

@@ -37,8 +37,6 @@ from recflow.serving.userstate import RedisUserState
 
 from ..servingkit import deploy_small_project, load_service
 
-pytestmark = pytest.mark.integration
-
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SERVICE = {"service": {"token": TOKEN, "reload_check_seconds": 0, "max_body_bytes": 20_000, "max_events": 50}}

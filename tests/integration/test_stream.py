@@ -28,9 +28,8 @@ from recflow.store.eventstore import scan_store
 from recflow.stream.log import open_event_log, open_event_source
 
 from ..conftest import write_small_project
+from ..factories import numbered_events
 from ..redis_server import RedisServer
-
-pytestmark = pytest.mark.integration
 
 RECFLOW = str(Path(sys.executable).parent / "recflow")
 STREAM, DEAD, GROUP, CONSUMER = "events", "events:dead", "store", "worker"
@@ -65,11 +64,8 @@ def run(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def events(n: int, start: int = 0) -> list[dict[str, object]]:
-    return [
-        {"user_id": f"u{i % 997}", "item_id": f"i{i % 89}", "action": "view", "timestamp": 1_700_000_000 + i // 10}
-        | {"event_id": f"e{i}"}
-        for i in range(start, start + n)
-    ]
+    """Spread over many users and items, ten to a second, like a busy shop."""
+    return numbered_events(n, start, users=997, items=89, per_second=10)
 
 
 def stored_ids(root: Path) -> list[str]:

@@ -20,8 +20,6 @@ from recflow.store.eventstore import ingest_table
 
 from ..conftest import REPO
 
-pytestmark = pytest.mark.model
-
 DAYS, DRIFT_DAY = 35, 28
 
 

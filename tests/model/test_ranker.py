@@ -3,10 +3,7 @@ stacked windows that each end where their labels begin."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from recflow.config import RankerSettings, SplitSettings
@@ -16,22 +13,9 @@ from recflow.model.metrics import PAD
 from recflow.model.ranker import action_grades, grade_labels, rerank, train_ranker
 from recflow.model.ranker_features import build_context, candidate_features, feature_names
 
-ACTIONS = ("view", "click", "add_to_cart", "purchase")
-DAY0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
+from ..factories import ACTIONS, DAY0, event_table
+
 SETTINGS = RankerSettings(n_estimators=60, min_child_samples=5, early_stopping_rounds=20)
-
-
-def table(rows: list[tuple[str, str, str, float]]) -> pa.Table:
-    users, items, actions, days = zip(*rows, strict=True)
-    stamps = [int((DAY0 + d * SECONDS_PER_DAY) * 1000) for d in days]
-    return pa.table(
-        {
-            "user_id": list(users),
-            "item_id": list(items),
-            "action": list(actions),
-            "timestamp": pa.array(stamps, pa.timestamp("ms", tz="UTC")),
-        }
-    )
 
 
 def als_candidates(items: list[list[int]] | np.ndarray, scores: np.ndarray) -> CandidateSet:
@@ -61,7 +45,7 @@ def test_ranker_learns_a_known_order() -> None:
 
 def test_labels_take_the_strongest_action_in_the_target_window() -> None:
     inter = encode_events(
-        table([("a", "x", "view", 1), ("a", "x", "purchase", 2), ("a", "y", "click", 3), ("b", "x", "view", 4)]),
+        event_table([("a", "x", "view", 1), ("a", "x", "purchase", 2), ("a", "y", "click", 3), ("b", "x", "view", 4)]),
         ACTIONS,
     )
     grades = action_grades(np.array([0.5, 1.0, 1.5, 2.0]))
@@ -76,7 +60,7 @@ def test_grades_follow_weights_not_the_order_actions_are_listed_in() -> None:
 def test_features_use_only_history_before_the_reference_time() -> None:
     """Popularity windows count events strictly before each user's reference time."""
     inter = encode_events(
-        table([("a", "x", "view", 0), ("b", "x", "view", 5), ("c", "x", "view", 9.5), ("c", "y", "view", 9.9)]),
+        event_table([("a", "x", "view", 0), ("b", "x", "view", 5), ("c", "x", "view", 9.5), ("c", "y", "view", 9.9)]),
         ACTIONS,
     )
     ref = np.array([DAY0 + 10 * SECONDS_PER_DAY, DAY0 + 6 * SECONDS_PER_DAY, DAY0 + 10 * SECONDS_PER_DAY])
@@ -99,7 +83,7 @@ def test_next_after_counts_what_followed_the_users_last_item() -> None:
     """In other users' histories y followed x twice and z followed x once; user d's last item is x."""
     rows = [("a", "x", "view", 1), ("a", "y", "view", 2), ("b", "x", "view", 1), ("b", "y", "view", 2)]
     rows += [("c", "x", "view", 1), ("c", "z", "view", 2), ("d", "w", "view", 1), ("d", "x", "view", 3)]
-    inter = encode_events(table(rows), ACTIONS)
+    inter = encode_events(event_table(rows), ACTIONS)
     ids = {item: i for i, item in enumerate(inter.item_ids)}
     user_d = list(inter.user_ids).index("d")
     ctx = build_context(inter, np.full(4, DAY0 + 5 * SECONDS_PER_DAY), np.eye(4, dtype=np.float32), SETTINGS)
@@ -125,7 +109,7 @@ def test_a_window_is_scored_as_of_the_end_of_its_history(method: str) -> None:
     """Every protocol answers as of one moment: the cut (global time) or the end of the history (per user,
     random), as `recflow recommend` answers as of the end of its data; no history event is after it."""
     rows = [(u, f"i{j}", "view", 10 * k + j) for k, u in enumerate("abc") for j in range(10)]
-    inter = encode_events(table(rows), ACTIONS)
+    inter = encode_events(event_table(rows), ACTIONS)
     labels, cuts = assign_split(inter, SplitSettings(method=method, test_fraction=0.2, validation_fraction=0.0))
     win = window(Interactions(**{**inter.__dict__, "split": labels}), SPLIT_TEST, method, cuts)
     assert len(win.history) + len(win.target) == len(inter)
@@ -139,7 +123,7 @@ def test_a_window_is_scored_as_of_the_end_of_its_history(method: str) -> None:
 
 
 def test_rerank_keeps_only_real_candidates_in_ranker_order() -> None:
-    inter = encode_events(table([("a", f"i{j}", "view", j) for j in range(6)]), ACTIONS)
+    inter = encode_events(event_table([("a", f"i{j}", "view", j) for j in range(6)]), ACTIONS)
     ctx = build_context(inter, np.array([DAY0 + 7 * SECONDS_PER_DAY]), np.eye(6, dtype=np.float32), SETTINGS)
     names = feature_names(ACTIONS, SETTINGS.popularity_windows_days)
     items = np.array([[0, 1, 2, PAD]])

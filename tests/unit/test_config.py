@@ -104,7 +104,7 @@ def test_an_empty_section_means_its_defaults(tmp_path: Path) -> None:
 
 
 def test_a_validation_window_is_required_in_params_but_code_may_cut_without_one(tmp_path: Path) -> None:
-    """training.earlier_window cuts a test-only window (validation_fraction 0); params.yaml needs a validation
+    """selection.make_folds cuts a test-only window (validation_fraction 0); params.yaml needs a validation
     window for the ranker's labels and the tuning's targets."""
     params = tmp_path / "params.yaml"
     params.write_text("features: {split: {validation_fraction: 0}}\n")

@@ -17,18 +17,12 @@ from recflow.store.eventstore import scan_store
 from recflow.stream.consumer import DrainReport, drain
 from recflow.stream.log import open_event_log, open_event_source
 
+from ..factories import numbered_events
+
 
 @pytest.fixture(autouse=True)
 def _no_redis_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RECFLOW_REDIS_URL", raising=False)
-
-
-def events(n: int, start: int = 0) -> list[dict[str, object]]:
-    return [
-        {"user_id": f"u{i % 50}", "item_id": f"i{i % 7}", "action": "click", "timestamp": 1_700_000_000 + i}
-        | {"event_id": f"e{i}"}
-        for i in range(start, start + n)
-    ]
 
 
 def stored_ids(root: Path) -> list[str]:
@@ -46,7 +40,7 @@ def adds_up(report: DrainReport) -> bool:
 
 def test_drain_stores_every_event_once_and_acknowledges_it(tmp_path: Path) -> None:
     settings = Settings().replace("eventlog", batch_size=300)
-    open_event_log(settings.eventlog, tmp_path).append(events(1000))
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(1000))
     lags: list[int | None] = []
     report = drain(settings, root=tmp_path, on_batch=lambda r: lags.append(r.lag.total if r.lag else None))
     assert (report.read, report.stored, report.batches) == (1000, 1000, 4)
@@ -60,9 +54,9 @@ def test_drain_stores_every_event_once_and_acknowledges_it(tmp_path: Path) -> No
 def test_replayed_events_are_counted_as_duplicates(tmp_path: Path) -> None:
     settings = Settings()
     log = open_event_log(settings.eventlog, tmp_path)
-    log.append(events(100))
+    log.append(numbered_events(100))
     drain(settings, root=tmp_path)
-    log.append(events(150))  # a producer retried: the first 100 again
+    log.append(numbered_events(150))  # a producer retried: the first 100 again
     report = drain(settings, root=tmp_path)
     assert (report.read, report.stored, report.duplicate) == (150, 50, 100)
     assert len(stored_ids(tmp_path)) == 150
@@ -71,7 +65,7 @@ def test_replayed_events_are_counted_as_duplicates(tmp_path: Path) -> None:
 def test_invalid_events_go_to_the_rejected_log_not_the_dead_letters(tmp_path: Path) -> None:
     settings = Settings()
     bad = [{"user_id": "u", "item_id": "i", "action": "clik", "timestamp": 1_700_000_000}, ["not", "an", "object"]]
-    open_event_log(settings.eventlog, tmp_path).append([*events(10), *bad])  # type: ignore[list-item]
+    open_event_log(settings.eventlog, tmp_path).append([*numbered_events(10), *bad])  # type: ignore[list-item]
     report = drain(settings, root=tmp_path)
     assert (report.stored, report.rejected, report.dead_lettered) == (10, 2, 0)
     assert report.reasons == {"unknown_action": 1, "not_an_object": 1}
@@ -84,10 +78,10 @@ def test_invalid_events_go_to_the_rejected_log_not_the_dead_letters(tmp_path: Pa
 def test_lines_that_are_not_json_are_rejected_with_their_reason_and_do_not_block_the_rest(tmp_path: Path) -> None:
     settings = Settings()
     log = open_event_log(settings.eventlog, tmp_path)
-    log.append(events(5))
+    log.append(numbered_events(5))
     with (tmp_path / "spool" / "events.jsonl").open("ab") as out:
         out.write(b"{not json\n\xff\xfe\n")  # e.g. written by hand, or a torn line healed by the next writer
-    log.append(events(5, start=5))
+    log.append(numbered_events(5, start=5))
     report = drain(settings, root=tmp_path)
     assert (report.stored, report.rejected, report.dead_lettered) == (10, 2, 0) and adds_up(report)
     assert report.reasons == {"bad_json": 2}
@@ -103,7 +97,9 @@ def test_a_record_the_store_cannot_take_is_isolated_and_dead_lettered(tmp_path: 
     # whole batch. The consumer splits the batch until that record stands alone.
     settings = Settings()
     poison = {"user_id": "u\ud800", "item_id": "i", "action": "view", "timestamp": 1_700_000_000}
-    open_event_log(settings.eventlog, tmp_path).append([*events(500), poison, *events(499, start=500)])
+    open_event_log(settings.eventlog, tmp_path).append(
+        [*numbered_events(500), poison, *numbered_events(499, start=500)]
+    )
     report = drain(settings, root=tmp_path)
     assert (report.stored, report.dead_lettered) == (999, 1) and adds_up(report)
     [dead] = dead_letters(tmp_path)
@@ -113,7 +109,7 @@ def test_a_record_the_store_cannot_take_is_isolated_and_dead_lettered(tmp_path: 
 
 def test_an_entry_that_keeps_killing_its_consumer_is_stored_alone_then_dead_lettered(tmp_path: Path) -> None:
     settings = Settings().replace("eventlog", max_deliveries=3)
-    open_event_log(settings.eventlog, tmp_path).append(events(3))
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(3))
 
     def deliver_and_die() -> None:  # a consumer that read the batch and was killed before acknowledging it
         source = open_event_source(settings.eventlog, tmp_path)
@@ -125,7 +121,7 @@ def test_an_entry_that_keeps_killing_its_consumer_is_stored_alone_then_dead_lett
     report = drain(settings, root=tmp_path)
     assert (report.stored, report.dead_lettered) == (3, 0)
 
-    open_event_log(settings.eventlog, tmp_path).append(events(2, start=3))
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(2, start=3))
     for _ in range(3):  # the third time, the consumer stores them one by one and dies on the first, e3
         deliver_and_die()
     report = drain(settings, root=tmp_path)  # fourth delivery: past max_deliveries
@@ -138,7 +134,7 @@ def test_an_entry_that_keeps_killing_its_consumer_is_stored_alone_then_dead_lett
 
 def test_an_unwritable_store_dead_letters_nothing_and_keeps_the_entries(tmp_path: Path) -> None:
     settings = Settings()
-    open_event_log(settings.eventlog, tmp_path).append(events(20))
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(20))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "events").write_text("a file where the store folder should be")
     for _ in range(settings.eventlog.max_deliveries + 2):  # failures of the store are not the entries' fault
@@ -157,7 +153,7 @@ def test_follow_stores_new_events_until_stopped(tmp_path: Path) -> None:
     thread.start()
     log = open_event_log(settings.eventlog, tmp_path)
     for k in range(3):
-        log.append(events(10, start=10 * k))
+        log.append(numbered_events(10, start=10 * k))
         time.sleep(0.2)
     deadline = time.monotonic() + 10
     while len(stored_ids(tmp_path)) < 30 and time.monotonic() < deadline:
@@ -213,7 +209,7 @@ def test_eventlog_settings_refuse_what_cannot_work() -> None:
 def test_ingesting_json_lines_from_memory_is_ingesting_the_same_jsonl_file(tmp_path: Path) -> None:
     from recflow.store.eventstore import ingest_files, ingest_json_lines
 
-    lines = [json.dumps(e) for e in events(5)] + ["{broken", '{"user_id": "u", "action": "view"}', "[1, 2]"]
+    lines = [json.dumps(e) for e in numbered_events(5)] + ["{broken", '{"user_id": "u", "action": "view"}', "[1, 2]"]
     lines += ['{"user_id": "u", "item_id": "i", "action": "view", "timestamp": "2024-01-01T00:00:00"}']  # naive
     data = ("\n".join(lines) + "\n").encode()
     (tmp_path / "batch.jsonl").write_bytes(data)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -20,14 +19,10 @@ from recflow.events.contract import EVENT_SCHEMA, MAX_RAW_CHARS, validate_record
 from recflow.events.fileio import read_event_file, write_events
 from recflow.events.synth import generate_events
 
+from ..factories import event
+
 SETTINGS = EventSettings()
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
-
-
-def event(**fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"user_id": "u1", "item_id": "i1", "action": "view", "timestamp": "2024-05-01T12:00:00Z"}
-    base.update(fields)
-    return {k: v for k, v in base.items() if v is not ...}
 
 
 # -- reading -----------------------------------------------------------------------------------------------

@@ -22,15 +22,11 @@ from recflow.events.contract import (
     validate_table,
 )
 
+from ..factories import event
+
 SETTINGS = EventSettings()
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 NOON = datetime(2024, 5, 1, 12, tzinfo=UTC)  # 2024-05-01T12:00:00Z = 1714564800 s
-
-
-def event(**fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"user_id": "u1", "item_id": "i1", "action": "view", "timestamp": "2024-05-01T12:00:00Z"}
-    base.update(fields)
-    return {k: v for k, v in base.items() if v is not ...}
 
 
 def reference_id(user: str, item: str, action: str, ms: int, value: float | None) -> str:

@@ -1,9 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from recflow.config import SplitSettings
@@ -22,24 +19,13 @@ from recflow.model.features import (
     window,
 )
 
-ACTIONS = ("view", "click", "add_to_cart", "purchase")
-DAY0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
-
-
-def events(rows: list[tuple[str, str, str, int]]) -> pa.Table:
-    users, items, actions, days = zip(*rows, strict=True)
-    return pa.table(
-        {
-            "user_id": list(users),
-            "item_id": list(items),
-            "action": list(actions),
-            "timestamp": pa.array([(DAY0 + d * 86400) * 1000 for d in days], pa.timestamp("ms", tz="UTC")),
-        }
-    )
+from ..factories import ACTIONS, event_table
 
 
 def test_encode_sorts_by_time_and_numbers_ids_by_first_appearance() -> None:
-    inter = encode_events(events([("b", "y", "click", 2), ("a", "x", "view", 1), ("b", "x", "purchase", 3)]), ACTIONS)
+    inter = encode_events(
+        event_table([("b", "y", "click", 2), ("a", "x", "view", 1), ("b", "x", "purchase", 3)]), ACTIONS
+    )
     assert list(inter.user_ids) == ["a", "b"]
     assert list(inter.item_ids) == ["x", "y"]
     assert inter.user_idx.tolist() == [0, 1, 1]
@@ -50,17 +36,17 @@ def test_encode_sorts_by_time_and_numbers_ids_by_first_appearance() -> None:
 
 def test_encode_refuses_actions_params_do_not_know() -> None:
     with pytest.raises(UnknownActionError, match=r"'like'.*events\.actions"):
-        encode_events(events([("a", "x", "like", 1)]), ACTIONS)
+        encode_events(event_table([("a", "x", "like", 1)]), ACTIONS)
 
 
 def test_encode_empty_store_says_what_to_do() -> None:
     with pytest.raises(EmptyDataError, match="recflow ingest"):
-        encode_events(events([("a", "x", "view", 1)]).slice(0, 0), ACTIONS)
+        encode_events(event_table([("a", "x", "view", 1)]).slice(0, 0), ACTIONS)
 
 
 def _many(n_users: int, per_user: int) -> Interactions:
     rows = [(f"u{u}", f"i{(u + e) % 7}", "view", u + e * 10) for u in range(n_users) for e in range(per_user)]
-    return encode_events(events(rows), ACTIONS)
+    return encode_events(event_table(rows), ACTIONS)
 
 
 def test_global_split_is_by_time_and_roughly_the_asked_shares() -> None:
@@ -95,7 +81,9 @@ def test_window_reference_times_leave_the_target_in_the_future() -> None:
 
 
 def test_confidence_is_weight_times_half_life_decay_summed() -> None:
-    inter = encode_events(events([("a", "x", "purchase", 0), ("a", "x", "view", 10), ("a", "y", "click", 10)]), ACTIONS)
+    inter = encode_events(
+        event_table([("a", "x", "purchase", 0), ("a", "x", "view", 10), ("a", "y", "click", 10)]), ACTIONS
+    )
     weights = np.array([0.5, 1.0, 1.5, 2.0])
     matrix = confidence_matrix(inter, weights, half_life_days=10.0)
     # the purchase is one half-life before the user's last event: 2.0 * 0.5, plus a fresh view 0.5

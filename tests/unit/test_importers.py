@@ -234,3 +234,23 @@ def test_parse_mapping() -> None:
         parse_mapping(["customer_id=customer"])
     with pytest.raises(InputFileError, match="names 'user_id' twice"):
         parse_mapping(["user_id=a", "user_id=b"])
+
+
+def test_recflow_import_csv_with_action_renames_writes_the_event_file(tmp_path: Path) -> None:
+    """Regression: `recflow import csv` raised ImportError (importers imported from events.contract after the
+    layout change) and, before that, TypeError (parse_mapping(..., fields=None) for --action); found by mypy."""
+    from typer.testing import CliRunner
+
+    from recflow.cli import app
+    from recflow.events.fileio import read_event_file
+
+    source = write(tmp_path / "shop.csv", "customer,sku,kind,when\nc1,s1,buy,1704103200\nc2,s2,pv,1704103201\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    out = tmp_path / "events.parquet"
+    args = ["import", "csv", str(source), "--out", str(out), "--params", str(tmp_path / "params.yaml")]
+    args += ["--map", "user_id=customer", "--map", "item_id=sku", "--map", "action=kind", "--map", "timestamp=when"]
+    result = CliRunner().invoke(app, [*args, "--action", "buy=purchase", "--action", "pv=view"])
+    assert result.exit_code == 0, result.output
+    table, rejected = read_event_file(out)
+    assert rejected == []
+    assert table.column("action").to_pylist() == ["purchase", "view"]

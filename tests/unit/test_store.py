@@ -22,12 +22,14 @@ from recflow.errors import InputFileError
 from recflow.events.contract import STORE_SCHEMA
 from recflow.store.eventstore import IngestReport, ingest_files, ingest_table, scan_store, store_summary
 
+from ..factories import event_line
+
 SETTINGS = EventSettings()
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 
 
 def line(user: str, item: str = "i1", action: str = "view", ts: str = "2024-05-01T12:00:00Z", **extra: Any) -> str:
-    return json.dumps({"user_id": user, "item_id": item, "action": action, "timestamp": ts, **extra})
+    return event_line(user_id=user, item_id=item, action=action, timestamp=ts, **extra)
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:

@@ -94,7 +94,7 @@ def import_(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Convert MovieLens, RetailRocket or any mapped CSV into an event file of the recflow contract."""
-    from recflow.events.contract import importers
+    from recflow.events import importers
     from recflow.events.fileio import write_events
 
     settings = load_settings(params)
@@ -108,7 +108,7 @@ def import_(
         table = importers.import_mapped_csv(
             source,
             importers.parse_mapping(mapping),
-            action_map=importers.parse_mapping(action_map or [], fields=None),
+            action_map=importers.parse_mapping(action_map or [], contract_fields=False),
             timestamp_unit=timestamp_unit,
         )
     target = out_file or settings.paths.inbox / f"{fmt.value}-{source.stem}.parquet"

@@ -97,12 +97,16 @@ def _read_csv(path: Path) -> tuple[pa.Table, list[Rejection]]:
     _require_columns(path, header)
     bad_rows: list[Any] = []
 
+    def skip(row: Any) -> str:
+        bad_rows.append(row)
+        return "skip"
+
     def read(use_threads: bool) -> pa.Table:
         bad_rows.clear()
         return pcsv.read_csv(
             path,
             read_options=pcsv.ReadOptions(use_threads=use_threads),
-            parse_options=pcsv.ParseOptions(invalid_row_handler=lambda row: bad_rows.append(row) or "skip"),
+            parse_options=pcsv.ParseOptions(invalid_row_handler=skip),
             convert_options=pcsv.ConvertOptions(column_types={name: pa.string() for name in header}),
         )
 

@@ -25,7 +25,8 @@ import pyarrow.csv as pacsv
 
 from recflow.constants import ACTION, EVENT_COLUMNS, EVENT_ID, ITEM_ID, REQUIRED_COLUMNS, TIMESTAMP, USER_ID, VALUE
 from recflow.errors import InputFileError
-from recflow.events.contract import EVENT_SCHEMA, TIMESTAMP_TYPE
+from recflow.events.contract import EVENT_SCHEMA
+from recflow.events.parse import TIMESTAMP_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +158,12 @@ def import_mapped_csv(
     return result
 
 
-def parse_mapping(text: Sequence[str]) -> dict[str, str]:
+def parse_mapping(text: Sequence[str], *, contract_fields: bool = True) -> dict[str, str]:
     """CLI pairs to a mapping, e.g. ["user_id=customer", "action==purchase"] (a value starting with "=" is a constant).
 
-    Gives {"user_id": "customer", "action": "=purchase"}. Fields are checked against the contract; completeness is
-    checked by `import_mapped_csv`.
+    Gives {"user_id": "customer", "action": "=purchase"}. Fields are checked against the contract (unless
+    `contract_fields` is False, for action renames such as ["buy=purchase"]); completeness is checked by
+    `import_mapped_csv`.
     """
     mapping: dict[str, str] = {}
     for entry in text:
@@ -175,7 +177,8 @@ def parse_mapping(text: Sequence[str]) -> dict[str, str]:
         if name in mapping:
             raise InputFileError(f"mapping names {name!r} twice ({mapping[name]!r} and {column!r}); keep one")
         mapping[name] = column
-    _check_mapping(mapping, complete=False)
+    if contract_fields:
+        _check_mapping(mapping, complete=False)
     return mapping
 
 
@@ -208,7 +211,7 @@ def _locate(path: Path, names: Sequence[str], what: str) -> Path:
 def _first_line(path: Path) -> str:
     with pa.input_stream(str(path), compression="detect") as stream:
         raw = stream.read(64 * 1024)
-    line = raw.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()
+    line: list[str] = raw.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()
     if not line:
         raise InputFileError(f"{path} is empty")
     return line[0]
@@ -224,7 +227,8 @@ def _header(path: Path, delimiter: str = ",") -> list[str]:
         raise InputFileError(
             f"{path}: cannot read a CSV header ({exc}); the first line must name the columns"
         ) from None
-    return only_header.schema.names
+    names: list[str] = only_header.schema.names
+    return names
 
 
 def _require_columns(path: Path, present: Sequence[str], needed: Sequence[str], what: str) -> None:

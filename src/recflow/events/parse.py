@@ -31,11 +31,11 @@ def type_allowed(name: str, kind: pa.DataType) -> bool:
     if pa.types.is_null(kind) or is_text(kind):
         return True
     if name in ID_FIELDS:
-        return pa.types.is_integer(kind)
+        return bool(pa.types.is_integer(kind))
     if name == TIMESTAMP:
-        return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_temporal(kind)
+        return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_temporal(kind))
     if name == VALUE:
-        return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+        return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind))
     return False
 
 
@@ -140,7 +140,7 @@ def parse_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarra
 
 
 def is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind))
 
 
 def plain(col: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -165,4 +165,5 @@ def to_numpy(arr: pa.ChunkedArray | pa.Array, fill: Any = False) -> np.ndarray:
     filled = pc.fill_null(arr, fill) if arr.null_count else arr
     if isinstance(filled, pa.ChunkedArray):
         filled = filled.combine_chunks() if filled.num_chunks != 1 else filled.chunk(0)
-    return filled.to_numpy(zero_copy_only=False)
+    array: np.ndarray = filled.to_numpy(zero_copy_only=False)
+    return array

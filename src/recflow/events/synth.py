@@ -36,7 +36,8 @@ import pyarrow.compute as pc
 from recflow.config import GenerateSettings
 from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID, VALUE
 from recflow.errors import ConfigError
-from recflow.events.contract import EVENT_SCHEMA, TIMESTAMP_TYPE
+from recflow.events.contract import EVENT_SCHEMA
+from recflow.events.parse import TIMESTAMP_TYPE
 
 logger = logging.getLogger(__name__)
 

@@ -121,7 +121,9 @@ class LocalUserState:
     def _compact(self) -> None:
         """Rewrite the log atomically with one line per event and per current vector: superseded vectors and a
         torn last line are dropped, and appends start on a fresh line."""
-        entries = [{"user_id": u, "event": asdict(e)} for u, events in self._events.items() for e in events.values()]
+        entries: list[dict[str, object]] = [
+            {"user_id": u, "event": asdict(e)} for u, events in self._events.items() for e in events.values()
+        ]
         entries += [_vector_entry(u, version, stored) for (version, u), stored in self._vectors.items()]
         with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as fh:
             fh.write("".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in entries))

@@ -268,7 +268,7 @@ def _process(
             batch.append((entry, line))
 
     def store_all() -> tuple[IngestReport, list[tuple[Entry, str]]]:
-        total, failed = IngestReport(), []
+        total, failed = IngestReport(), list[tuple[Entry, str]]()
         for pair in alone:
             report, bad = _store_splitting([pair], target, source.where)
             total, failed = total + report, failed + bad

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
+from redis.typing import EncodableT, FieldT, StreamIdT
 
 from recflow.config import EventLogSettings
 from recflow.errors import EventLogUnavailableError
@@ -335,7 +336,7 @@ class RedisStreamLog:
             pending = self._client.xpending_range(
                 s.stream, s.group, min=ids[0], max=ids[-1], count=len(ids), consumername=self.consumer
             )
-        times = {p["message_id"]: p["times_delivered"] for p in pending}
+        times = {p["message_id"]: int(p["times_delivered"]) for p in pending}
         return [Entry(i.decode(), _record(fields), times.get(i, 1)) for i, fields in messages]
 
     def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
@@ -369,14 +370,20 @@ class RedisStreamLog:
         with self._reaching():
             pipe = self._client.pipeline(transaction=True)
             for entry, reason in entries:
-                fields = {"reason": reason, "id": entry.id, "stream": s.stream, "deliveries": entry.deliveries}
-                pipe.xadd(s.dead_letter_stream, {FIELD: entry.raw or b"", **fields})
+                fields: dict[FieldT, EncodableT] = {
+                    FIELD: entry.raw or b"",
+                    "reason": reason,
+                    "id": entry.id,
+                    "stream": s.stream,
+                    "deliveries": entry.deliveries,
+                }
+                pipe.xadd(s.dead_letter_stream, fields)
             pipe.xack(s.stream, s.group, *(e.id for e, _ in entries))
             pipe.execute()
 
     def release(self, entries: Sequence[Entry]) -> None:
         s = self.settings
-        by_count: dict[int, list[str]] = {}
+        by_count: dict[int, list[StreamIdT]] = {}
         for entry in entries:
             by_count.setdefault(entry.deliveries, []).append(entry.id)
         with self._reaching():

@@ -1,11 +1,10 @@
 """The event-log contract, run over both implementations (Redis Streams on a private redis-server, and the
-local spool), then what is particular to each: trimming and dead consumers (Redis), torn lines,
-compaction and the single-consumer lock (spool)."""
+local spool), then what is particular to Redis: trimming, dead consumers, a lost consumer group. What is
+particular to the spool (torn lines, compaction, the single-consumer lock) is in tests/unit/test_spool.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -18,8 +17,9 @@ import pytest
 
 from recflow.config import EventLogSettings
 from recflow.errors import EventLogUnavailableError
-from recflow.stream.log import EventSource, encode, open_event_log, open_event_source, redact
+from recflow.stream.log import EventSource, encode, open_event_log, open_event_source
 
+from ..factories import numbered_events
 from ..redis_server import RedisServer
 
 
@@ -71,36 +71,23 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return Backend("spool", settings_for_test(), tmp_path)
 
 
-def events(n: int, start: int = 0) -> list[dict[str, object]]:
-    return [
-        {
-            "user_id": f"u{i}",
-            "item_id": f"i{i % 7}",
-            "action": "view",
-            "timestamp": 1_700_000_000 + i,
-            "event_id": f"e{i}",
-        }
-        for i in range(start, start + n)
-    ]
-
-
 # -- the contract, over both implementations --------------------------------------------------------------
 
 
 def test_appended_records_are_read_back_in_order_once(backend: Backend) -> None:
     log = open_event_log(backend.settings, backend.root)
-    assert log.append(events(5)) == 5
-    assert log.append(events(3, start=5)) == 3
+    assert log.append(numbered_events(5)) == 5
+    assert log.append(numbered_events(3, start=5)) == 3
     source = backend.source()
     got = source.read_new(100, None)
-    assert [e.raw for e in got] == [encode(r) for r in events(8)]
+    assert [e.raw for e in got] == [encode(r) for r in numbered_events(8)]
     assert all(e.deliveries == 1 for e in got)
     assert source.read_new(100, None) == []  # delivered once
     source.close()
 
 
 def test_read_new_respects_count_and_waits_at_most_block_ms(backend: Backend) -> None:
-    open_event_log(backend.settings, backend.root).append(events(5))
+    open_event_log(backend.settings, backend.root).append(numbered_events(5))
     source = backend.source()
     assert len(source.read_new(2, None)) == 2
     assert len(source.read_new(10, None)) == 3
@@ -113,7 +100,7 @@ def test_read_new_respects_count_and_waits_at_most_block_ms(backend: Backend) ->
 def test_a_blocked_read_returns_as_soon_as_an_event_arrives(backend: Backend) -> None:
     source = backend.source()
     log = open_event_log(backend.settings, backend.root)
-    threading.Timer(0.2, lambda: log.append(events(1))).start()
+    threading.Timer(0.2, lambda: log.append(numbered_events(1))).start()
     started = time.monotonic()
     got = source.read_new(10, 5000)
     assert len(got) == 1 and time.monotonic() - started < 2.0
@@ -121,7 +108,7 @@ def test_a_blocked_read_returns_as_soon_as_an_event_arrives(backend: Backend) ->
 
 
 def test_unacknowledged_entries_come_back_after_a_restart_with_their_delivery_count(backend: Backend) -> None:
-    open_event_log(backend.settings, backend.root).append(events(4))
+    open_event_log(backend.settings, backend.root).append(numbered_events(4))
     first = backend.source()
     got = first.read_new(10, None)
     first.ack(got[:2])
@@ -141,32 +128,32 @@ def test_unacknowledged_entries_come_back_after_a_restart_with_their_delivery_co
 
 def test_acknowledged_entries_are_never_delivered_again(backend: Backend) -> None:
     log = open_event_log(backend.settings, backend.root)
-    log.append(events(3))
+    log.append(numbered_events(3))
     source = backend.source()
     source.ack(source.read_new(10, None))
     source.close()
     source = backend.source()
     assert source.recover(10) == [] and source.read_new(10, None) == []
-    log.append(events(1, start=3))
+    log.append(numbered_events(1, start=3))
     assert [json.loads(e.raw or b"")["event_id"] for e in source.read_new(10, None)] == ["e3"]
     source.close()
 
 
 def test_dead_letters_keep_the_record_and_the_reason_and_are_acknowledged(backend: Backend) -> None:
-    open_event_log(backend.settings, backend.root).append(events(3))
+    open_event_log(backend.settings, backend.root).append(numbered_events(3))
     source = backend.source()
     got = source.read_new(10, None)
     source.dead_letter([(got[1], "undecodable: test")])
     source.ack([got[0], got[2]])
     source.close()
-    assert backend.dead_letters() == [(encode(events(3)[1]), "undecodable: test")]
+    assert backend.dead_letters() == [(encode(numbered_events(3)[1]), "undecodable: test")]
     source = backend.source()
     assert source.recover(10) == []
     source.close()
 
 
 def test_a_released_delivery_is_not_counted(backend: Backend) -> None:
-    open_event_log(backend.settings, backend.root).append(events(2))
+    open_event_log(backend.settings, backend.root).append(numbered_events(2))
     source = backend.source()
     source.release(source.read_new(10, None))  # e.g. the disk was full: not the entries' fault
     source.close()
@@ -176,7 +163,7 @@ def test_a_released_delivery_is_not_counted(backend: Backend) -> None:
 
 
 def test_lag_counts_undelivered_and_pending_entries(backend: Backend) -> None:
-    open_event_log(backend.settings, backend.root).append(events(10))
+    open_event_log(backend.settings, backend.root).append(numbered_events(10))
     source = backend.source()
     assert source.lag().total == 10
     got = source.read_new(4, None)
@@ -191,7 +178,7 @@ def test_concurrent_appends_interleave_whole_records(backend: Backend) -> None:
     def write(start: int) -> None:
         log = open_event_log(backend.settings, backend.root)
         for k in range(20):
-            log.append(events(10, start=start + 10 * k))
+            log.append(numbered_events(10, start=start + 10 * k))
 
     threads = [threading.Thread(target=write, args=(1000 * t,)) for t in range(4)]
     for thread in threads:
@@ -236,7 +223,7 @@ def test_trimming_drops_only_entries_every_group_acknowledged(redis_backend: Bac
     assert backend.server is not None
     client = backend.server.client()
     settings = replace(backend.settings, maxlen=100)
-    open_event_log(settings).append(events(1000))
+    open_event_log(settings).append(numbered_events(1000))
     store = open_event_source(settings, consumer="c1")
     audit = open_event_source(replace(settings, group="audit"), consumer="a1")
     store.ack(store.read_new(800, None))
@@ -262,7 +249,7 @@ def test_trimming_drops_only_entries_every_group_acknowledged(redis_backend: Bac
 
 def test_a_dead_consumers_pending_entries_are_claimed_after_the_idle_time(redis_backend: Backend) -> None:
     backend = redis_backend
-    open_event_log(backend.settings).append(events(3))
+    open_event_log(backend.settings).append(numbered_events(3))
     dead = backend.source("dead")
     held = dead.read_new(10, None)
     alive = backend.source("alive")
@@ -279,66 +266,6 @@ def test_a_lost_consumer_group_is_created_again(redis_backend: Backend) -> None:
     assert backend.server is not None
     source = backend.source()
     backend.server.client().delete(backend.settings.stream)  # as after a restart of a Redis without persistence
-    open_event_log(backend.settings).append(events(2))
+    open_event_log(backend.settings).append(numbered_events(2))
     assert len(source.recover(10)) == 0
     assert len(source.read_new(10, None)) == 2
-
-
-def test_redact_hides_only_the_password() -> None:
-    assert redact("redis://user:pw@host:6380/1") == "redis://user:***@host:6380/1"
-    assert redact("redis://host:6379/0") == "redis://host:6379/0"
-
-
-# -- the spool -------------------------------------------------------------------------------------------
-
-
-def spool_backend(tmp_path: Path) -> Backend:
-    return Backend("spool", EventLogSettings(), tmp_path)
-
-
-def test_the_spool_heals_a_line_torn_by_a_dead_writer(tmp_path: Path) -> None:
-    backend = spool_backend(tmp_path)
-    log = open_event_log(backend.settings, tmp_path)
-    log.append(events(1))
-    with (tmp_path / "spool" / "events.jsonl").open("ab") as out:
-        out.write(b'{"user_id":"u9","ite')  # the writer died here
-    source = backend.source()
-    assert len(source.read_new(10, None)) == 1  # the torn line is not offered while incomplete
-    log.append(events(1, start=1))
-    got = source.read_new(10, None)
-    assert [e.raw for e in got] == [b'{"user_id":"u9","ite', encode(events(1, start=1)[0])]
-
-
-def test_the_spool_is_emptied_once_everything_is_acknowledged_and_keeps_working(tmp_path: Path) -> None:
-    backend = spool_backend(tmp_path)
-    log = open_event_log(backend.settings, tmp_path)
-    log.append(events(5))
-    source = backend.source()
-    got = source.read_new(10, None)
-    source.ack(got[:4])
-    assert (tmp_path / "spool" / "events.jsonl").stat().st_size > 0
-    source.ack(got[4:])
-    assert (tmp_path / "spool" / "events.jsonl").stat().st_size == 0
-    log.append(events(2, start=5))
-    assert [json.loads(e.raw or b"")["event_id"] for e in source.read_new(10, None)] == ["e5", "e6"]
-    source.close()
-
-
-def test_the_spool_takes_one_consumer_at_a_time(tmp_path: Path) -> None:
-    backend = spool_backend(tmp_path)
-    first = backend.source()
-    with pytest.raises(EventLogUnavailableError, match="another consumer"):
-        backend.source()
-    first.close()
-    backend.source().close()
-
-
-def test_the_spool_position_is_written_atomically(tmp_path: Path) -> None:
-    backend = spool_backend(tmp_path)
-    open_event_log(backend.settings, tmp_path).append(events(3))
-    source = backend.source()
-    source.ack(source.read_new(2, None))
-    source.close()
-    position = json.loads((tmp_path / "spool" / "position.json").read_text())
-    assert position["offset"] == len(encode(events(1)[0])) + len(encode(events(2)[1])) + 2
-    assert not [p for p in os.listdir(tmp_path / "spool") if p.endswith(".tmp")]

@@ -19,6 +19,7 @@ from recflow.model.features import decay
 from recflow.serving.online import OnlineRecommender
 from recflow.serving.userstate import LocalUserState
 
+from .. import factories
 from ..servingkit import train_small_project
 
 NOW = "2026-11-24T07:00:00Z"  # after the generated data: such an event counts in full (age 0)
@@ -47,7 +48,7 @@ def make(bundle: ModelBundle, tmp_path: Path) -> Iterator[Factory]:
 
 
 def event(user: str, item: str, action: str = "purchase", timestamp: str | int = NOW) -> dict[str, object]:
-    return {"user_id": user, "item_id": item, "action": action, "timestamp": timestamp}
+    return factories.event(user_id=user, item_id=item, action=action, timestamp=timestamp)
 
 
 def unseen_items(bundle: ModelBundle, user: int, n: int) -> list[str]:
