@@ -98,7 +98,7 @@ def test_decay_runs_back_from_each_users_last_event_so_a_dormant_user_keeps_thei
     away; measured from each user's own last event, a dormant user's row is the row of an active one."""
     rows = [("active", "x", "view", 90), ("active", "y", "view", 100), ("dormant", "x", "view", 0)]
     rows.append(("dormant", "y", "view", 10))
-    inter = encode_events(events(rows), ACTIONS)
+    inter = encode_events(event_table(rows), ACTIONS)
     matrix = confidence_matrix(inter, np.ones(4), half_life_days=10.0).toarray()
     assert np.allclose(matrix[0], matrix[1]) and np.allclose(matrix[0], [0.5, 1.0])
 

@@ -3,7 +3,6 @@ recommend, and `demo` running them all."""
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -160,7 +159,9 @@ def status(params: ParamsOption = DEFAULT_PARAMS) -> None:
     out.print(table)
     metrics = settings.paths.models / METRICS_FILE
     if metrics.exists():
-        print_metrics(json.loads(metrics.read_text()))
+        from recflow.model.evaluate import load_report
+
+        print_metrics(load_report(metrics), "the test window")
     else:
         out.print("no evaluation yet: run recflow features, train and evaluate (or dvc repro)")
 

@@ -181,6 +181,21 @@ def score_bundle(
     )
 
 
+def load_report(path: Path) -> EvaluationReport:
+    """An EvaluationReport from the metrics.json `evaluate` wrote (without the recall curve)."""
+    payload = json.loads(path.read_text())
+    metrics = {k: v for k, v in payload.items() if isinstance(v, dict) and k != "ndcg_ci95"}
+    return EvaluationReport(
+        users=int(payload.get("users", 0)),
+        test_users=int(payload.get("test_users", 0)),
+        metrics=metrics,
+        curve={},
+        intervals=payload.get("ndcg_ci95", {}),
+        served_kind=str(payload.get("served_kind", "")),
+        warnings=list(payload.get("warnings", [])),
+    )
+
+
 def _write(report: EvaluationReport, models: Path, reports: Path) -> None:
     payload = {
         **report.metrics,
