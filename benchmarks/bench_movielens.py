@@ -25,7 +25,7 @@ from _common import machine, print_table
 from recflow.config import load_settings
 from recflow.events.fileio import write_events
 from recflow.events.importers import import_movielens
-from recflow.model.evaluate import MODEL_NAMES, evaluate
+from recflow.model.evaluate import evaluate
 from recflow.model.features import build_features
 from recflow.model.training import train
 from recflow.store.eventstore import ingest_files
@@ -64,8 +64,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as work:
                 metrics, elapsed, params = run_pipeline(args.data, method, Path(work))
             seconds.append(elapsed)
-        for model in MODEL_NAMES:
-            m = metrics[model]
+        for model, m in metrics.items():
             rows.append([name, model, m["ndcg@10"], m["recall@20"], m["hit_rate@10"], m["map@10"], m["coverage@10"]])
         chosen = ", ".join(f"{k}={v}" for k, v in params.items() if k in ("factors", "regularization", "alpha"))
         timing.append([name, f"{statistics.median(seconds):.1f}", " ".join(f"{s:.1f}" for s in seconds), chosen])

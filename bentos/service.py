@@ -145,7 +145,7 @@ class ModelResponse(BaseModel):
     trained_at: str
     data_version: str = Field(description='md5 of the data in data.dvc, or "untracked"')
     metrics: dict[str, float] = Field(description="offline metrics on the test window of its training")
-    model: str = Field(description='"als_ranker" (two-stage) or "als"')
+    model: str = Field(description="the served kind: popularity, item_knn, ease, als or als_ranker (two-stage)")
 
 
 class ReloadResponse(BaseModel):

@@ -29,7 +29,7 @@ def deploy(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
     create_table_artifact(
         key="deploy-metrics",
         table=metrics_table(
-            {"als_ranker": decision["candidate_metrics"]}, {"als_ranker": decision["production_metrics"] or {}}
+            {"served": decision["candidate_metrics"]}, {"served": decision["production_metrics"] or {}}
         ),
         description="offline metrics of the candidate and of production before the decision",
     )

@@ -43,11 +43,14 @@ def test_demo_writes_every_stage_output(trained: Path) -> None:
         assert (trained / path).exists(), path
 
 
-def test_two_stage_beats_popularity_on_data_built_for_it(trained: Path) -> None:
+def test_the_served_model_beats_popularity_on_data_built_for_it(trained: Path) -> None:
     metrics = json.loads((trained / "models/metrics.json").read_text())
-    assert set(metrics) >= {"popularity", "item_knn", "als", "als_ranker"}
-    assert metrics["als_ranker"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
-    assert metrics["als_ranker"]["recall@20"] > metrics["popularity"]["recall@20"]
+    assert set(metrics) >= {"served", "popularity", "item_knn", "ease", "als"}
+    assert metrics["served_kind"] != "popularity"
+    assert metrics["served"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
+    assert metrics["served"]["recall@20"] > metrics["popularity"]["recall@20"]
+    low, high = metrics["ndcg_ci95"]["served"]
+    assert low <= metrics["served"]["ndcg@10"] <= high
 
 
 def test_second_ingest_of_the_same_events_stores_nothing(trained: Path) -> None:

@@ -69,8 +69,8 @@ def test_save_list_load_round_trip(project: tuple[Path, Settings], store: Settin
     saved = registry.save_version(models / BUNDLE_DIR, models / METRICS_FILE, store, root=root)
 
     assert saved.tag == f"{store.registry.model_name}:{saved.version}"
-    offline = json.loads((models / METRICS_FILE).read_text())["als_ranker"]
-    assert saved.model == "als_ranker" and saved.metrics == pytest.approx(offline)
+    offline = json.loads((models / METRICS_FILE).read_text())["served"]
+    assert saved.model == "als_ranker" and saved.metrics == pytest.approx(offline)  # pinned by the project
     assert saved.data_version == "untracked"  # this project has no data.dvc
     assert saved.params["als"]["factors"] == 16 and saved.params["ranker"]["enabled"] is True
     assert saved.path.is_relative_to(store.registry.home)

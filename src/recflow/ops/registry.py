@@ -65,7 +65,7 @@ class ModelVersion:
     data_version: str  # md5 of the data in data.dvc, or "untracked"
     metrics: dict[str, float]  # offline metrics of the deployed model on the test window of its training
     params: dict[str, Any]  # the parameters it was trained with
-    model: str  # "als_ranker" (two-stage) or "als" (no ranker)
+    model: str  # the served kind: popularity, item_knn, ease, als or als_ranker
     path: Path  # its folder in the model store
 
     @property
@@ -141,6 +141,7 @@ def save_version(
     import bentoml
 
     from recflow.model.bundle import BUNDLE_FILE
+    from recflow.model.evaluate import SERVED as SERVED_METRICS
     from recflow.model.training import BACKTEST_DIR
 
     bundle_dir, metrics_file = root / bundle_dir, root / metrics_file
@@ -162,10 +163,10 @@ def save_version(
             return _version(existing)
 
     meta = json.loads((bundle_dir / BUNDLE_FILE).read_text())
-    model = "als_ranker" if meta["has_ranker"] else "als"
+    model = str(meta.get("kind", "als_ranker" if meta["has_ranker"] else "als"))  # the kind validation chose
     all_metrics = json.loads(metrics_file.read_text())
-    if model not in all_metrics:
-        raise ModelNotFoundError(f"{metrics_file} has no metrics for {model}: run `recflow evaluate` again")
+    if SERVED_METRICS not in all_metrics:
+        raise ModelNotFoundError(f"{metrics_file} has no metrics of the served model: run `recflow evaluate` again")
     created = datetime.now(UTC)
     version = f"{created:%Y%m%d-%H%M%S}-{digest[:8]}"
     metadata = {
@@ -173,7 +174,7 @@ def save_version(
         "trained_at": str(meta["info"].get("trained_at", "")),
         "data_version": data_version(root),
         "model": model,
-        "metrics": {name: float(value) for name, value in all_metrics[model].items()},
+        "metrics": {name: float(value) for name, value in all_metrics[SERVED_METRICS].items()},
         "params": _params(meta, settings),
     }
     labels = {"content_hash": digest, "data_version": metadata["data_version"], "model": model}
@@ -375,8 +376,15 @@ def _params(bundle_meta: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The parameters a version was trained with: the ALS values it used (tuned or pinned) and the sections of
     params.yaml that shaped it, as plain JSON values."""
     sections = {name: asdict(getattr(settings, name)) for name in ("features", "candidates", "ranker")}
-    plain = json.loads(json.dumps(sections, default=str))
-    return {"als": bundle_meta["als_params"], "actions": dict(settings.events.actions), **plain}
+    plain = _without_nulls(json.loads(json.dumps(sections, default=str)))  # BentoML metadata takes no None
+    chosen = {"half_life_days": bundle_meta["half_life_days"], "kind": bundle_meta.get("kind", "")}
+    return {"als": bundle_meta["als_params"], "actions": dict(settings.events.actions), "chosen": chosen, **plain}
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _content_hash(*paths: Path) -> str:
