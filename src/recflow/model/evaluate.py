@@ -91,19 +91,29 @@ def evaluate_holdout(
     rejected = [*rejected, *batch.rejected]
     if batch.accepted.num_rows == 0:
         raise InputFileError(f"{path} holds no valid event ({len(rejected)} rejected): nothing to evaluate")
-    users = np.asarray([bundle.user_index.get(u, -1) for u in batch.accepted[USER_ID].to_pylist()])
+    users = np.asarray([bundle.user_index.get(u, -1) for u in batch.accepted[USER_ID].to_pylist()], dtype=np.int64)
     item_index = {item: i for i, item in enumerate(bundle.item_ids)}
-    items = np.asarray([item_index.get(i, -1) for i in batch.accepted[ITEM_ID].to_pylist()])
-    known = (users >= 0) & (items >= 0)
-    shape = bundle.history.shape
+    # items the model never saw are relevant too (a miss for every model): one column each past the catalogue
+    unknown_items: dict[str, int] = {}
+    n_items = len(bundle.item_ids)
+    items = np.asarray(
+        [
+            item_index[i] if i in item_index else unknown_items.setdefault(i, n_items + len(unknown_items))
+            for i in batch.accepted[ITEM_ID].to_pylist()
+        ],
+        dtype=np.int64,
+    )
+    known = users >= 0
+    shape = (bundle.history.shape[0], n_items + len(unknown_items))
     target = sp.csr_matrix((np.ones(int(known.sum()), dtype=np.float32), (users[known], items[known])), shape=shape)
-    truth = _new_items(target, bundle.history)
+    had = sp.hstack([bundle.history, sp.csr_matrix((shape[0], len(unknown_items)))]).tocsr()
+    truth = _new_items(target, had)
     warnings = []
     unknown_users = len(set(pc.unique(batch.accepted[USER_ID]).to_pylist()) - set(bundle.user_index))
     if unknown_users:
         warnings.append(f"{unknown_users} held-out users are not in the training data (cold users are not scored)")
-    if (~known & (users >= 0)).any():
-        warnings.append(f"{int((~known & (users >= 0)).sum())} held-out events name items the model does not know")
+    if unknown_items:
+        warnings.append(f"{len(unknown_items)} held-out items are not in the model: relevant, never recommended")
     if rejected:
         warnings.append(f"{len(rejected)} held-out records rejected by the event contract")
     return score_bundle(bundle, truth, settings, progress=progress, warnings=warnings)

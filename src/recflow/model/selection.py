@@ -89,6 +89,7 @@ class SelectionReport:
     warnings: list[str] = field(default_factory=list)
     trials: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ranker: dict[str, Any] | None = None
+    als_start: AlternatingLeastSquares | None = None  # a fold's fit with the chosen parameters (warm start)
 
 
 PROTOCOL_METHODS = {PROTOCOL_GLOBAL: "global_time", PROTOCOL_USER: "per_user"}
@@ -378,6 +379,7 @@ def select(
         warnings=warnings,
         trials=trials,
         ranker=ranker_info,
+        als_start=tuned.models[0],
     )
     return choices, ranker_fit, report
 

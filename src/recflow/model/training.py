@@ -52,6 +52,7 @@ class TrainReport:
     trials: dict[str, list[dict[str, Any]]]
     ranker: dict[str, Any] | None
     profile: dict[str, Any]
+    backtest: dict[str, Any]  # what the same procedure chose on the data before the test window
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -81,18 +82,29 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     weights = action_weights(settings, inter.actions)
     profile = _profile(meta, inter)
 
+    # The whole procedure (selection, then fit) runs twice: on everything before the test window for the backtest
+    # that `evaluate` scores, and on all events for the deployable bundle. So the evaluated model was chosen the
+    # way the served one is, and no choice behind the evaluated figure saw the test window.
     test = window(inter, SPLIT_TEST, method, cuts)
-    with _timed(seconds, "select", progress):
-        choices, ranker_fit, selection = select(test.history, profile, settings, weights, progress)
     trained_at = datetime.now(UTC).isoformat(timespec="seconds")
+    with _timed(seconds, "select backtest", progress):
+        test_choices, test_ranker, test_selection = select(test.history, profile, settings, weights, progress)
     with _timed(seconds, "fit backtest", progress):
-        backtest, model = fit_bundle(
-            test.history, float(test.ref_time.max()), choices, settings, weights, ranker=ranker_fit
+        backtest, _ = fit_bundle(
+            test.history,
+            float(test.ref_time.max()),
+            test_choices,
+            settings,
+            weights,
+            ranker=test_ranker,
+            warm_start=test_selection.als_start if settings.als.refit_iterations else None,
         )
-        backtest.info.update(window=BACKTEST_DIR, trained_at=trained_at)
+        backtest.info.update(window=BACKTEST_DIR, trained_at=trained_at, kind=test_choices.kind)
         save_bundle_atomically(backtest, models / BACKTEST_DIR)
+    everything = window(inter, PRODUCTION, method, cuts)
+    with _timed(seconds, "select", progress):
+        choices, ranker_fit, selection = select(everything.history, profile, settings, weights, progress)
     with _timed(seconds, "fit deployable", progress):
-        everything = window(inter, PRODUCTION, method, cuts)
         bundle, _ = fit_bundle(
             everything.history,
             float(everything.ref_time.max()),
@@ -100,7 +112,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
             settings,
             weights,
             ranker=ranker_fit,
-            warm_start=model if settings.als.refit_iterations else None,
+            warm_start=selection.als_start if settings.als.refit_iterations else None,
         )
         bundle.info.update(window=BUNDLE_DIR, trained_at=trained_at, kind=choices.kind, decided=selection.decided)
         save_bundle_atomically(bundle, models / BUNDLE_DIR)
@@ -115,6 +127,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         trials=selection.trials,
         ranker=selection.ranker if ranker_fit is not None or selection.ranker else None,
         profile=profile.as_dict(),
+        backtest={"kind": test_choices.kind, "decided": test_selection.decided, "choices": test_selection.choices},
         seconds=seconds,
     )
     _write_report(report, models)
