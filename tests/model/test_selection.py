@@ -1,0 +1,172 @@
+"""The train stage chooses what it serves on validation: never a model validation found worse than a simpler one.
+
+Small data of four shapes (dense taste groups, dormant users, no usable time, one-event sessions) go through the
+library's own stages (ingest, features, train, evaluate --holdout); the served model must beat popularity where
+the data has structure, and popularity must serve where it has none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recflow.config import GenerateSettings, Settings, load_settings
+from recflow.events.fileio import write_events
+from recflow.events.synth import generate_events
+from recflow.model import selection
+from recflow.model.evaluate import SERVED, evaluate_holdout
+from recflow.model.features import build_features
+from recflow.model.training import train
+from recflow.store.eventstore import ingest_files
+
+from ..conftest import REPO
+
+DAY_MS = 86_400_000
+FAST = {
+    "als": {"factors": 16, "iterations": 8, "tune": {"max_trials": 2}},
+    "ranker": {"n_estimators": 60, "max_train_users": 2000},
+    "selection": {"half_lives_days": [0, 30], "ease_lambdas": [50], "global_folds": 2},
+}
+
+
+def settings_for(root: Path, **changes: dict) -> Settings:
+    settings = load_settings(REPO / "params.yaml")
+    for section, values in {**FAST, **changes}.items():
+        current = getattr(settings, section)
+        nested = {k: type(getattr(current, k))(**{**getattr(current, k).__dict__, **v}) if isinstance(v, dict) else v
+                  for k, v in values.items()}  # fmt: skip
+        settings = settings.replace(section, **{k: tuple(v) if isinstance(v, list) else v for k, v in nested.items()})
+    paths = {name: root / name for name in ("inbox", "store", "rejected", "features", "models", "reports")}
+    return settings.replace("paths", **paths)
+
+
+def split_last(table: pa.Table, share: float = 0.2) -> tuple[pa.Table, pa.Table]:
+    """Each user's last `share` of events (at least one of two or more) held out, as the scorecard cuts."""
+    frame = table.to_pandas().sort_values(["user_id", "timestamp"], kind="stable")
+    position = frame.groupby("user_id").cumcount()
+    size = frame.groupby("user_id")["user_id"].transform("size")
+    held = position >= np.maximum(np.ceil(size * (1 - share)), 1)
+    return (
+        pa.Table.from_pandas(frame[~held], preserve_index=False),
+        pa.Table.from_pandas(frame[held], preserve_index=False),
+    )
+
+
+def run(root: Path, train_table: pa.Table, holdout: pa.Table, settings: Settings) -> tuple[str, dict]:
+    """ingest -> features -> train -> evaluate --holdout; returns the served kind and the holdout metrics."""
+    write_events(train_table, root / "train.parquet")
+    write_events(holdout, root / "holdout.parquet")
+    ingest_files([root / "train.parquet"], store=settings.paths.store, rejected=settings.paths.rejected,
+                 settings=settings.events)  # fmt: skip
+    build_features(settings.paths.store, settings.paths.features, settings)
+    report = train(settings.paths.features, settings.paths.models, settings)
+    result = evaluate_holdout(root / "holdout.parquet", settings.paths.models, settings)
+    return report.kind, result.metrics
+
+
+def taste_groups(seed: int = 3) -> pa.Table:
+    conf = GenerateSettings(seed=seed, users=500, items=200, events=25_000, days=40, groups=5)
+    return generate_events(conf)
+
+
+def test_dense_taste_groups_serve_a_personal_model_that_beats_popularity(tmp_path: Path) -> None:
+    history, holdout = split_last(taste_groups())
+    kind, metrics = run(tmp_path, history, holdout, settings_for(tmp_path))
+    assert kind != "popularity"
+    assert metrics[SERVED]["ndcg@10"] > 1.2 * metrics["popularity"]["ndcg@10"]
+
+
+def test_dormant_users_keep_their_history(tmp_path: Path) -> None:
+    """Two thirds of the users stopped a year before the data ends: decay from each user's own last event keeps
+    their rows, so the served model still beats popularity for them."""
+    table = taste_groups(5)
+    users = table["user_id"].to_pylist()
+    dormant = np.array([hash(u) % 3 != 0 for u in users])
+    stamps = table["timestamp"].cast(pa.int64()).to_numpy()
+    shifted = np.where(dormant, stamps - 365 * DAY_MS, stamps)
+    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
+                             pa.array(shifted, pa.int64()).cast(table["timestamp"].type))  # fmt: skip
+    history, holdout = split_last(table)
+    kind, metrics = run(tmp_path, history, holdout, settings_for(tmp_path))
+    assert kind != "popularity"
+    assert metrics[SERVED]["ndcg@10"] > 1.2 * metrics["popularity"]["ndcg@10"]
+
+
+def test_without_usable_time_validation_holds_out_at_random(tmp_path: Path) -> None:
+    """Every event at one import time: the profile says time carries nothing, folds are random per user."""
+    table = taste_groups(7)
+    one_time = pa.array(np.full(table.num_rows, table["timestamp"].cast(pa.int64()).to_numpy().max()), pa.int64())
+    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
+                             one_time.cast(table["timestamp"].type))  # fmt: skip
+    rng = np.random.default_rng(0)
+    held = rng.random(table.num_rows) < 0.2
+    settings = settings_for(tmp_path)
+    kind, metrics = run(tmp_path, table.filter(pa.array(~held)), table.filter(pa.array(held)), settings)
+    report = (settings.paths.models / "train_report.json").read_text()
+    assert '"time_informative": false' in report and '"protocol": "user_random"' in report
+    assert kind != "popularity"
+    assert metrics[SERVED]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
+
+
+def test_one_event_sessions_are_answered_from_item_to_item_structure(tmp_path: Path) -> None:
+    """Sessions of 2-4 clicks within one taste group; the held-out users show one click. An item-to-item model
+    (or the two-stage model with its item-item candidates) must beat popularity from that single click."""
+    rng = np.random.default_rng(11)
+    rows = []
+    start = 1_700_000_000_000
+    for session in range(4000):
+        group = rng.integers(0, 8)
+        clicks = rng.choice(np.arange(group * 25, group * 25 + 25), size=rng.integers(2, 5), replace=False)
+        for j, item in enumerate(clicks):
+            rows.append((f"s{session}", f"i{item}", "click", start + session * 60_000 + j * 1000))
+    users, items, actions, stamps = zip(*rows, strict=True)
+    table = pa.table({"user_id": users, "item_id": items, "action": actions,
+                      "timestamp": pa.array(stamps, pa.int64()).cast(pa.timestamp("ms", tz="UTC"))})  # fmt: skip
+    frame = table.to_pandas()
+    first = frame.groupby("user_id").cumcount() == 0
+    late = frame["user_id"].str[1:].astype(int) >= 3500  # test sessions: their first click is known, the rest held
+    history = pa.Table.from_pandas(frame[~late | first], preserve_index=False)
+    holdout = pa.Table.from_pandas(frame[late & ~first], preserve_index=False)
+    kind, metrics = run(tmp_path, history, holdout, settings_for(tmp_path))
+    assert kind != "popularity"
+    assert metrics[SERVED]["ndcg@10"] > 2 * metrics["popularity"]["ndcg@10"]
+
+
+def test_random_interactions_serve_popularity(tmp_path: Path) -> None:
+    """Users pick items independently from one skewed distribution: nothing personal to learn, so no model beats
+    popularity on validation and popularity serves, with the reason recorded."""
+    rng = np.random.default_rng(2)
+    weights = 1.0 / np.arange(1, 201) ** 1.1
+    n = 20_000
+    users = rng.integers(0, 800, n)
+    items = rng.choice(200, size=n, p=weights / weights.sum())
+    stamps = 1_700_000_000_000 + np.sort(rng.integers(0, 40 * DAY_MS, n))
+    table = pa.table({"user_id": [f"u{u}" for u in users], "item_id": [f"i{i}" for i in items],
+                      "action": ["view"] * n,
+                      "timestamp": pa.array(stamps, pa.int64()).cast(pa.timestamp("ms", tz="UTC"))})  # fmt: skip
+    history, holdout = split_last(table)
+    settings = settings_for(tmp_path)
+    kind, _ = run(tmp_path, history, holdout, settings)
+    assert kind == "popularity"
+    assert "popularity serves" in (settings.paths.models / "train_report.json").read_text()
+
+
+def test_a_ranker_that_learned_nothing_is_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shuffled labels teach the ranker noise: validation finds it worse than its own candidates, so it is not
+    what serves."""
+    original = selection.grade_labels
+
+    def shuffled(*args: object) -> np.ndarray:
+        labels = original(*args)
+        return np.random.default_rng(0).permutation(labels)
+
+    monkeypatch.setattr(selection, "grade_labels", shuffled)
+    history, holdout = split_last(taste_groups())
+    settings = settings_for(tmp_path)
+    kind, _ = run(tmp_path, history, holdout, settings)
+    assert kind != "als_ranker"
+    report = (settings.paths.models / "train_report.json").read_text()
+    assert "the ranker did not beat its candidates" in report
