@@ -7,6 +7,7 @@ the data has structure, and popularity must serve where it has none.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,11 @@ from recflow.config import GenerateSettings, Settings, load_settings
 from recflow.events.fileio import write_events
 from recflow.events.synth import generate_events
 from recflow.model import selection
+from recflow.model.bundle import ModelBundle
 from recflow.model.evaluate import SERVED, evaluate_holdout
 from recflow.model.features import build_features
-from recflow.model.training import train
+from recflow.model.recommend import recommend_as_of
+from recflow.model.training import BUNDLE_DIR, train
 from recflow.store.eventstore import ingest_files
 
 from ..conftest import REPO
@@ -170,3 +173,29 @@ def test_a_ranker_that_learned_nothing_is_switched_off(tmp_path: Path, monkeypat
     assert kind != "als_ranker"
     report = (settings.paths.models / "train_report.json").read_text()
     assert "the ranker did not beat its candidates" in report
+
+
+def test_answers_as_of_a_moment_never_see_a_later_event(tmp_path: Path) -> None:
+    """Known answer for `recommend --as-of`: deleting every event after the moment from the model's history changes
+    nothing in the answers as of that moment; and an item the user first had after it may be recommended."""
+    history, holdout = split_last(taste_groups(9))
+    settings = settings_for(tmp_path)
+    run(tmp_path, history, holdout, settings)
+    bundle = ModelBundle.load(settings.paths.models / BUNDLE_DIR)
+    assert bundle.events is not None
+    moment = float(np.quantile(bundle.events.ts, 0.7))
+    users = [str(u) for u in bundle.user_ids[:60]]
+    moments = np.full(len(users), moment)
+    answers = recommend_as_of(bundle, users, 20, moments)
+    earlier = dataclasses.replace(bundle, events=bundle.events.where(bundle.events.ts < moment))
+    assert recommend_as_of(earlier, users, 20, moments) == answers
+    later_items = set()
+    for answer in answers:
+        user = bundle.user_index[answer["user_id"]]
+        mine = bundle.events.user_idx == user
+        before = set(bundle.item_ids[bundle.events.item_idx[mine & (bundle.events.ts < moment)]])
+        assert not before & set(answer["items"]), "an item the user had before the moment came back"
+        later_items |= set(bundle.item_ids[bundle.events.item_idx[mine & (bundle.events.ts >= moment)]]) & set(
+            answer["items"]
+        )
+    assert later_items, "items first had after the moment are candidates as of it"

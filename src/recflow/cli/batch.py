@@ -279,15 +279,24 @@ def recommend(
     users: Annotated[Path, typer.Option(help="User ids: a text file with one id per line, or CSV/JSONL with user_id.")],
     output: Annotated[Path, typer.Option(help="JSONL output, one line per user.")] = Path("recs.jsonl"),
     k: Annotated[int, typer.Option(min=1, max=1000, help="Items per user.")] = 20,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            "--as-of",
+            help="Answer as of: a time (ISO-8601 with offset, or epoch seconds), last-event (each user's last "
+            "event), or column (the users file's as_of column). Default: the end of the training data.",
+        ),
+    ] = None,
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
-    """Write top-k recommendations per user from the trained two-stage model (popular items for unknown users)."""
+    """Write top-k recommendations per user from the served model (popular items for unknown users), by the same
+    scoring function as the service and `recflow evaluate`."""
     from recflow.model.recommend import read_user_ids, write_recommendations
 
     settings = load_settings(params)
     user_ids = read_user_ids(users)
     with console.status(f"recommending for {len(user_ids):,} users"):
-        counts = write_recommendations(settings.paths.models, user_ids, k, output)
+        counts = write_recommendations(settings.paths.models, user_ids, k, output, as_of=as_of, users_file=users)
     out.print(
         f"wrote {output}: {counts['personalized']:,} users personalised, {counts['popular']:,} unknown "
         "users given popular items"

@@ -19,11 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
 
 from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import ModelNotFoundError
 from recflow.files import atomic_dir, atomic_path
 from recflow.model.candidates import ALSParams, CandidateSet
+from recflow.model.features import Interactions
 from recflow.model.metrics import PAD
 from recflow.model.ranker import rerank
 from recflow.model.ranker_features import FeatureContext
@@ -65,6 +67,7 @@ class ModelBundle:
     popularity: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     item_item: sp.csr_matrix | np.ndarray | None = None
     n_item_item: int = 0
+    events: Interactions | None = None  # the encoded history (for answers as of an earlier moment)
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +84,23 @@ class ModelBundle:
     @cached_property
     def popular_order(self) -> np.ndarray:
         return popular_order(self.popularity)
+
+    @cached_property
+    def solver(self) -> AlternatingLeastSquares:
+        """ALS with the bundle's item factors, to solve user vectors from confidence rows (fold-in)."""
+        params = self.als_params
+        solver = AlternatingLeastSquares(
+            factors=params.factors, regularization=params.regularization, alpha=params.alpha, num_threads=1
+        )
+        solver.item_factors = self.item_factors
+        solver.YtY  # noqa: B018 - computed once here, not on the first solve
+        return solver
+
+    def solve(self, rows: sp.csr_matrix) -> np.ndarray:
+        """Exact ALS user vectors for confidence rows against the fixed item factors (Cholesky solve)."""
+        if rows.shape[0] == 0:
+            return np.zeros((0, self.item_factors.shape[1]), dtype=np.float32)
+        return np.atleast_2d(self.solver.recalculate_user(np.arange(rows.shape[0]), rows.astype(np.float32)))
 
     @cached_property
     def user_index(self) -> dict[str, int]:
@@ -172,6 +192,13 @@ class ModelBundle:
                     np.savez(fh, dense=self.item_item)
         else:
             item_item_file.unlink(missing_ok=True)
+        if self.events is not None:
+            with atomic_path(path / "events.parquet") as tmp:
+                pq.write_table(
+                    pa.table({"user_idx": self.events.user_idx, "item_idx": self.events.item_idx,
+                              "action_idx": self.events.action_idx, "ts": self.events.ts}),
+                    tmp,
+                )  # fmt: skip
         meta = {
             "kind": self.kind,
             "n_item_item": self.n_item_item,
@@ -201,9 +228,24 @@ class ModelBundle:
                 item_item = data["dense"] if "dense" in data.files else None
             if item_item is None:
                 item_item = sp.load_npz(path / "item_item.npz").tocsr()
+        user_ids = np.asarray(pq.read_table(path / "users.parquet")[USER_ID].to_pylist(), dtype=object)
+        item_ids = np.asarray(pq.read_table(path / "items.parquet")[ITEM_ID].to_pylist(), dtype=object)
+        events = None
+        if (path / "events.parquet").exists():
+            table = pq.read_table(path / "events.parquet")
+            events = Interactions(
+                user_idx=table["user_idx"].to_numpy(),
+                item_idx=table["item_idx"].to_numpy(),
+                action_idx=table["action_idx"].to_numpy(),
+                ts=table["ts"].to_numpy(),
+                split=np.zeros(table.num_rows, dtype=np.int8),
+                user_ids=user_ids,
+                item_ids=item_ids,
+                actions=tuple(meta["actions"]),
+            )
         return cls(
-            user_ids=np.asarray(pq.read_table(path / "users.parquet")[USER_ID].to_pylist(), dtype=object),
-            item_ids=np.asarray(pq.read_table(path / "items.parquet")[ITEM_ID].to_pylist(), dtype=object),
+            user_ids=user_ids,
+            item_ids=item_ids,
             actions=tuple(meta["actions"]),
             action_weights=np.asarray(meta["action_weights"]),
             half_life_days=float(meta["half_life_days"]),
@@ -219,6 +261,7 @@ class ModelBundle:
             popularity=np.load(path / "popularity.npy") if (path / "popularity.npy").exists() else np.zeros(0),
             item_item=item_item,
             n_item_item=int(meta.get("n_item_item", 0)),
+            events=events,
             info=meta["info"],
         )
 

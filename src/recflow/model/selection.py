@@ -210,8 +210,9 @@ def fit_bundle(
         popularity=popularity_as_of(history, weights, moment, choices.popularity_window_days),
         item_item=item_item,
         n_item_item=settings.candidates.item_item if item_item is not None else 0,
+        events=history,
     )
-    bundle.info["ease_lambda"] = choices.ease_lambda
+    bundle.info.update(ease_lambda=choices.ease_lambda, popularity_window_days=choices.popularity_window_days)
     return bundle, als_model
 
 

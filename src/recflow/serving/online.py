@@ -35,7 +35,6 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
-from implicit.cpu.als import AlternatingLeastSquares
 
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
@@ -92,12 +91,7 @@ class OnlineRecommender:
         self.trained_at = datetime.fromisoformat(trained_at).timestamp() if trained_at else 0.0
         self.item_index = {item: i for i, item in enumerate(bundle.item_ids)}
         self.action_index = {action: i for i, action in enumerate(bundle.actions)}
-        params = bundle.als_params
-        self.solver = AlternatingLeastSquares(
-            factors=params.factors, regularization=params.regularization, alpha=params.alpha, num_threads=1
-        )
-        self.solver.item_factors = bundle.item_factors
-        self.solver.YtY  # noqa: B018 - computed once here, not on the first request
+        bundle.solver  # noqa: B018 - the fold-in solver is set up here, not on the first request
         self.cold = np.asarray(bundle.history.getnnz(axis=0)) == 0
         self.cold_items = np.flatnonzero(self.cold)
         self.popular_order = bundle.popular_order
@@ -182,9 +176,7 @@ class OnlineRecommender:
 
     def solve(self, rows: sp.csr_matrix) -> np.ndarray:
         """Exact ALS user vectors for confidence rows against the fixed item factors (Cholesky solve)."""
-        if rows.shape[0] == 0:
-            return np.zeros((0, self.bundle.item_factors.shape[1]), dtype=np.float32)
-        return np.atleast_2d(self.solver.recalculate_user(np.arange(rows.shape[0]), rows.astype(np.float32)))
+        return self.bundle.solve(rows)
 
     def fold_in(self, user_ids: Sequence[str]) -> dict[str, StoredVector]:
         """Re-solve and store the vectors of these users from their training rows and stored events."""
