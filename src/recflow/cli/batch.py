@@ -181,8 +181,34 @@ def features(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 @app.command()
+def profile(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Describe the event store's shape (span, events per user, one-event users, sessions, whether timestamps
+    carry information): what the train stage's choices refer to. `recflow features` writes it too."""
+    from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID
+    from recflow.model.features import encode_events
+    from recflow.model.profile import profile_interactions
+    from recflow.store.eventstore import scan_store
+
+    settings = load_settings(params)
+    with console.status("reading the event store"):
+        table = scan_store(settings.paths.store, columns=[USER_ID, ITEM_ID, ACTION, TIMESTAMP])
+        shape = profile_interactions(encode_events(table, tuple(settings.events.actions)))
+    print_profile(shape.as_dict())
+
+
+def print_profile(shape: dict[str, object]) -> None:
+    table = Table(title="data profile")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in shape.items():
+        table.add_row(name, f"{value:,.4g}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command()
 def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Tune and fit ALS, train the LightGBM ranker, and write the backtest and deployable bundles."""
+    """Choose on validation folds and fit the served model (popularity, item-kNN, EASE, ALS or ALS + ranker), and
+    write the backtest and deployable bundles; prints the validation table and the reason for the choice."""
     from recflow.model import training
 
     settings = load_settings(params)

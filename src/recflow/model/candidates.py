@@ -73,7 +73,7 @@ def fit_als(
         iterations=(iterations or params.iterations) if warm else params.iterations,
         random_state=params.random_state,
     )
-    if warm:
+    if warm and warm_start is not None:
         model.user_factors = warm_start.user_factors.copy()
         model.item_factors = warm_start.item_factors.copy()
     callback = (lambda iteration, _elapsed, _loss: on_iteration(iteration)) if on_iteration else None
@@ -155,7 +155,7 @@ def ease_weights(history: sp.csr_matrix, regularization: float) -> np.ndarray:
     inverse = np.linalg.inv(gram)
     weights = -inverse / np.diag(inverse)
     weights[np.diag_indices_from(weights)] = 0.0
-    return weights.astype(np.float32)
+    return np.asarray(weights, dtype=np.float32)
 
 
 def item_knn(history: sp.csr_matrix, neighbours: int = 100) -> ImplicitCandidates:

@@ -18,6 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,7 @@ INTERACTIONS_FILE = "interactions.parquet"
 USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
 META_FILE = "meta.json"
+PROFILE_FILE = "profile.json"  # the data profile (profile.py), also in meta.json
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ def decay(age_seconds: np.ndarray, half_life_days: float | None) -> np.ndarray:
     """Weight of an event `age_seconds` before its user's last event: 2^(-age / half-life); 1 without decay."""
     if not half_life_days:
         return np.ones(len(age_seconds))
-    return np.exp2(-np.maximum(age_seconds, 0.0) / (half_life_days * SECONDS_PER_DAY))
+    return np.asarray(np.exp2(-np.maximum(age_seconds, 0.0) / (half_life_days * SECONDS_PER_DAY)), dtype=np.float64)
 
 
 def confidence_matrix(
@@ -284,8 +286,15 @@ def build_features(store: Path, out: Path, settings: Settings) -> FeatureSummary
             f"the split left an empty window (fit={summary.fit}, validation={summary.validation}, "
             f"test={summary.test}); the store needs more events per user or over time"
         )
-    meta = {"actions": list(inter.actions), "cuts": cuts, "summary": summary.__dict__, "profile": profile.as_dict()}
+    meta: dict[str, Any] = {
+        "actions": list(inter.actions),
+        "cuts": cuts,
+        "summary": summary.__dict__,
+        "profile": profile.as_dict(),
+    }
     save_interactions(inter, out, meta)
+    with atomic_path(out / PROFILE_FILE) as tmp:
+        tmp.write_text(json.dumps(profile.as_dict(), indent=2))
     logger.info("features: %d events, %d users, %d items", summary.events, summary.users, summary.items)
     return summary
 
@@ -312,7 +321,7 @@ def save_interactions(inter: Interactions, out: Path, meta: dict[str, object]) -
         tmp.write_text(json.dumps(meta, indent=2))
 
 
-def load_interactions(features: Path) -> tuple[Interactions, dict[str, object]]:
+def load_interactions(features: Path) -> tuple[Interactions, dict[str, Any]]:
     if not (features / INTERACTIONS_FILE).exists():
         raise ModelNotFoundError(f"no features in {features}: run `recflow features` (or dvc repro) first")
     table = pq.read_table(features / INTERACTIONS_FILE)

@@ -49,7 +49,7 @@ def hits(recs: np.ndarray, relevant: sp.csr_matrix) -> np.ndarray:
     coo = relevant.tocoo()
     truth_keys = coo.row.astype(np.int64) * n_items + coo.col.astype(np.int64)
     found = np.isin(rec_keys, truth_keys) & (recs.ravel() != PAD)
-    return found.reshape(recs.shape)
+    return np.asarray(found.reshape(recs.shape), dtype=bool)
 
 
 def ranking_metrics(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -43,8 +44,8 @@ class FeatureContext:
     item_vectors: np.ndarray  # float32, items x factors, unit length (zero rows stay zero)
     windows_days: tuple[float, ...]
 
-    def save(self, path: Path) -> None:
-        arrays = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+    def save(self, path: Path | BinaryIO) -> None:
+        arrays: dict[str, Any] = {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
         np.savez(path, **arrays)
 
     @classmethod

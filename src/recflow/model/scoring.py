@@ -103,12 +103,12 @@ def _popularity_tie(model: ScoringModel) -> np.ndarray:
 def base_scores(model: ScoringModel, kind: str, rows: sp.csr_matrix, vectors: np.ndarray | None) -> np.ndarray:
     """Users x items scores of a one-stage model kind (before exclusion)."""
     if kind == KIND_POPULARITY:
-        return np.broadcast_to(model.popularity, (rows.shape[0], len(model.popularity))).copy()
+        return np.array(np.broadcast_to(model.popularity, (rows.shape[0], len(model.popularity))), dtype=np.float32)
     if kind in ITEM_ITEM_KINDS:
-        return item_item_scores(model, rows) + _popularity_tie(model)
+        return np.asarray(item_item_scores(model, rows) + _popularity_tie(model), dtype=np.float32)
     if vectors is None:
         raise ValueError("ALS scoring needs the users' vectors")
-    return (vectors @ model.item_factors.T).astype(np.float32)
+    return np.asarray(vectors @ model.item_factors.T, dtype=np.float32)
 
 
 def two_stage_candidates(

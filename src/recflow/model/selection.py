@@ -141,9 +141,9 @@ def make_folds(history: Interactions, profile: DataProfile, settings: Settings) 
     protocols = {f.protocol for f in folds}
     tune = {p: sum(len(f.tune_rows) for f in folds if f.protocol == p) for p in protocols}
     chosen = {p: sum(len(f.select_rows) for f in folds if f.protocol == p) for p in protocols}
-    keep = {p for p in protocols if min(tune[p], chosen[p]) >= conf.min_users}
-    enough = [f for f in folds if f.protocol in keep]
-    for protocol in sorted(protocols - keep):
+    usable = {p for p in protocols if min(tune[p], chosen[p]) >= conf.min_users}
+    enough = [f for f in folds if f.protocol in usable]
+    for protocol in sorted(protocols - usable):
         warnings.append(
             f"{protocol} folds: {tune[protocol]} tuning and {chosen[protocol]} selecting users, fewer than "
             f"selection.min_users={conf.min_users}: not used"
