@@ -24,13 +24,13 @@ import numpy as np
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recflow.config import Settings
+from recflow.config import EvaluateSettings, Settings
 from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import InputFileError
 from recflow.files import atomic_path
 from recflow.model.bundle import ModelBundle
 from recflow.model.candidates import ease_weights, knn_similarity
-from recflow.model.features import SPLIT_TEST, load_interactions, window
+from recflow.model.features import SPLIT_TEST, Interactions, Window, load_interactions, window
 from recflow.model.metrics import (
     GroundTruth,
     bootstrap_interval,
@@ -69,10 +69,8 @@ def evaluate(
     progress: Callable[[str], None] | None = None,
 ) -> EvaluationReport:
     """The evaluate stage: the backtest bundle and the baselines on the TEST window."""
-    inter, meta = load_interactions(features)
     bundle = ModelBundle.load(models / BACKTEST_DIR)
-    cuts = {k: float(v) for k, v in meta["cuts"].items()}
-    test = window(inter, SPLIT_TEST, str(meta["summary"]["method"]), cuts)
+    _, test = test_window(features)
     report = score_bundle(bundle, ground_truth(test, bundle.history), settings, progress=progress)
     _write(report, models, reports)
     return report
@@ -130,6 +128,21 @@ def _new_items(target: sp.csr_matrix, history: sp.csr_matrix) -> GroundTruth:
     return GroundTruth(users=users, relevant=new[users])
 
 
+def test_window(features: Path) -> tuple[Interactions, Window]:
+    """The features' events and their TEST window (history before it, the held-out events in it)."""
+    inter, meta = load_interactions(features)
+    cuts = {k: float(v) for k, v in meta["cuts"].items()}
+    return inter, window(inter, SPLIT_TEST, str(meta["summary"]["method"]), cuts)
+
+
+def sample_users(truth: GroundTruth, conf: EvaluateSettings) -> GroundTruth:
+    """At most `evaluate.max_users` of the judged users: a fixed random sample (the same in evaluate and the gate)."""
+    if len(truth.users) <= conf.max_users:
+        return truth
+    rows = np.sort(np.random.default_rng(conf.seed).choice(len(truth.users), conf.max_users, replace=False))
+    return GroundTruth(truth.users[rows], truth.relevant[rows])
+
+
 def score_bundle(
     bundle: ModelBundle,
     truth: GroundTruth,
@@ -141,10 +154,8 @@ def score_bundle(
     """The served model and the baselines the bundle can score (same history, same moment) on `truth`."""
     conf = settings.evaluate
     warnings = list(warnings or [])
-    users, relevant = truth.users, truth.relevant
-    if len(users) > conf.max_users:
-        rows = np.sort(np.random.default_rng(conf.seed).choice(len(users), conf.max_users, replace=False))
-        users, relevant = users[rows], relevant[rows]
+    sample = sample_users(truth, conf)
+    users, relevant = sample.users, sample.relevant
     if len(users) < settings.selection.min_users:
         warnings.append(
             f"only {len(users)} users to evaluate (< selection.min_users={settings.selection.min_users}): "

@@ -34,8 +34,9 @@ import scipy.sparse as sp
 from recflow.config import Settings
 from recflow.errors import EmptyDataError
 from recflow.model.bundle import ModelBundle
-from recflow.model.features import SPLIT_TEST, action_weights, confidence_matrix, load_interactions, window
-from recflow.model.metrics import PAD, ground_truth, ranking_metrics
+from recflow.model.evaluate import sample_users, test_window
+from recflow.model.features import action_weights, confidence_matrix
+from recflow.model.metrics import PAD, GroundTruth, ground_truth, ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +79,7 @@ def judge(candidate_backtest: Path, production_backtest: Path, features: Path, s
 
 def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, settings: Settings) -> WindowScores:
     """Score every bundle's two-stage model (ALS alone when it has no ranker) on the test window of `features`."""
-    inter, meta = load_interactions(features)
-    cuts = {k: float(v) for k, v in meta["cuts"].items()}
-    test = window(inter, SPLIT_TEST, str(meta["summary"]["method"]), cuts)
+    inter, test = test_window(features)
     weights = action_weights(settings, inter.actions)
     history = confidence_matrix(test.history, weights, None)
     truth = ground_truth(test, history)
@@ -93,9 +92,8 @@ def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, sett
             "rebuild features from the event store (recflow features) or deploy with --force"
         )
     conf = settings.evaluate
-    if len(users) > conf.max_users:  # the same fixed sample as `recflow evaluate`
-        rows = np.sort(np.random.default_rng(conf.seed).choice(len(users), conf.max_users, replace=False))
-        users, relevant = users[rows], relevant[rows]
+    sample = sample_users(GroundTruth(users, relevant), conf)  # the same fixed sample as `recflow evaluate`
+    users, relevant = sample.users, sample.relevant
     depth = max(conf.k, conf.recall_k)
     n_catalogue = int((np.asarray(history.getnnz(axis=0)) > 0).sum())
     scores = []
