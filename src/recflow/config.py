@@ -194,6 +194,7 @@ class SelectionSettings(_Section):
     knn_neighbours: Count = 100
     min_users: Count = 20  # tuning and selecting users per fold below which the fold is not used (with a warning)
     max_users: Count = 5000  # judged users per fold (a fixed random sample above it)
+    sample_users: NonNegativeInt = 100_000  # users whose events the choices are made on (0: all users)
     global_folds: Count = 4  # most global-time cuts, each earlier, while they judge fewer than max_users users
     select_share: Annotated[Float, Field(gt=0, lt=1)] = 0.4  # users held out to choose the served kind
     bootstrap: Count = 1000  # resamples for the 95% intervals

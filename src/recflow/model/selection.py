@@ -103,6 +103,14 @@ def make_folds(history: Interactions, profile: DataProfile, settings: Settings) 
     rng = np.random.default_rng(conf.seed)
     folds: list[Fold] = []
     warnings: list[str] = []
+    active = np.unique(history.user_idx)
+    if conf.sample_users and len(active) > conf.sample_users:
+        # large data: the choices are made on a fixed random sample of users (all their events, every item), so
+        # selection costs what `sample_users` users cost whatever the size of the store
+        sample = np.zeros(history.n_users, dtype=bool)
+        sample[rng.choice(active, conf.sample_users, replace=False)] = True
+        history = history.where(sample[history.user_idx])
+        warnings.append(f"choices made on a random sample of {conf.sample_users:,} of {len(active):,} users")
     for protocol in profile.protocols:
         method = PROTOCOL_METHODS.get(protocol, "random")
         split = SplitSettings(method=method, test_fraction=fraction, validation_fraction=0.0, seed=conf.seed)
