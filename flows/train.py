@@ -68,6 +68,8 @@ def metrics_table(
         if not isinstance(values, dict):
             continue
         for metric, value in values.items():
+            if not isinstance(value, int | float):  # the intervals are pairs: the table shows the metrics
+                continue
             other = (production or {}).get(model, {}).get(metric)
             rows.append(
                 {

@@ -67,7 +67,7 @@ def test_repro_runs_all_then_nothing_then_only_the_changed_stage(tmp_path: Path)
     assert ran(sh(root, "dvc", "repro")) == {"train", "evaluate"}
 
     metrics = sh(root, "dvc", "metrics", "show")
-    assert "als_ranker.ndcg@10" in metrics
+    assert "served.ndcg@10" in metrics
 
 
 def test_fresh_clone_reproduces_after_the_data_step_offline(tmp_path: Path) -> None:

@@ -235,7 +235,9 @@ def test_gate_scores_a_version_with_other_id_maps_by_external_id(project: tuple[
     from older features has them) scores exactly what it scores with the current order."""
     _, settings = project
     # ALS alone: the ranker's feature context is indexed by user and item too, and is not reordered here
-    bundle = dataclasses.replace(ModelBundle.load(settings.paths.models / BACKTEST_DIR), ranker=None)
+    bundle = dataclasses.replace(
+        ModelBundle.load(settings.paths.models / BACKTEST_DIR), ranker=None, kind="als", item_item=None, events=None
+    )
     rng = np.random.default_rng(0)
     users, items = rng.permutation(len(bundle.user_ids)), rng.permutation(len(bundle.item_ids))
     shuffled = dataclasses.replace(
@@ -245,6 +247,7 @@ def test_gate_scores_a_version_with_other_id_maps_by_external_id(project: tuple[
         user_factors=bundle.user_factors[users],
         item_factors=bundle.item_factors[items],
         history=bundle.history[users][:, items],
+        popularity=bundle.popularity[items],
     )
     scores = score_on_current_window([bundle, shuffled], settings.paths.features, settings)
     assert scores.users == scores.test_users > 0

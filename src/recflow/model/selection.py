@@ -332,6 +332,9 @@ def select(
 
     # 5. the served kind, chosen on the selecting users
     say("select model")
+    if KIND_TWO_STAGE in enabled and ranker_fit is None and KIND_ALS not in enabled:
+        enabled.add(KIND_ALS)  # no ranker (ranker.enabled false, or nothing to learn): its candidates serve
+        warnings.append("no ranker could be used, so ALS (the ranker's candidate stage) may serve instead")
     per_kind: dict[str, list[np.ndarray]] = {}
     for index, (fold, bundle) in enumerate(zip(folds, bundles, strict=True)):
         truth = fold.part(fold.select_rows)
