@@ -368,4 +368,5 @@ document_answers(
             503: Answer("not ready: `checks` says what is wrong with each part", Readiness),
         },
     },
+    bearer=("POST /events", "POST /reload") if CONFIG.token else (),
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,17 +110,26 @@ class Answer:
     body: type[BaseModel] | None = None
 
 
-def document_answers(service: Any, answers: Mapping[str, Mapping[int, Answer]]) -> None:
+def document_answers(
+    service: Any, answers: Mapping[str, Mapping[int, Answer]], *, bearer: Collection[str] = ()
+) -> None:
     """Make the OpenAPI spec of `service` (a `@bentoml.service` class) list, for each operation named like
     "POST /events", exactly these answers besides the success BentoML documents (which a 200 here replaces), and
     mark the request body of each such `@bentoml.api` required when its model has a required field. The bodies'
-    schemas join the spec's components under their model names."""
-    _adapted(service)._recflow_answers = dict(answers)
+    schemas join the spec's components under their model names. The operations in `bearer` (also in `answers`)
+    declare that they need a bearer token (security scheme "bearer")."""
+    adapted = _adapted(service)
+    adapted._recflow_answers = dict(answers)
+    adapted._recflow_bearer = frozenset(bearer)
 
 
-def with_answers(spec: OpenAPISpecification, answers: Mapping[str, Mapping[int, Answer]]) -> OpenAPISpecification:
+def with_answers(
+    spec: OpenAPISpecification, answers: Mapping[str, Mapping[int, Answer]], bearer: Collection[str] = ()
+) -> OpenAPISpecification:
     """`spec` with the answers of `document_answers` (a new spec: BentoML caches parts of the one it builds)."""
     components: Any = spec.components  # BentoML passes a dict where the attrs class declares Components
+    if bearer and not isinstance(components, dict):
+        raise TypeError("BentoML's Components has no securitySchemes: adapt with_answers to this BentoML version")
     schemas = dict(components["schemas"] if isinstance(components, dict) else components.schemas)
     paths = dict(spec.paths)
     for name, statuses in answers.items():
@@ -141,11 +150,14 @@ def with_answers(spec: OpenAPISpecification, answers: Mapping[str, Mapping[int, 
             operation = attrs.evolve(operation, responses=responses)
         else:  # an @bentoml.api
             operation = {**operation, "responses": responses}
+            if name in bearer:
+                operation["security"] = [{"bearer": []}]
             if "requestBody" in operation:
                 operation["requestBody"] = _required_when_it_is(operation["requestBody"])
         paths[path] = attrs.evolve(item, **{method.lower(): operation})  # type: ignore[arg-type]
     if isinstance(components, dict):
-        components = {**components, "schemas": schemas}
+        schemes = {"bearer": {"type": "http", "scheme": "bearer"}} if bearer else {}
+        components = {**components, "schemas": schemas, **({"securitySchemes": schemes} if schemes else {})}
     else:
         components = attrs.evolve(components, schemas=schemas)
     return attrs.evolve(spec, paths=paths, components=components)
@@ -181,6 +193,7 @@ def _adapted(service: Any) -> Any:
         _recflow_adapted = True
         _recflow_cancelling_timeout = False
         _recflow_answers: Mapping[str, Mapping[int, Answer]] = {}
+        _recflow_bearer: Collection[str] = frozenset()
 
         def to_asgi(self, is_main: bool = True) -> Any:
             app = super().to_asgi(is_main=is_main)
@@ -195,7 +208,7 @@ def _adapted(service: Any) -> Any:
 
         @property
         def openapi_spec(self) -> OpenAPISpecification:
-            return with_answers(super().openapi_spec, self._recflow_answers)
+            return with_answers(super().openapi_spec, self._recflow_answers, self._recflow_bearer)
 
     _Adapted.__name__ = _Adapted.__qualname__ = base.__name__
     service.__class__ = _Adapted
