@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from recflow.config import ServiceSettings, Settings, load_settings
 from recflow.errors import RecflowError, UserStateUnavailableError
+from recflow.events.contract import Rejection
 from recflow.ops.registry import ModelVersion, load_production_bundle, production, production_file
 from recflow.serving.bentoml_adapter import Answer, document_answers, use_cancelling_timeout
 from recflow.serving.httpguard import RequestGuard
@@ -89,7 +90,7 @@ def _error(ctx: bentoml.Context, status: int, message: str, detail: list[dict[st
     return JSONResponse(body, status_code=status)
 
 
-def _rejections(field: str, rejected: list[Any]) -> list[dict[str, Any]]:
+def _rejections(field: str, rejected: list[Rejection]) -> list[dict[str, Any]]:
     """The event contract's rejections as error details: where (the event's position), why, and the code."""
     return [{"loc": [field, r.record - 1], "msg": r.reason, "type": r.code} for r in rejected]
 
@@ -249,7 +250,7 @@ class Recommender:
         except RecflowError as exc:  # event log or user state unreachable: nothing was folded in
             return _error(ctx, 503, f"events not accepted, retry later: {exc}")
         if outcome.accepted == 0:
-            message = f"none of the {len(events)} events was accepted"
+            message = f"no event was accepted: each of the {len(events)} breaks the event contract (see detail)"
             return _error(ctx, 422, message, _rejections("events", outcome.rejected))  # type: ignore[return-value]
         return EventsResponse(
             accepted=outcome.accepted,

@@ -1,5 +1,5 @@
 """The one place recflow reaches into BentoML beyond its public API; when BentoML changes, this is what to adapt
-(tests/unit/test_httpguard.py and tests/integration/test_service.py fail first).
+(tests/unit/test_httpguard.py, tests/unit/test_bentoml_adapter.py and tests/integration/test_service.py fail first).
 
 - `model_store(folder)`: BentoML's model store in a given folder. The registry (`recflow.ops.registry`) hands it
   to the public `bentoml.models` calls (`_model_store=`), so it saves into the project's store whatever home
@@ -147,6 +147,8 @@ def with_answers(
         for status, answer in sorted(statuses.items()):
             responses[str(status)] = _response(answer, schemas)
         if isinstance(operation, Operation):
+            if name in bearer:
+                raise ValueError(f"{name!r}: only an @bentoml.api operation can declare the bearer token here")
             operation = attrs.evolve(operation, responses=responses)
         else:  # an @bentoml.api
             operation = {**operation, "responses": responses}
