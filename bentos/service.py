@@ -22,28 +22,39 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import bentoml
 from bentoml.exceptions import BentoMLException
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from recflow.config import ServiceSettings, Settings, load_settings
 from recflow.errors import RecflowError, UserStateUnavailableError
+from recflow.events.contract import Rejection
 from recflow.ops.registry import ModelVersion, load_production_bundle, production, production_file
-from recflow.serving.bentoml_adapter import use_cancelling_timeout
+from recflow.serving.bentoml_adapter import Answer, document_answers, use_cancelling_timeout
 from recflow.serving.httpguard import RequestGuard
 from recflow.serving.online import OnlineRecommender
+from recflow.serving.schemas import (
+    ErrorBody,
+    EventsResponse,
+    ModelResponse,
+    Readiness,
+    RecommendResponse,
+    Rejected,
+    ReloadResponse,
+    ScoredItem,
+    SimilarResponse,
+    request_models,
+)
 from recflow.serving.userstate import open_user_state
 from recflow.stream.log import open_event_log
 
 logger = logging.getLogger("recflow.service")
 
-K_LIMIT = 200  # the API's largest k; params.yaml service.k_max may lower it
-EVENTS_LIMIT = 10_000  # the schema's cap on events per request; params.yaml service.max_events may lower it
 POST_ROUTES = ("/recommend", "/events", "/similar", "/reload")
 
 
@@ -59,101 +70,6 @@ def project_settings(root: Path) -> tuple[Settings, ServiceSettings]:
     return settings, settings.service.resolved(os.environ)
 
 
-# -- request and response bodies ---------------------------------------------------------------------------
-
-STRICT = ConfigDict(extra="forbid", strict=True)
-
-
-class RecentEvent(BaseModel):
-    """An event of the requesting user, used for this answer only (POST /events stores events)."""
-
-    model_config = STRICT
-    item_id: str | int
-    action: str
-    timestamp: str | int | float = Field(description="ISO-8601 with offset, or epoch seconds/milliseconds")
-    event_id: str | int | None = None
-    value: float | None = None
-
-
-class Event(RecentEvent):
-    """One event of the event contract (the rules are the event store's; see the project README)."""
-
-    user_id: str | int
-
-
-class RecommendRequest(BaseModel):
-    model_config = STRICT
-    user_id: str = Field(min_length=1, pattern=r"\S", description="a non-blank user id")
-    k: int = Field(10, ge=1, le=K_LIMIT)
-    exclude_seen: bool = True
-    recent_events: list[RecentEvent] = Field(default_factory=list, max_length=EVENTS_LIMIT)
-
-
-class EventsRequest(BaseModel):
-    model_config = STRICT
-    events: list[Event] = Field(min_length=1, max_length=EVENTS_LIMIT)
-
-
-class SimilarRequest(BaseModel):
-    model_config = STRICT
-    item_id: str = Field(min_length=1, pattern=r"\S")
-    k: int = Field(10, ge=1, le=K_LIMIT)
-
-
-class EmptyRequest(BaseModel):
-    model_config = STRICT
-
-
-class ScoredItem(BaseModel):
-    item_id: str
-    score: float
-
-
-class RecommendResponse(BaseModel):
-    user_id: str
-    items: list[ScoredItem]
-    model_version: str
-    strategy: Literal["personalized", "popular"]
-
-
-class Rejected(BaseModel):
-    index: int = Field(description="0-based position of the event in the request")
-    code: str
-    reason: str
-
-
-class EventsResponse(BaseModel):
-    accepted: int
-    duplicates: int = Field(description="accepted events already received before (same event_id)")
-    rejected: list[Rejected]
-    users_updated: int
-    unknown_items: list[str] = Field(description="stored, but unknown to the model: no effect until retraining")
-    unknown_actions: list[str] = Field(description="stored, but not trained on: no effect until retraining")
-    model_version: str
-
-
-class SimilarResponse(BaseModel):
-    item_id: str
-    items: list[ScoredItem]
-    model_version: str
-
-
-class ModelResponse(BaseModel):
-    version: str
-    tag: str
-    created_at: str
-    trained_at: str
-    data_version: str = Field(description='md5 of the data in data.dvc, or "untracked"')
-    metrics: dict[str, float] = Field(description="offline metrics on the test window of its training")
-    model: str = Field(description="the served kind: popularity, item_knn, ease, als or als_ranker (two-stage)")
-
-
-class ReloadResponse(BaseModel):
-    model_version: str | None
-    previous: str | None
-    changed: bool
-
-
 # -- the service -----------------------------------------------------------------------------------------
 
 
@@ -165,12 +81,18 @@ class Live:
     version: ModelVersion
 
 
-def _error(ctx: bentoml.Context, status: int, message: str, detail: Any = None) -> JSONResponse:
+def _error(ctx: bentoml.Context, status: int, message: str, detail: list[dict[str, Any]] | None = None) -> JSONResponse:
+    """An answer in the service's one error shape (`ErrorBody`, as BentoML's validation errors)."""
     ctx.response.status_code = status
     body: dict[str, Any] = {"error": message}
-    if detail is not None:
+    if detail:
         body["detail"] = detail
     return JSONResponse(body, status_code=status)
+
+
+def _rejections(field: str, rejected: list[Rejection]) -> list[dict[str, Any]]:
+    """The event contract's rejections as error details: where (the event's position), why, and the code."""
+    return [{"loc": [field, r.record - 1], "msg": r.reason, "type": r.code} for r in rejected]
 
 
 def _freeze_heap() -> None:
@@ -182,13 +104,17 @@ def _freeze_heap() -> None:
 
 
 admin = FastAPI(title="recflow admin", docs_url=None, redoc_url=None, openapi_url=None)
-try:
-    WORKERS = project_settings(project_root())[1].workers  # BentoML starts the workers before any of them runs
+try:  # BentoML starts the workers, and builds the API from the request models, before any worker runs
+    SETTINGS, CONFIG = project_settings(project_root())
 except RecflowError as exc:  # say what to fix in params.yaml, not where the import failed
     raise SystemExit(f"recflow: {exc}") from None
+# the request bodies carry params.yaml's limits (actions, id length, k_max, max_events): the spec follows the project
+REQUESTS = request_models(SETTINGS.events, CONFIG)
 
 
-@bentoml.service(name="recflow", workers=WORKERS, traffic={"timeout": 30}, logging={"access": {"enabled": False}})
+@bentoml.service(
+    name="recflow", workers=CONFIG.workers, traffic={"timeout": 30}, logging={"access": {"enabled": False}}
+)
 @bentoml.asgi_app(admin, path="/")
 class Recommender:
     def __init__(self) -> None:
@@ -275,27 +201,22 @@ class Recommender:
 
     # -- endpoints --------------------------------------------------------------------------------------
 
-    @bentoml.api(input_spec=RecommendRequest)
+    @bentoml.api(input_spec=REQUESTS.recommend)
     async def recommend(
-        self, user_id: str, k: int, exclude_seen: bool, recent_events: list[RecentEvent], ctx: bentoml.Context
+        self, user_id: str, k: int, exclude_seen: bool, recent_events: list[BaseModel], ctx: bentoml.Context
     ) -> RecommendResponse:
         """Top-k items for a user: ALS candidates from the user's (folded-in) vector, reranked; items the user
         had are excluded unless exclude_seen is false. Unknown users without history get popular items."""
         live = self._live(ctx)
         if isinstance(live, JSONResponse):
             return live  # type: ignore[return-value]
-        if k > self.config.k_max:
-            return _error(ctx, 400, f"k must be at most {self.config.k_max} (service.k_max)", [{"loc": ["k"]}])
-        if len(recent_events) > self.config.max_events:
-            limit = self.config.max_events
-            return _error(ctx, 413, f"recent_events: at most {limit} per request (service.max_events)")
         recent = []
         if recent_events:
             records = [event.model_dump(exclude_none=True) for event in recent_events]
             recent, rejected = live.recommender.validate_recent(user_id, records)
-            if rejected:
-                detail = [{"loc": ["recent_events", r.record - 1], "code": r.code, "msg": r.reason} for r in rejected]
-                return _error(ctx, 400, f"{len(rejected)} invalid recent_events", detail)
+            if rejected:  # rules the schema cannot state (a timestamp in the future)
+                message = f"{len(rejected)} of the recent_events break the event contract"
+                return _error(ctx, 422, message, _rejections("recent_events", rejected))  # type: ignore[return-value]
         ask = functools.partial(live.recommender.recommend, user_id, k, exclude_seen=exclude_seen, recent=recent)
         try:
             # Scoring alone (~2 ms of numpy and LightGBM) runs on the event loop: a thread hop, and the GIL handed
@@ -308,18 +229,17 @@ class Recommender:
         return RecommendResponse(user_id=user_id, items=items, model_version=live.recommender.version,
                                  strategy=answer.strategy)  # fmt: skip
 
-    @bentoml.api(input_spec=EventsRequest)
-    def events(self, events: list[Event], ctx: bentoml.Context) -> EventsResponse:
+    @bentoml.api(input_spec=REQUESTS.events)
+    def events(self, events: list[BaseModel], ctx: bentoml.Context) -> EventsResponse:
         """Validate events with the event store's rules, append the accepted ones to the event log, and fold
-        every affected user's vector in. 422 when no event was accepted."""
+        every affected user's vector in. An event that breaks a rule the schema cannot state is listed in
+        `rejected`; 422 when no event was accepted."""
         denied = self._authorized(ctx)
         if denied is not None:
             return denied  # type: ignore[return-value]
         live = self._live(ctx)
         if isinstance(live, JSONResponse):
             return live  # type: ignore[return-value]
-        if len(events) > self.config.max_events:
-            return _error(ctx, 413, f"events: at most {self.config.max_events} per request (service.max_events)")
         recommender = live.recommender
         batch = recommender.validate_events([event.model_dump(exclude_none=True) for event in events])
         try:
@@ -330,7 +250,8 @@ class Recommender:
         except RecflowError as exc:  # event log or user state unreachable: nothing was folded in
             return _error(ctx, 503, f"events not accepted, retry later: {exc}")
         if outcome.accepted == 0:
-            ctx.response.status_code = 422
+            message = f"no event was accepted: each of the {len(events)} breaks the event contract (see detail)"
+            return _error(ctx, 422, message, _rejections("events", outcome.rejected))  # type: ignore[return-value]
         return EventsResponse(
             accepted=outcome.accepted,
             duplicates=outcome.duplicates,
@@ -341,19 +262,19 @@ class Recommender:
             model_version=recommender.version,
         )
 
-    @bentoml.api(input_spec=SimilarRequest)
+    @bentoml.api(input_spec=REQUESTS.similar)
     def similar(self, item_id: str, k: int, ctx: bentoml.Context) -> SimilarResponse:
         """The k items most similar to an item (cosine of ALS item factors)."""
         live = self._live(ctx)
         if isinstance(live, JSONResponse):
             return live  # type: ignore[return-value]
-        found = live.recommender.similar(item_id, min(k, self.config.k_max))
+        found = live.recommender.similar(item_id, k)
         if found is None:
             return _error(ctx, 404, f"item_id {item_id!r} is not in model {live.recommender.version}")  # type: ignore[return-value]
         return SimilarResponse(item_id=item_id, items=[ScoredItem(item_id=i, score=s) for i, s in found],
                                model_version=live.recommender.version)  # fmt: skip
 
-    @bentoml.api(input_spec=EmptyRequest)
+    @bentoml.api(input_spec=REQUESTS.empty)
     def reload(self, ctx: bentoml.Context) -> ReloadResponse:
         """Switch to the production version now (the service also checks every service.reload_check_seconds)."""
         denied = self._authorized(ctx)
@@ -365,12 +286,15 @@ class Recommender:
             return _error(ctx, 503, f"cannot load the production version: {exc}")  # type: ignore[return-value]
 
 
-@admin.get("/model", response_model=ModelResponse, responses={503: {"description": "no version is deployed"}})
+NOT_DEPLOYED = "no model version is deployed: run `recflow deploy`"
+
+
+@admin.get("/model", response_model=ModelResponse, responses={503: {"model": ErrorBody, "description": NOT_DEPLOYED}})
 def model_info(service: Any = Depends(bentoml.get_current_service)) -> ModelResponse | JSONResponse:
     """The version being served: tag, when it was created and trained, its data version and offline metrics."""
     live = service.live
     if live is None:
-        return JSONResponse({"error": "no model version is deployed: run `recflow deploy`"}, status_code=503)
+        return JSONResponse({"error": NOT_DEPLOYED}, status_code=503)
     version = live.version
     return ModelResponse(
         version=version.version,
@@ -400,3 +324,50 @@ def _readiness() -> tuple[bool, dict[str, str]]:
 
 Recommender.add_asgi_middleware(RequestGuard, post_routes=POST_ROUTES, limit=_body_limit, readiness=_readiness)
 use_cancelling_timeout(Recommender)  # BentoML's timeout is swapped in this service's app when it starts, nowhere else
+
+# -- what each operation answers besides 200 (bentos/README.md, "Errors"); every error body is an ErrorBody ----------
+
+BAD_REQUEST = Answer("the body breaks the request schema (detail: each problem's loc, msg, type)", ErrorBody)
+BODY_ANSWERS = {
+    400: BAD_REQUEST,
+    413: Answer("the body is larger than service.max_body_bytes", ErrorBody),
+    415: Answer("the content type is not application/json", ErrorBody),
+    500: Answer("an unexpected error (a bug: see the service log)", ErrorBody),
+    504: Answer("no answer within traffic.timeout", ErrorBody),
+}
+TOKEN_ANSWERS = {
+    401: Answer("no bearer token, when service.token (or RECFLOW_SERVICE_TOKEN) is set", ErrorBody),
+    403: Answer("a wrong bearer token", ErrorBody),
+}
+UNAVAILABLE = "no model version is deployed, or the user state or the event log is unreachable (retry is safe)"
+document_answers(
+    Recommender,
+    {
+        "POST /recommend": {
+            **BODY_ANSWERS,
+            422: Answer("a recent event breaks a rule the schema cannot state (detail names it)", ErrorBody),
+            503: Answer("no model version is deployed, or the user state is unreachable", ErrorBody),
+        },
+        "POST /events": {
+            **BODY_ANSWERS,
+            **TOKEN_ANSWERS,
+            422: Answer("no event was accepted: each breaks a rule the schema cannot state (detail)", ErrorBody),
+            503: Answer(UNAVAILABLE, ErrorBody),
+        },
+        "POST /similar": {
+            **BODY_ANSWERS,
+            404: Answer("the model does not have this item", ErrorBody),
+            503: Answer(NOT_DEPLOYED, ErrorBody),
+        },
+        "POST /reload": {
+            **BODY_ANSWERS,
+            **TOKEN_ANSWERS,
+            503: Answer("the production version cannot be loaded", ErrorBody),
+        },
+        "GET /readyz": {
+            200: Answer("the model, the user state and the event log all work", Readiness),
+            503: Answer("not ready: `checks` says what is wrong with each part", Readiness),
+        },
+    },
+    bearer=("POST /events", "POST /reload") if CONFIG.token else (),
+)

@@ -33,6 +33,7 @@ from recflow.model.bundle import ModelBundle
 from recflow.ops.registry import ModelVersion, deploy, production, rollback
 from recflow.serving.bentoml_adapter import CancellingTimeoutMiddleware
 from recflow.serving.online import OnlineRecommender
+from recflow.serving.schemas import ErrorBody
 from recflow.serving.userstate import RedisUserState
 
 from ..servingkit import deploy_small_project, load_service
@@ -40,6 +41,8 @@ from ..servingkit import deploy_small_project, load_service
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SERVICE = {"service": {"token": TOKEN, "reload_check_seconds": 0, "max_body_bytes": 20_000, "max_events": 50}}
+FUTURE = "2999-01-01T00:00:00Z"
+EVENT = {"user_id": "u", "item_id": "i", "action": "view", "timestamp": 1795000000}
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +91,13 @@ def test_events_fold_in_at_once_and_the_bought_item_is_excluded(client: TestClie
     events = [
         {"user_id": user, "item_id": bought, "action": "purchase", "timestamp": "2026-11-24T08:00:00Z"},
         {"user_id": user, "item_id": "brand-new-item", "action": "view", "timestamp": 1795000000},
-        {"user_id": user, "item_id": bought, "action": "clik", "timestamp": "2026-11-24T08:00:00Z"},
+        {"user_id": user, "item_id": bought, "action": "view", "timestamp": "2999-01-01T00:00:00Z"},  # the future
     ]
     response = client.post("/events", json={"events": events}, headers=AUTH)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["accepted"] == 2 and body["users_updated"] == 1 and body["unknown_items"] == ["brand-new-item"]
-    assert [(r["index"], r["code"]) for r in body["rejected"]] == [(2, "unknown_action")]
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == [(2, "future_timestamp")]
     after = items(client.post("/recommend", json={"user_id": user, "k": 20}))
     assert bought not in after and after != before
     # the accepted events went to the event log (the embedded spool) for the next training
@@ -132,19 +135,47 @@ def test_write_endpoints_need_the_token_and_read_endpoints_do_not(client: TestCl
         ("/events", {"events": [{"user_id": "u", "item_id": "i", "action": "view"}]}, 400, "timestamp"),
         ("/events", {"events": [{"user_id": "u", "item_id": "i", "action": "view", "timestamp": 1, "x": 1}]}, 400,
          "x"),
-        ("/events", {"events": [{"user_id": "", "item_id": "i", "action": "view", "timestamp": 1795000000}]}, 422,
-         "user_id"),
-        ("/events", {"events": [{"user_id": "u", "item_id": "i", "action": "view", "timestamp": 1}] * 51}, 413,
-         "max_events"),
+        # what the schema states (params.yaml's actions and id length, RFC 3339, max_events) refuses the request whole
+        ("/events", {"events": [{**EVENT, "user_id": ""}]}, 400, "user_id"),
+        ("/events", {"events": [{**EVENT, "user_id": " \u3000"}]}, 400, "blank"),
+        ("/events", {"events": [EVENT, {**EVENT, "item_id": "i" * 257}]}, 400, "at most 256 characters"),
+        ("/events", {"events": [EVENT, {**EVENT, "action": "clik"}]}, 400, "add_to_cart"),
+        ("/events", {"events": [{**EVENT, "timestamp": "2026-11-24T09:00:00"}]}, 400, "RFC 3339"),
+        ("/events", {"events": [{**EVENT, "timestamp": "1795000000"}]}, 400, "RFC 3339"),
+        ("/events", {"events": [{**EVENT, "timestamp": -1}]}, 400, "greater than or equal to 0"),
+        ("/events", {"events": [EVENT] * 51}, 400, "at most 50 items"),
+        ("/recommend", {"user_id": "u", "recent_events": [{"item_id": "i", "action": "view", "timestamp": 1}] * 51},
+         400, "at most 50 items"),
+        # what it cannot state (a timestamp in the future): 422 when nothing is left, naming the rule
+        ("/events", {"events": [{**EVENT, "timestamp": FUTURE}]}, 422, "future_timestamp"),
+        ("/recommend", {"user_id": "u", "recent_events": [{"item_id": "i", "action": "view", "timestamp": FUTURE}]},
+         422, "future_timestamp"),
         ("/reload", {"force": True}, 400, "force"),
     ],
 )  # fmt: skip
-def test_bad_input_gets_a_4xx_naming_the_problem(
+def test_bad_input_gets_a_4xx_naming_the_problem_in_the_one_error_shape(
     client: TestClient, path: str, body: dict[str, Any], status: int, names: str
 ) -> None:
     response = client.post(path, json=body, headers=AUTH)
     assert response.status_code == status, response.text
     assert names in response.text
+    ErrorBody.model_validate(response.json())
+
+
+def test_recflow_own_answers_and_bentomls_share_the_error_shape(client: TestClient) -> None:
+    """Regression (issue 15): the spec said `detail` was a string, BentoML's validation errors send a list, and /events
+    answered 422 with a different body than every other error."""
+    answers = [
+        client.post("/recommend", content=b'{"user_id": ', headers={"content-type": "application/json"}),  # BentoML
+        client.post("/recommend", json={"user_id": "u" * 30_000}),  # the request guard
+        client.post("/events", json={"events": [EVENT]}),  # the token check
+        client.post("/similar", json={"item_id": "no-such-item"}),  # the service
+        client.post("/events", json={"events": [{**EVENT, "timestamp": FUTURE}]}, headers=AUTH),  # the event contract
+    ]
+    assert [answer.status_code for answer in answers] == [400, 413, 401, 404, 422]
+    bodies = [ErrorBody.model_validate(answer.json()) for answer in answers]
+    assert [detail.loc for detail in bodies[-1].detail] == [["events", 0]]
+    assert bodies[-1].detail[0].type == "future_timestamp"
 
 
 def test_malformed_oversized_and_non_json_bodies_are_refused(client: TestClient) -> None:
@@ -168,6 +199,22 @@ def test_model_readyz_and_openapi_describe_the_service(client: TestClient, proje
         assert path in spec["paths"]
     recommend = spec["paths"]["/recommend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert recommend["properties"]["k"]["maximum"] == 200 and recommend["additionalProperties"] is False
+    # the event contract's rules come from the project's params.yaml
+    settings = load_settings(project[0] / "params.yaml")
+    event = spec["components"]["schemas"]["Event"]["properties"]
+    assert event["action"]["enum"] == list(settings.events.actions)
+    assert {member.get("maxLength") for member in event["user_id"]["oneOf"]} == {settings.events.max_id_length, None}
+    events = spec["paths"]["/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert events["properties"]["events"]["maxItems"] == settings.service.max_events == 50
+    # every answer documented, every error with the one error body
+    documented = {path: sorted(spec["paths"][path]["post"]["responses"]) for path in ("/events", "/similar")}
+    assert documented == {
+        "/events": ["200", "400", "401", "403", "413", "415", "422", "500", "503", "504"],
+        "/similar": ["200", "400", "404", "413", "415", "500", "503", "504"],
+    }
+    error = spec["paths"]["/events"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorBody"}
+    assert spec["components"]["schemas"]["ErrorBody"]["properties"]["detail"]["type"] == "array"
 
 
 def test_the_service_lets_finished_requests_go(client: TestClient) -> None:

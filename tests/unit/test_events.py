@@ -55,6 +55,8 @@ def only_rejection(record: dict[str, Any]):
         (event(event_id="e" * 300), "id_too_long", ["event_id has 300 characters"]),
         (event(timestamp="yesterday"), "bad_timestamp", ["timestamp 'yesterday'", "ISO-8601", "epoch"]),
         (event(timestamp="2024-02-30T12:00:00Z"), "bad_timestamp", ["timestamp '2024-02-30T12:00:00Z'"]),
+        # regression: before 0001-01-02 (the numbers' bound too) it was accepted, and no datetime could hold it
+        (event(timestamp="0001-01-01T00:00:00+02:01"), "bad_timestamp", ["timestamp '0001-01-01T00:00:00+02:01'"]),
         (event(timestamp="2024-05-01T12:00:00"), "naive_timestamp", ["timestamp '2024-05-01T12:00:00'", "Z or +HH:MM"]),
         (event(timestamp="2024-05-01"), "naive_timestamp", ["Z or +HH:MM"]),
         (event(timestamp="2024-06-01T01:00:00Z"), "future_timestamp", ["timestamp", "3600 s after now", "skew"]),

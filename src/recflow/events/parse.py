@@ -46,7 +46,15 @@ def text_column(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
 
 
 def parse_timestamps(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Epoch milliseconds (UTC) and a status (OK, BAD, NAIVE) for each row; null rows read as 0, OK."""
+    """Epoch milliseconds (UTC) and a status (OK, BAD, NAIVE) for each row; null rows read as 0, OK. An instant
+    outside MIN_MS..MAX_MS is BAD whatever its form (a datetime cannot hold it: the service's event log failed on
+    "0001-01-01T00:00:00+02:01")."""
+    ms, status = _parse_timestamps(col)
+    status[(status == OK) & ((ms < MIN_MS) | (ms > MAX_MS)) & to_numpy(pc.is_valid(col))] = BAD
+    return ms, status
+
+
+def _parse_timestamps(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     n = len(col)
     ms, status = np.zeros(n, np.int64), np.zeros(n, np.int8)
     kind = col.type

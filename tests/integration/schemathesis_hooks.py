@@ -1,0 +1,27 @@
+"""A schemathesis check for the HTTP service (loaded by schemathesis.toml at the repo root): a 422 must name only
+rules a schema cannot state.
+
+schemathesis.toml lets a request its schema accepts get 422 on POST /events and /recommend, the service's answer
+when every event breaks a rule outside the schema (a timestamp after now + events.max_future_skew_seconds, or before
+0001-01-02). This check keeps that allowance from hiding anything else: the 422's detail may name no other rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import schemathesis
+
+UNSTATABLE = frozenset({"future_timestamp", "bad_timestamp"})  # the event contract's rejection codes
+
+
+@schemathesis.check
+def unprocessable_names_only_unstatable_rules(ctx: Any, response: Any, case: Any) -> bool | None:
+    if response.status_code != 422:
+        return None
+    detail = response.json().get("detail") or []
+    codes = {entry.get("type") for entry in detail}
+    if not codes or not codes <= UNSTATABLE:
+        named = sorted(map(str, codes))
+        raise AssertionError(f"422 names {named}, not only rules a schema cannot state ({sorted(UNSTATABLE)})")
+    return None
