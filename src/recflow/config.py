@@ -345,7 +345,7 @@ class DriftSettings(_Section):
     keep_reports: Count = 48  # report pairs kept in reports/drift (older ones are removed)
     events: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.08))  # one row per event
     users: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.1))  # one row per active user
-    candidates: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.15))  # (user, candidate) rows
+    candidates: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.3))  # (user, candidate) rows
 
 
 @_settings("")

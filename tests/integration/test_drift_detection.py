@@ -94,13 +94,13 @@ def test_the_report_pair_is_written_and_old_pairs_are_pruned(tmp_path: Path) -> 
     assert (
         page.index("Drift check: <span class='drift'>DRIFT") < page.index("<h2>Windows") < page.index("Drifted columns")
     )
-    assert f"{windows.current_start:%Y-%m-%d %H:%M}" in page and "{" not in page.split("<h2>Evidently")[0]
+    assert f"{windows.current_start:%Y-%m-%d %H:%M}" in page and "reference_start" not in page  # dates, not JSON
     assert page.count("<iframe") == len(snapshots) == len({name for name, _ in result.flagged()})
-    assert result.html_path.stat().st_size < 4_000_000 * len(snapshots)
+    assert result.html_path.stat().st_size < 5_000_000 * len(snapshots)  # ~3.5 MB of it is Evidently's script
 
 
 def test_a_check_without_drift_writes_a_small_page(tmp_path: Path) -> None:
-    table = generate_events(GenerateSettings(seed=4, users=500, items=200, events=12_000, days=DAYS, groups=4))
+    table = generate_events(dataclasses.replace(SHIPPED.generate, seed=4))  # the demo's undrifted data
     events = drift_frame(table)
     settings = SHIPPED.replace("drift", permutations=500)
     windows = drift_windows(datetime.fromtimestamp(events["ts"].max() / 1000, UTC), settings)

@@ -2,7 +2,7 @@
 
 The HTML opens with the verdict, the two windows as dates and sizes, and the drifted columns with how far they moved
 and what they needed; then every column's test; then Evidently's detail for the drifted columns only (one embedded
-Evidently report per data set with a drifted column: about 3.6 MB each, most of it Evidently's script). A check
+Evidently report per data set with a drifted column: about 4.3 MB each, 3.5 MB of it Evidently's script). A check
 without drift writes a page of a few kB."""
 
 from __future__ import annotations
