@@ -338,7 +338,7 @@ class DriftSettings(_Section):
     min_events: Count = 200  # fewer events in either window: the verdict is "not enough data"
     alpha: Annotated[Float, Field(gt=0, lt=0.5)] = 0.01  # the check's false-alarm rate, split over the data sets
     permutations: Annotated[Int, Field(ge=99)] = 2000  # random user splits behind each column's null distribution
-    bins: Annotated[Int, Field(ge=2)] = 32  # numbers with more distinct values are binned at pooled quantiles
+    bins: Annotated[Int, Field(ge=2)] = 128  # numbers with more distinct values are binned at pooled quantiles
     max_rows: Count = 50_000  # rows per window handed to Evidently for the flagged columns' detail
     candidate_users: Count = 500  # active users per window whose candidates the ranker scores
     seed: Int = 0

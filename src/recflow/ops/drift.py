@@ -88,7 +88,7 @@ class DriftResult:
     checked_at: str
     html_path: Path | None = None
     json_path: Path | None = None
-    snapshots: dict[str, Any] = field(default_factory=dict, repr=False)  # data set -> Evidently detail (flagged)
+    evidently: Any = field(default=None, repr=False)  # Evidently's report of the drifted columns (None: none)
 
     @property
     def drifted(self) -> bool:
@@ -282,41 +282,43 @@ def compare(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Sett
 
 def evidently_detail(
     frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], datasets: list[DatasetDrift], settings: Settings
-) -> dict[str, Any]:
-    """Evidently's ValueDrift for the drifted columns only (one report per data set with any), with the same
-    distance and the threshold this check needed, on at most `max_rows` seeded rows per window."""
+) -> Any | None:
+    """One Evidently report of ValueDrift for the drifted columns only (named `<data set>.<column>`, each on at most
+    `max_rows` seeded rows per window, shorter columns padded with missing values, which Evidently leaves out), with
+    the same distance and the threshold this check needed. None when no column drifted."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
-    snapshots = {}
-    for dataset in datasets:
-        flagged = [c for c in dataset.columns if c.drifted]
-        if not flagged:
-            continue
-        names = [c.column for c in flagged]
-        reference, current = (_sample(f[names], settings) for f in frames[dataset.name])
-        categorical = [c.column for c in flagged if c.kind == "categorical"]
-        definition = DataDefinition(
-            numerical_columns=[n for n in names if n not in categorical], categorical_columns=categorical
-        )
-        metrics = [
-            ValueDrift(column=c.column, method=c.method, threshold=_evidently_threshold(c, reference, current))
-            for c in flagged
-        ]
-        snapshots[dataset.name] = Report(metrics).run(  # current first, reference second
-            Dataset.from_pandas(current, data_definition=definition),
-            Dataset.from_pandas(reference, data_definition=definition),
-        )
-    return snapshots
+    flagged = [(d.name, c) for d in datasets for c in d.columns if c.drifted]
+    if not flagged:
+        return None
+    windows: tuple[dict[str, pd.Series], dict[str, pd.Series]] = ({}, {})
+    for name, column in flagged:
+        for position, frame in enumerate(frames[name]):
+            windows[position][f"{name}.{column.column}"] = _sample(frame[[column.column]], settings)[column.column]
+    reference, current = (pd.DataFrame(w) for w in windows)
+    names = [f"{name}.{c.column}" for name, c in flagged]
+    categorical = [f"{name}.{c.column}" for name, c in flagged if c.kind == "categorical"]
+    definition = DataDefinition(
+        numerical_columns=[n for n in names if n not in categorical], categorical_columns=categorical
+    )
+    metrics = [
+        ValueDrift(column=label, method=c.method, threshold=_evidently_threshold(c, reference[label], current[label]))
+        for label, (_, c) in zip(names, flagged, strict=True)
+    ]
+    return Report(metrics).run(  # current first, reference second
+        Dataset.from_pandas(current, data_definition=definition),
+        Dataset.from_pandas(reference, data_definition=definition),
+    )
 
 
-def _evidently_threshold(column: ColumnDrift, reference: pd.DataFrame, current: pd.DataFrame) -> float:
+def _evidently_threshold(column: ColumnDrift, reference: pd.Series, current: pd.Series) -> float:
     """The critical distance in Evidently's units: its Wasserstein is divided by the reference's std, ours by the
     pooled one's."""
     if column.kind == "categorical":
         return column.critical
-    pooled = pd.concat([reference[column.column], current[column.column]]).std(ddof=0)
-    return column.critical * max(float(pooled), 1e-3) / max(float(reference[column.column].std(ddof=0)), 1e-3)
+    pooled = pd.concat([reference, current]).std(ddof=0)
+    return column.critical * max(float(pooled), 1e-3) / max(float(reference.std(ddof=0)), 1e-3)
 
 
 def _sample(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
@@ -405,7 +407,7 @@ def check_drift(settings: Settings, *, root: Path = Path("."), end: datetime | N
         skipped[CANDIDATES] = str(exc)
         logger.info("ranker distributions not compared: %s", exc)
     status, reasons, datasets = judge(frames, settings)
-    snapshots = evidently_detail(frames, datasets, settings) if status == DRIFT else {}
+    detail = evidently_detail(frames, datasets, settings)
     return DriftResult(
         status=status,
         reasons=reasons,
@@ -415,7 +417,7 @@ def check_drift(settings: Settings, *, root: Path = Path("."), end: datetime | N
         skipped=skipped,
         aggregates=aggregates(frames),
         checked_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
-        snapshots=snapshots,
+        evidently=detail,
     )
 
 
