@@ -343,7 +343,9 @@ class DriftSettings(_Section):
     candidate_users: Count = 500  # active users per window whose candidates the ranker scores
     seed: Int = 0
     keep_reports: Count = 48  # report pairs kept in reports/drift (older ones are removed)
-    events: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.08))  # one row per event
+    events: DriftCheck = field(  # one row per event
+        default_factory=lambda: DriftCheck(min_effect=0.08, per_column_min_effect={"item_popularity": 0.1})
+    )
     users: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.1))  # one row per active user
     candidates: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.3))  # (user, candidate) rows
 
