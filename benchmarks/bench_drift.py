@@ -1,19 +1,21 @@
-"""Calibration of the drift check: per-column scores, false alarms and misses over many generated seeds.
+"""Calibration of the drift check on generated data: per-column distances, false alarms and misses over many seeds.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_drift.py                       # seeds 100-119
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_drift.py --with-model --seeds 101-106
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_drift.py                            # seeds 100-111
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_drift.py --with-model --seeds 101-103 --users 2000
 
-Each seed generates 35 days twice: once from one distribution, once with the generator's drift option from day 28
-on (popularity shift, new items, fewer conversions), so the current window (the last 7 days) is drifted. The
-check runs with params.yaml `drift` (event and user aggregates; with --with-model also the ranker's candidates,
-from a bundle trained on the 28 days before the current window: slower). The table gives, per column, the
-largest score without drift and the smallest with drift, beside the threshold; then false alarms and misses.
-The thresholds in params.yaml were set from these runs; tests/unit/test_drift.py checks them on other seeds.
+Each seed generates the demo's data (params.yaml `generate`, or --users/--events smaller) twice: once from one
+distribution, once with the generator's drift option for the last 7 days (popularity shift, new items, fewer
+conversions), so the current window is drifted. The check runs with params.yaml `drift` (with --with-model also
+the ranker's candidates, from a bundle trained on the days before the current window: slower). The table gives,
+per column, the largest distance without drift and the smallest with drift beside the floor (min_effect) the
+data set's distances must reach: the floors in params.yaml sit between the two. Real windows:
+benchmarks/bench_drift_real.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -27,19 +29,18 @@ from recflow.config import GenerateSettings, Settings, load_settings
 from recflow.events.synth import DEFAULT_START, DriftSpec, generate_events
 from recflow.ops.drift import check_drift
 
-DAYS, DRIFT_DAY = 35, 28
-
 
 def run(
-    seed: int, drift: bool, events: int, settings: Settings, with_model: bool
+    seed: int, drift: bool, conf: GenerateSettings, settings: Settings, with_model: bool
 ) -> tuple[dict[str, bool], dict[str, float]]:
     from recflow.model import training
     from recflow.model.features import build_features
     from recflow.store.eventstore import ingest_table
 
-    conf = GenerateSettings(seed=seed, users=2000, items=500, events=events, days=DAYS, groups=8)
-    table = generate_events(conf, drift=DriftSpec(start_fraction=DRIFT_DAY / DAYS) if drift else None)
-    cut = pa.scalar(DEFAULT_START + timedelta(days=DRIFT_DAY), type=table["timestamp"].type)
+    conf = dataclasses.replace(conf, seed=seed)
+    drift_day = conf.days - 7
+    table = generate_events(conf, drift=DriftSpec(start_fraction=drift_day / conf.days) if drift else None)
+    cut = pa.scalar(DEFAULT_START + timedelta(days=drift_day), type=table["timestamp"].type)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         paths = settings.paths
@@ -61,41 +62,43 @@ def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="100-119", help="first-last (inclusive)")
-    parser.add_argument("--events", type=int, default=60_000)
+    parser.add_argument("--seeds", default="100-111", help="first-last (inclusive)")
+    parser.add_argument("--users", type=int, help="generated users (default: params.yaml generate.users)")
+    parser.add_argument("--events", type=int, help="generated events (default: params.yaml generate.events)")
     parser.add_argument("--with-model", action="store_true", help="train a bundle per seed: compare candidates too")
     args = parser.parse_args()
     first, last = (int(x) for x in args.seeds.split("-"))
     settings = load_settings()
+    conf = settings.generate
+    conf = dataclasses.replace(conf, users=args.users or conf.users, events=args.events or conf.events)
     if args.with_model:  # a quick bundle: the check needs a model, not the best one
         settings = settings.replace("als", iterations=8, tune=settings.als.tune.__class__(enabled=False))
         settings = settings.replace("ranker", n_estimators=60)
+        settings = settings.replace("selection", models=("als_ranker",))
     scores: dict[tuple[str, bool], list[float]] = defaultdict(list)
     flagged: dict[tuple[str, bool], int] = defaultdict(int)
     for drift in (False, True):
         for seed in range(first, last + 1):
-            flags, row = run(seed, drift, args.events, settings, args.with_model)
+            flags, row = run(seed, drift, conf, settings, args.with_model)
             for name, value in flags.items():
                 flagged[(name, drift)] += value
             for column, score in row.items():
                 scores[(column, drift)].append(score)
     n = last - first + 1
-    thresholds = {}
-    for name in ("events", "users", "candidates"):
-        check = getattr(settings.drift, name)
-        for column, _ in scores:
-            if column.startswith(f"{name}."):
-                field = column.split(".", 1)[1]
-                default = check.cat_threshold if name == "events" else check.num_threshold
-                thresholds[column] = check.per_column_threshold.get(field, default)
+    floors = {
+        f"{name}.{column}": getattr(settings.drift, name).per_column_min_effect.get(
+            column, getattr(settings.drift, name).min_effect
+        )
+        for name, column in (key.split(".", 1) for key, _ in scores)
+    }
     rows = [
-        [column, max(scores[(column, False)]), min(scores[(column, True)]), thresholds[column]]
+        [column, max(scores[(column, False)]), min(scores[(column, True)]), floors[column]]
         for column in sorted({c for c, _ in scores})
     ]
     print(machine())
     print_table(
-        f"drift scores over seeds {first}-{last}, {args.events:,} events (distance methods: drift when >= threshold)",
-        ["column", "max without drift", "min with drift", "threshold"],
+        f"drift distances over seeds {first}-{last}, {conf.users:,} users, {conf.events:,} events",
+        ["column", "max without drift", "min with drift", "floor (min_effect)"],
         rows,
     )
     print_table(

@@ -31,22 +31,30 @@ def drift(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
 
 def drift_markdown(summary: dict[str, Any]) -> str:
     html = Path(summary["html"]).resolve()
+    windows, sizes = summary["windows"], summary["sizes"]
     lines = [
-        f"# Drift check: {'**DRIFT**' if summary['drifted'] else 'no drift'}",
-        f"Windows: {summary['windows']}",
-        f"Full report: [{html.name}]({html.as_uri()}) (summary: `{summary['json']}`)",
+        f"# Drift check: **{summary['status'].upper()}**",
+        *(
+            f"- {label} window: {windows[start]} .. {windows[stop]}, "
+            f"{sizes[label]['users']:,} users, {sizes[label]['events']:,} events"
+            for label, start, stop in (
+                ("reference", "reference_start", "current_start"),
+                ("current", "current_start", "end"),
+            )
+        ),
+        f"- report: [{html.name}]({html.as_uri()}) (summary: `{summary['json']}`)",
         "",
         *(f"- {reason}" for reason in summary["reasons"]),
         *(f"- not compared: {name}: {why}" for name, why in summary["skipped"].items()),
         "",
-        "| data set | column | method | score | threshold | drifted |",
-        "|---|---|---|---|---|---|",
+        "| data set | column | distance | score | needed | p (adjusted) | drifted |",
+        "|---|---|---|---|---|---|---|",
     ]
     for dataset in summary["datasets"]:
         for c in dataset["columns"]:
             lines.append(
-                f"| {dataset['name']} | {c['column']} | {c['method']} | {c['score']:.4f} | "
-                f"{c['threshold']:g} | {'yes' if c['drifted'] else ''} |"
+                f"| {dataset['name']} | {c['column']} | {c['method']} | {c['score']:.4f} | {c['critical']:.4f} | "
+                f"{c['p_value']:.4f} | {'yes' if c['drifted'] else ''} |"
             )
     return "\n".join(lines)
 

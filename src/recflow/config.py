@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, dataclass_transform, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, dataclass_transform
 
 import pydantic
 import yaml
@@ -317,22 +317,14 @@ class RegistrySettings(_Section):
         return model_name
 
 
-DriftMethod = Literal["jensenshannon", "wasserstein", "psi", "hellinger", "kl_div", "ks", "chisquare", "z", "mannw"]
-DRIFT_METHODS: tuple[str, ...] = get_args(DriftMethod)
-
-
 @_settings("drift.*")
 class DriftCheck(_Section):
-    """How Evidently compares one data set of the drift check (recflow.ops.drift). Methods are Evidently stat-test
-    names; distance methods flag a column when score >= threshold, p-value methods (ks, chisquare, z, mannw)
-    when p < threshold. A data set drifts when the share of its drifted columns reaches `drift_share`."""
+    """How one data set of the drift check is judged (recflow.ops.drift): a column drifts when it is significant
+    against its permutation null (drift.alpha) and its distance (Jensen-Shannon for categories, Wasserstein over the
+    pooled std for numbers) is at least `min_effect`, a floor that matters only for large windows."""
 
-    num_method: DriftMethod = "wasserstein"
-    num_threshold: Float = 0.1
-    cat_method: DriftMethod = "jensenshannon"
-    cat_threshold: Float = 0.1
-    drift_share: Annotated[Float, Field(gt=0, le=1)] = 0.5
-    per_column_threshold: dict[str, Float] = field(default_factory=dict)  # column -> threshold (overrides)
+    min_effect: NonNegative = 0.0
+    per_column_min_effect: dict[str, NonNegative] = field(default_factory=dict)  # column -> floor (overrides)
 
 
 @_settings("drift")
@@ -343,19 +335,20 @@ class DriftSettings(_Section):
     reference_days: Positive = 7.0  # the reference window: the days before the current one
     lookback_days: Positive = 14.0  # history before each window: new items/users, popularity buckets, ranker context
     popularity_buckets: Count = 10  # items bucketed by their share of the lookback's events
-    min_events: Count = 1000  # fewer events in either window: no verdict (EmptyDataError)
-    max_rows: Count = 50_000  # rows per window handed to Evidently; a seeded random sample above it
+    min_users: Count = 30  # fewer active users in either window: the verdict is "not enough data"
+    min_events: Count = 200  # fewer events in either window: the verdict is "not enough data"
+    alpha: Annotated[Float, Field(gt=0, lt=0.5)] = 0.01  # the check's false-alarm rate, split over the data sets
+    permutations: Annotated[Int, Field(ge=99)] = 2000  # random user splits behind each column's null distribution
+    bins: Annotated[Int, Field(ge=2)] = 128  # numbers with more distinct values are binned at pooled quantiles
+    max_rows: Count = 50_000  # rows per window handed to Evidently for the flagged columns' detail
     candidate_users: Count = 500  # active users per window whose candidates the ranker scores
     seed: Int = 0
     keep_reports: Count = 48  # report pairs kept in reports/drift (older ones are removed)
     events: DriftCheck = field(  # one row per event
-        default_factory=lambda: DriftCheck(
-            drift_share=0.25,
-            per_column_threshold={"action": 0.05, "item_popularity": 0.17, "new_item": 0.2, "new_user": 0.1},
-        )
+        default_factory=lambda: DriftCheck(min_effect=0.08, per_column_min_effect={"item_popularity": 0.1})
     )
-    users: DriftCheck = field(default_factory=lambda: DriftCheck(num_threshold=0.15))  # one row per active user
-    candidates: DriftCheck = field(default_factory=lambda: DriftCheck(num_threshold=0.15))  # (user, candidate) rows
+    users: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.1))  # one row per active user
+    candidates: DriftCheck = field(default_factory=lambda: DriftCheck(min_effect=0.3))  # (user, candidate) rows
 
 
 @_settings("")

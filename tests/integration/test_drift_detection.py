@@ -1,13 +1,14 @@
-"""The drift check with Evidently: detection on generated data, and the report pair. (Windows and aggregates with
-known answers, which need no Evidently run, are in tests/unit/test_drift.py.)
+"""The drift check on generated data: detection, no false alarm in the demo's undrifted data, and the report pair
+(Evidently renders the drifted columns). (Windows, aggregates and the permutation test on known answers are in
+tests/unit/test_drift.py; real windows in tests/model/test_drift_real_data.py.)
 
-Detection is tested on seeds 0-5 with a generator size (1,500 users, 400 items, 30,000 events, 6 groups) that
-differs from the calibration runs behind params.yaml's thresholds (seeds 100-119; 2,000 users, 500 items,
-25,000 and 60,000 events, 8 groups; benchmarks/bench_drift.py), so these seeds are held out.
+Detection is tested at the demo's size (params.yaml `generate`) on seeds 0-5, held out from the seeds the floors
+(params.yaml drift.*.min_effect) were read from (42, 100-119; benchmarks/bench_drift.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,58 +19,66 @@ import pytest
 from recflow.config import GenerateSettings, Settings, load_settings
 from recflow.events.synth import DriftSpec, generate_events
 from recflow.ops.drift import (
+    DRIFT,
     DriftResult,
     aggregates,
-    compare,
     drift_windows,
     event_frames,
-    verdict,
+    evidently_detail,
+    judge,
+    window_sizes,
 )
 from recflow.ops.drift_report import write_report
 
 from ..conftest import REPO
 from ..factories import drift_frame
 
-DAYS, DRIFT_DAY = 35, 28  # lookback 14 + reference 7 + current 7 days; the current window is the last 7
 HELD_OUT_SEEDS = range(6)
 SHIPPED = load_settings(REPO / "params.yaml")
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
+DAYS, DRIFT_DAY = 35, 28  # lookback 14 + reference 7 + current 7 days; the current window is the last 7
 
 
 def flagged(events: pd.DataFrame, settings: Settings) -> tuple[bool, list[str]]:
     windows = drift_windows(datetime.fromtimestamp(events["ts"].max() / 1000, UTC), settings)
-    datasets, _ = compare(event_frames(events, windows, settings), settings)
-    reasons = verdict(datasets)
-    return bool(reasons), reasons
+    status, reasons, _ = judge(event_frames(events, windows, settings), settings)
+    return status == DRIFT, reasons
 
 
 @pytest.mark.parametrize("seed", HELD_OUT_SEEDS)
 @pytest.mark.parametrize("drift", [False, True], ids=["same-distribution", "injected-drift"])
-def test_injected_drift_is_flagged_and_the_same_distribution_is_not(seed: int, drift: bool) -> None:
-    conf = GenerateSettings(seed=seed, users=1500, items=400, events=30_000, days=DAYS, groups=6)
-    table = generate_events(conf, drift=DriftSpec(start_fraction=DRIFT_DAY / DAYS) if drift else None)
+def test_injected_drift_is_flagged_and_the_demos_undrifted_data_is_not(seed: int, drift: bool) -> None:
+    conf = dataclasses.replace(SHIPPED.generate, seed=seed)
+    days = conf.days
+    table = generate_events(conf, drift=DriftSpec(start_fraction=(days - 7) / days) if drift else None)
     is_flagged, reasons = flagged(drift_frame(table), SHIPPED)
     assert is_flagged == drift, reasons  # a failure here is a miss (drift) or a false alarm (same distribution)
+    if drift:  # flagged for what the generator changed: popularity, new items, the action mix
+        assert {"events"} <= {r.split(":")[0] for r in reasons}
 
 
 def test_the_report_pair_is_written_and_old_pairs_are_pruned(tmp_path: Path) -> None:
-    table = generate_events(GenerateSettings(seed=3, users=500, items=200, events=12_000, days=DAYS, groups=4))
+    conf = GenerateSettings(seed=3, users=500, items=200, events=12_000, days=DAYS, groups=4)
+    table = generate_events(conf, drift=DriftSpec(start_fraction=DRIFT_DAY / DAYS))
     events = drift_frame(table)
-    settings = SHIPPED.replace("drift", min_events=100)
+    settings = SHIPPED.replace("drift", permutations=500)
     windows = drift_windows(datetime.fromtimestamp(events["ts"].max() / 1000, UTC), settings)
     frames = event_frames(events, windows, settings)
-    datasets, snapshots = compare(frames, settings)
+    status, reasons, datasets = judge(frames, settings)
+    assert status == DRIFT
+    detail = evidently_detail(frames, datasets, settings)
     stems = []
     for minute in range(3):
         result = DriftResult(
-            drifted=False,
-            reasons=verdict(datasets),
+            status=status,
+            reasons=reasons,
             windows=windows,
+            sizes=window_sizes(frames),
             datasets=datasets,
             skipped={"candidates": "no trained model"},
             aggregates=aggregates(frames),
             checked_at=(T0 + timedelta(minutes=minute)).isoformat(timespec="milliseconds"),
-            snapshots=snapshots,
+            evidently=detail,
         )
         write_report(result, tmp_path, keep=2)
         assert result.html_path is not None and result.json_path is not None
@@ -78,6 +87,28 @@ def test_the_report_pair_is_written_and_old_pairs_are_pruned(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{s}.{x}" for s in stems[1:] for x in ("html", "json"))
     summary = json.loads(result.json_path.read_text())
     assert summary["html"] == str(result.html_path) and summary["skipped"] == {"candidates": "no trained model"}
+    assert summary["status"] == "drift" and summary["sizes"]["current"]["users"] > 100
     assert {d["name"] for d in summary["datasets"]} == {"events", "users"}
     page = result.html_path.read_text()
-    assert "recflow drift check: no drift" in page and page.count("<iframe") == 2
+    # the verdict first, then the windows as dates and sizes, then the drifted columns; Evidently only for those
+    assert (
+        page.index("Drift check: <span class='drift'>DRIFT") < page.index("<h2>Windows") < page.index("Drifted columns")
+    )
+    assert f"{windows.current_start:%Y-%m-%d %H:%M}" in page and "reference_start" not in page  # dates, not JSON
+    assert page.count("<iframe") == 1 and all(f"{name}.{c.column}" in page for name, c in result.flagged())
+    assert result.html_path.stat().st_size < 5_000_000  # one Evidently report; 3.5 MB of it is Evidently's script
+
+
+def test_a_check_without_drift_writes_a_small_page(tmp_path: Path) -> None:
+    table = generate_events(dataclasses.replace(SHIPPED.generate, seed=4))  # the demo's undrifted data
+    events = drift_frame(table)
+    settings = SHIPPED.replace("drift", permutations=500)
+    windows = drift_windows(datetime.fromtimestamp(events["ts"].max() / 1000, UTC), settings)
+    frames = event_frames(events, windows, settings)
+    status, reasons, datasets = judge(frames, settings)
+    result = DriftResult(
+        status, reasons, windows, window_sizes(frames), datasets, {}, aggregates(frames), T0.isoformat()
+    )
+    write_report(result, tmp_path, keep=2)
+    assert result.html_path is not None and "Drift check: <span class=''>NO DRIFT" in result.html_path.read_text()
+    assert result.html_path.stat().st_size < 20_000

@@ -165,7 +165,7 @@ def test_drift_flow_writes_the_report_pair_and_finds_no_drift_in_one_distributio
     assert result["drifted"] is False, result["reasons"]
     assert {d["name"] for d in result["datasets"]} == {"events", "users", "candidates"}
     html, summary = Path(result["html"]), Path(result["json"])
-    assert html.parent == project / "reports/drift" and html.stat().st_size > 100_000
+    assert html.parent == project / "reports/drift" and html.stat().st_size < 100_000  # no drift: no Evidently detail
     assert summary.exists() and summary.stem == html.stem
     assert "drift-summary" in artifact_keys()
 

@@ -1,6 +1,6 @@
 """The ranker part of the drift check on a trained model: its candidates' features and scores move when the
-events drift and stay put when they do not (held-out seed 7; the thresholds come from seeds 101-106 in
-benchmarks/bench_drift.py --with-model)."""
+events drift and stay put when they do not. Seed 7 is not held out: drift.candidates.min_effect was read from it
+(other seeds: benchmarks/bench_drift.py --with-model)."""
 
 from __future__ import annotations
 

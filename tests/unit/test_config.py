@@ -75,8 +75,8 @@ def test_every_unknown_key_is_named_with_the_keys_that_exist(tmp_path: Path) -> 
         ("features: {half_life_days: -1}", "features.half_life_days must not be negative, got -1"),
         ("selection: {models: [als, magic]}", "selection.models.1 must be"),
         ("features: {split: {test_fraction: 1.0}}", "features.split.test_fraction must be less than 1, got 1.0"),
-        ("drift: {users: {num_method: fast}}", "drift.users.num_method must be jensenshannon, wasserstein,"),
-        ("drift: {events: {drift_share: 0}}", "drift.events.drift_share must be positive, got 0"),
+        ("drift: {users: {min_effect: -1}}", "drift.users.min_effect must not be negative, got -1"),
+        ("drift: {alpha: 0}", "drift.alpha must be"),
         ("eventlog: {stream: null}", "eventlog.stream must be str, got None"),
     ],
 )

@@ -1,18 +1,30 @@
 """The drift check's arithmetic, without running Evidently: windows cut back from the last event, popularity
-buckets, and the aggregates of a tiny event set with known answers. Detection on generated data and the report
-pair (Evidently runs) are in tests/integration/test_drift_detection.py."""
+buckets, the aggregates of a tiny event set with known answers, and the permutation test's behaviour on windows
+whose answer is known (same users' distribution, a planted shift, few users). Detection on generated data and the
+report pair (Evidently runs) are in tests/integration/test_drift_detection.py; on real data in
+tests/model/test_drift_real_data.py."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
 from recflow.config import Settings
 from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID
-from recflow.ops.drift import _popularity_buckets, aggregates, drift_windows, event_frames
+from recflow.ops.drift import (
+    DRIFT,
+    NOT_ENOUGH_DATA,
+    _popularity_buckets,
+    aggregates,
+    drift_windows,
+    event_frames,
+    judge,
+)
+from recflow.ops.drift_stats import permutation_test
 
 from ..factories import drift_frame
 
@@ -60,6 +72,94 @@ def test_new_items_new_users_and_activity_have_known_answers() -> None:
     assert list(cur["new_item"]) == ["no", "yes", "yes"] and list(cur["new_user"]) == ["no", "yes", "yes"]
     assert list(cur["item_popularity"]) == ["pop01", "new", "new"]  # "fresh" drew 2 of the 3 lookback events
     assert sorted(frames["users"][1]["events"]) == [1.0, 2.0]
+    assert list(frames["events"][1].index) == ["u2", "u3", "u3"]  # the unit the permutation null moves
     summary = aggregates(frames)
     assert summary["current"]["share_new_items"] == pytest.approx(2 / 3, abs=1e-4)
     assert summary["reference"]["events_per_user"] == 1.5
+
+
+def clustered_window(
+    rng: np.random.Generator, users: int, *, click_shift: float = 0.0, offset: int = 0
+) -> pd.DataFrame:
+    """Events of `users` users whose tastes differ a lot (so events of one user are not independent draws): each
+    user clicks with their own probability and has their own typical value."""
+    sizes = rng.integers(5, 150, users)
+    user = np.repeat(np.arange(users) + offset, sizes)
+    taste = rng.normal(size=users)[user - offset]
+    click = rng.random(len(user)) < np.clip(0.3 + 0.25 * np.sign(taste) + click_shift, 0, 1)
+    frame = pd.DataFrame({"action": np.where(click, "click", "view"), "value": rng.normal(taste)})
+    return frame.set_index(pd.Index(user.astype(str)))
+
+
+def test_two_random_groups_of_the_same_users_do_not_drift_however_clustered_their_events() -> None:
+    # 45 users a window and ~3,500 events: a chi-square test on events would flag most of these splits
+    rng = np.random.default_rng(0)
+    flagged = 0
+    for seed in range(20):
+        columns = permutation_test(
+            clustered_window(rng, 45),
+            clustered_window(rng, 45, offset=1000),
+            alpha=0.01,
+            min_effect={},
+            permutations=500,
+            bins=16,
+            seed=seed,
+        )
+        flagged += any(c.drifted for c in columns)
+    assert flagged <= 1
+
+
+def test_a_planted_shift_is_flagged_with_its_size_and_the_null_widens_for_few_users() -> None:
+    rng = np.random.default_rng(1)
+    big = permutation_test(
+        clustered_window(rng, 400),
+        clustered_window(rng, 400, click_shift=0.15, offset=1000),
+        alpha=0.01,
+        min_effect={},
+        permutations=500,
+        bins=16,
+        seed=0,
+    )
+    action, value = big
+    assert action.drifted and not value.drifted
+    assert action.score > action.critical and action.p_value < 0.01
+    assert "click" in action.reference and "click" in action.current  # the summaries name what moved
+    small = permutation_test(
+        clustered_window(rng, 20),
+        clustered_window(rng, 20, offset=1000),
+        alpha=0.01,
+        min_effect={},
+        permutations=500,
+        bins=16,
+        seed=0,
+    )
+    assert small[0].null_median > 2 * action.null_median  # fewer users: random splits differ more
+
+
+def test_a_floor_keeps_a_significant_but_negligible_move_from_drifting() -> None:
+    rng = np.random.default_rng(2)
+    reference = clustered_window(rng, 3000)
+    current = clustered_window(rng, 3000, click_shift=0.02, offset=10_000)
+    kwargs = {"alpha": 0.01, "permutations": 300, "bins": 16, "seed": 0}
+    (action, _) = permutation_test(reference, current, min_effect={}, **kwargs)
+    (floored, _) = permutation_test(reference, current, min_effect={"action": 0.03}, **kwargs)
+    assert action.drifted and action.score < 0.03
+    assert not floored.drifted and floored.critical == 0.03
+
+
+def test_windows_with_too_few_users_get_not_enough_data_with_their_sizes_never_drift() -> None:
+    rng = np.random.default_rng(3)
+    reference = clustered_window(rng, 10)
+    current = clustered_window(rng, 10, click_shift=0.5, offset=100)
+    frames = {
+        "events": (reference, current),
+        "users": (
+            reference.groupby(level=0).size().to_frame("events"),
+            current.groupby(level=0).size().to_frame("events"),
+        ),
+    }
+    status, reasons, datasets = judge(frames, Settings())
+    assert status == NOT_ENOUGH_DATA and datasets == []
+    assert "holds 10 users" in reasons[0] and "drift.min_users" in reasons[0]
+    status, reasons, _ = judge(frames, Settings().replace("drift", min_users=5, min_events=10, permutations=300))
+    assert status == DRIFT and reasons[0].startswith("events: action jensenshannon")

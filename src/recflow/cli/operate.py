@@ -150,17 +150,19 @@ def drift_check(
         title=f"drift: current {w.current_start:%Y-%m-%d %H:%M} .. {w.end:%Y-%m-%d %H:%M} UTC "
         f"vs the reference window from {w.reference_start:%Y-%m-%d %H:%M}"
     )
-    for column in ("data set", "rows (ref / cur)", "drifted columns", "share", "drift"):
+    for column in ("data set", "users (ref / cur)", "rows (ref / cur)", "drifted columns (score / needed)", "drift"):
         table.add_column(column)
     for d in result.datasets:
-        names = ", ".join(c.column for c in d.columns if c.drifted) or "-"
-        share = f"{d.share:.2f} (>= {d.drift_share:g} flags)"
+        names = ", ".join(f"{c.column} ({c.score:.3f} / {c.critical:.3f})" for c in d.columns if c.drifted) or "-"
         flag = "[bold red]yes[/]" if d.drifted else "no"
-        table.add_row(d.name, f"{d.reference_rows:,} / {d.current_rows:,}", names, share, flag)
+        users = f"{d.reference_users:,} / {d.current_users:,}"
+        table.add_row(d.name, users, f"{d.reference_rows:,} / {d.current_rows:,}", names, flag)
     out.print(table)
     for name, why in result.skipped.items():
         out.print(f"not compared: {name}: {why}")
-    out.print(f"verdict: {'DRIFT, retrain' if result.drifted else 'no drift'}")
+    for reason in result.reasons if not result.datasets else []:
+        out.print(reason)
+    out.print(f"verdict: {'DRIFT, retrain' if result.drifted else result.status}")
     out.print(f"report: {result.html_path}\nsummary: {result.json_path}")
     if fail_on_drift and result.drifted:
         raise typer.Exit(1)

@@ -5,8 +5,7 @@ Windows, cut back from the store's last event (the data's "now"), lengths in par
     [ lookback | reference window ][ current window ]
                       each window also looks back `lookback_days` before its own start (or end, see below)
 
-Three data sets per window, each compared by Evidently's DataDriftPreset with the methods and thresholds of
-its `drift.<name>` section (a data set drifts when the share of its drifted columns reaches `drift_share`):
+Three data sets per window, each row belonging to one user (the frames' index):
 
 - events (one row per event): the action, the item's popularity bucket (its share of the events in the
   `lookback_days` before the window: pop01 = the items that drew the first 1/buckets of those events, ...,
@@ -15,6 +14,12 @@ its `drift.<name>` section (a data set drifts when the share of its drifted colu
 - candidates (one row per user and candidate): the ranker's features and score for the candidates of active
   users, computed with the trained bundle's own functions (recflow.model.ranker.build_context / candidate_features)
   from the `lookback_days` of events before the window's end. Skipped, with the reason, when no bundle exists.
+
+Each column is tested against a null distribution made by dealing the two windows' users at random into two
+groups of the windows' sizes (recflow.ops.drift_stats), so the verdict holds for a window of 40 users as for one
+of 40,000; a column drifts when it is significant (min-p adjusted p-value below `alpha`, split over the data sets)
+and moved at least its data set's `min_effect`. Windows with fewer than `min_users` users or `min_events` events
+get the verdict "not enough data" with their sizes. Evidently renders the flagged columns (drift_report).
 
 Every aggregate is defined the same way relative to its own window, so two windows of one distribution give
 the same distributions; windows of equal length (the default) keep even the length-dependent ones (new items,
@@ -34,13 +39,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from recflow.config import DriftCheck, Settings
+from recflow.config import Settings
 from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID
 from recflow.errors import EmptyDataError, ModelNotFoundError
+from recflow.ops.drift_stats import ColumnDrift, permutation_test
 
 logger = logging.getLogger(__name__)
 
 EVENTS, USERS, CANDIDATES = "events", "users", "candidates"
+DRIFT, NO_DRIFT, NOT_ENOUGH_DATA = "drift", "no drift", "not enough data"
 SCORE = "ranker_score"
 NEW = "new"
 _DAY_MS = 86_400_000
@@ -58,45 +65,48 @@ class DriftWindows:
 
 
 @dataclass(frozen=True)
-class ColumnDrift:
-    column: str
-    method: str
-    threshold: float
-    score: float
-    drifted: bool
-
-
-@dataclass(frozen=True)
 class DatasetDrift:
     name: str
     reference_rows: int
     current_rows: int
-    drift_share: float  # the data set drifts when this share of its columns drifted
-    share: float  # share of its columns that drifted
-    drifted: bool
+    reference_users: int
+    current_users: int
+    alpha: float  # the data set's share of the check's family-wise false-alarm rate
+    drifted: bool  # any column drifted
     columns: list[ColumnDrift]
 
 
 @dataclass
 class DriftResult:
-    drifted: bool
-    reasons: list[str]  # why it drifted (empty when it did not)
+    status: str  # DRIFT, NO_DRIFT or NOT_ENOUGH_DATA
+    reasons: list[str]  # why drift was flagged, or why there was not enough data (empty: no drift)
     windows: DriftWindows
+    sizes: dict[str, dict[str, int]]  # "reference"/"current" -> {"users": ..., "events": ...}
     datasets: list[DatasetDrift]
     skipped: dict[str, str]  # data set -> why it was not compared
     aggregates: dict[str, dict[str, float]]  # "reference"/"current" -> readable window aggregates
     checked_at: str
     html_path: Path | None = None
     json_path: Path | None = None
-    snapshots: dict[str, Any] = field(default_factory=dict, repr=False)  # data set -> Evidently Snapshot
+    evidently: Any = field(default=None, repr=False)  # Evidently's report of the drifted columns (None: none)
+
+    @property
+    def drifted(self) -> bool:
+        return self.status == DRIFT
+
+    def flagged(self) -> list[tuple[str, ColumnDrift]]:
+        """(data set, column) of every drifted column."""
+        return [(d.name, c) for d in self.datasets for c in d.columns if c.drifted]
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary written next to the HTML report."""
         return {
             "checked_at": self.checked_at,
+            "status": self.status,
             "drifted": self.drifted,
             "reasons": self.reasons,
             "windows": self.windows.as_dict(),
+            "sizes": self.sizes,
             "aggregates": self.aggregates,
             "datasets": [dataclasses.asdict(d) for d in self.datasets],
             "skipped": self.skipped,
@@ -147,7 +157,8 @@ def load_events(store: Path, settings: Settings, *, end: datetime | None = None)
 def event_frames(
     events: pd.DataFrame, windows: DriftWindows, settings: Settings
 ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """{events, users} -> (reference frame, current frame) of the per-event and per-user aggregates."""
+    """{events, users} -> (reference frame, current frame) of the per-event and per-user aggregates; each frame's
+    index is the user of its rows."""
     conf = settings.drift
     lookback_ms = round(conf.lookback_days * _DAY_MS)
     frames: dict[str, list[pd.DataFrame]] = {EVENTS: [], USERS: []}
@@ -156,11 +167,6 @@ def event_frames(
         ts = events["ts"].to_numpy()
         inside = events[(ts >= s) & (ts < e)]
         before = events[(ts >= s - lookback_ms) & (ts < s)]
-        if len(inside) < conf.min_events:
-            raise EmptyDataError(
-                f"the window {start:%Y-%m-%d %H:%M} .. {stop:%Y-%m-%d %H:%M} holds {len(inside)} events, fewer "
-                f"than drift.min_events={conf.min_events}: lengthen drift.*_days or lower drift.min_events"
-            )
         bucket = _popularity_buckets(before[ITEM_ID], conf.popularity_buckets)
         item_bucket = inside[ITEM_ID].map(bucket).astype(object).fillna(NEW)
         seen_users = set(before[USER_ID].unique())
@@ -171,11 +177,13 @@ def event_frames(
                     "item_popularity": item_bucket.to_numpy(),
                     "new_item": np.where(item_bucket.to_numpy() == NEW, "yes", "no"),
                     "new_user": np.where(inside[USER_ID].isin(seen_users).to_numpy(), "no", "yes"),
-                }
+                },
+                index=pd.Index(inside[USER_ID].astype(str).to_numpy(), name=USER_ID),
             )
         )
         per_user = inside.groupby(USER_ID, observed=True).agg(events=(ITEM_ID, "size"), items=(ITEM_ID, "nunique"))
-        frames[USERS].append(per_user.reset_index(drop=True).astype(np.float64))
+        per_user.index = per_user.index.astype(str)
+        frames[USERS].append(per_user.astype(np.float64))
     return {name: (ref, cur) for name, (ref, cur) in frames.items()}
 
 
@@ -193,7 +201,8 @@ def _popularity_buckets(items: pd.Series, buckets: int) -> dict[str, str]:
 def candidate_frames(
     bundle_dir: Path, events: pd.DataFrame, windows: DriftWindows, settings: Settings
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ranker's features and score for the candidates of each window's active users (reference, current).
+    """The ranker's features and score for the candidates of each window's active users (reference, current),
+    indexed by the user.
 
     Each window's feature context is built by recflow.model.ranker from the `lookback_days` of events before the
     window's end, encoded with the bundle's id maps (events of users or items the bundle does not know cannot
@@ -239,71 +248,103 @@ def candidate_frames(
         if len(active) > conf.candidate_users:
             active = np.sort(rng.choice(active, conf.candidate_users, replace=False))
         candidates = bundle.candidate_set(active)
-        X, _, _ = candidate_features(context, active, candidates)
-        frame = pd.DataFrame(X.astype(np.float64), columns=names)
+        X, row_user, _ = candidate_features(context, active, candidates)
+        frame = pd.DataFrame(X.astype(np.float64), columns=names, index=pd.Index(row_user, name=USER_ID))
         if bundle.ranker is not None:
             frame[SCORE] = bundle.ranker.predict(X, num_iteration=bundle.ranker.best_iteration or None)
         out.append(frame)
     return out[0], out[1]
 
 
-def compare(
-    frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Settings
-) -> tuple[list[DatasetDrift], dict[str, Any]]:
-    """Run Evidently's DataDriftPreset (with tests) on each (reference, current) pair; its tests decide."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
-
-    results, snapshots = [], {}
+def compare(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Settings) -> list[DatasetDrift]:
+    """Test every column of each (reference, current) pair against its permutation null (recflow.ops.drift_stats).
+    The check's false-alarm rate `alpha` is split evenly over the data sets."""
+    conf = settings.drift
+    alpha = conf.alpha / max(len(frames), 1)
+    results = []
     for name, (reference, current) in frames.items():
-        check: DriftCheck = getattr(settings.drift, name)
-        reference, current = _sample(reference, settings), _sample(current, settings)
-        categorical = [c for c in reference.columns if reference[c].dtype == object]
-        definition = DataDefinition(
-            numerical_columns=[c for c in reference.columns if c not in categorical], categorical_columns=categorical
+        check = getattr(conf, name)
+        floors = {c: check.per_column_min_effect.get(c, check.min_effect) for c in reference.columns}
+        columns = permutation_test(
+            reference,
+            current,
+            alpha=alpha,
+            min_effect=floors,
+            permutations=conf.permutations,
+            bins=conf.bins,
+            seed=conf.seed,
         )
-        preset = DataDriftPreset(
-            drift_share=check.drift_share,
-            num_method=check.num_method,
-            num_threshold=check.num_threshold,
-            cat_method=check.cat_method,
-            cat_threshold=check.cat_threshold,
-            per_column_threshold=dict(check.per_column_threshold) or None,
-        )
-        snapshot = Report([preset], include_tests=True).run(  # current first, reference second
-            Dataset.from_pandas(current, data_definition=definition),
-            Dataset.from_pandas(reference, data_definition=definition),
-        )
-        results.append(_read_snapshot(name, snapshot.dict(), len(reference), len(current), check))
-        snapshots[name] = snapshot
-    return results, snapshots
+        drifted = any(c.drifted for c in columns)
+        users = (reference.index.nunique(), current.index.nunique())
+        results.append(DatasetDrift(name, len(reference), len(current), *users, round(alpha, 6), drifted, columns))
+    return results
 
 
-def _read_snapshot(name: str, snap: dict[str, Any], n_ref: int, n_cur: int, check: DriftCheck) -> DatasetDrift:
-    scores = {m["config"]["column"]: m for m in snap["metrics"] if m["config"]["type"].endswith(":ValueDrift")}
-    failed = {
-        t["metric_config"]["params"]["column"]: t["status"] == "FAIL" for t in snap["tests"] if t["id"] == "drift"
-    }
-    share_tests = [t for t in snap["tests"] if t["metric_config"]["params"]["type"].endswith(":DriftedColumnsCount")]
-    columns = [
-        ColumnDrift(
-            column=column,
-            method=str(metric["config"]["method"]),
-            threshold=float(metric["config"]["threshold"]),
-            score=float(metric["value"]),
-            drifted=failed[column],
-        )
-        for column, metric in scores.items()
+def evidently_detail(
+    frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], datasets: list[DatasetDrift], settings: Settings
+) -> Any | None:
+    """One Evidently report of ValueDrift for the drifted columns only (named `<data set>.<column>`, each on at most
+    `max_rows` seeded rows per window, shorter columns padded with missing values, which Evidently leaves out), with
+    the same distance and the threshold this check needed. None when no column drifted."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    flagged = [(d.name, c) for d in datasets for c in d.columns if c.drifted]
+    if not flagged:
+        return None
+    windows: tuple[dict[str, pd.Series], dict[str, pd.Series]] = ({}, {})
+    for name, column in flagged:
+        for position, frame in enumerate(frames[name]):
+            windows[position][f"{name}.{column.column}"] = _sample(frame[[column.column]], settings)[column.column]
+    reference, current = (pd.DataFrame(w) for w in windows)
+    names = [f"{name}.{c.column}" for name, c in flagged]
+    categorical = [f"{name}.{c.column}" for name, c in flagged if c.kind == "categorical"]
+    definition = DataDefinition(
+        numerical_columns=[n for n in names if n not in categorical], categorical_columns=categorical
+    )
+    metrics = [
+        ValueDrift(column=label, method=c.method, threshold=_evidently_threshold(c, reference[label], current[label]))
+        for label, (_, c) in zip(names, flagged, strict=True)
     ]
-    share = sum(c.drifted for c in columns) / max(len(columns), 1)
-    drifted = any(t["status"] == "FAIL" for t in share_tests)
-    return DatasetDrift(name, n_ref, n_cur, check.drift_share, round(share, 4), drifted, columns)
+    return Report(metrics).run(  # current first, reference second
+        Dataset.from_pandas(current, data_definition=definition),
+        Dataset.from_pandas(reference, data_definition=definition),
+    )
+
+
+def _evidently_threshold(column: ColumnDrift, reference: pd.Series, current: pd.Series) -> float:
+    """The critical distance in Evidently's units: its Wasserstein is divided by the reference's std, ours by the
+    pooled one's."""
+    if column.kind == "categorical":
+        return column.critical
+    pooled = pd.concat([reference, current]).std(ddof=0)
+    return column.critical * max(float(pooled), 1e-3) / max(float(reference.std(ddof=0)), 1e-3)
 
 
 def _sample(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     if len(frame) <= settings.drift.max_rows:
         return frame.reset_index(drop=True)
     return frame.sample(settings.drift.max_rows, random_state=settings.drift.seed).reset_index(drop=True)
+
+
+def window_sizes(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, dict[str, int]]:
+    """Active users and events of each window."""
+    return {
+        label: {"users": len(frames[USERS][position]), "events": len(frames[EVENTS][position])}
+        for position, label in enumerate(("reference", "current"))
+    }
+
+
+def too_small(sizes: dict[str, dict[str, int]], settings: Settings) -> list[str]:
+    """Why the windows are too small for a verdict (empty: they are large enough)."""
+    conf = settings.drift
+    return [
+        f"the {label} window holds {size['users']:,} users and {size['events']:,} events; a verdict needs at least "
+        f"{conf.min_users:,} users and {conf.min_events:,} events per window (params.yaml drift.min_users, "
+        "drift.min_events): lengthen drift.*_days"
+        for label, size in sizes.items()
+        if size["users"] < conf.min_users or size["events"] < conf.min_events
+    ]
 
 
 def aggregates(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, dict[str, float]]:
@@ -324,14 +365,32 @@ def aggregates(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str
 
 
 def verdict(datasets: list[DatasetDrift]) -> list[str]:
-    """Why drift is flagged: one reason per drifted data set (none: no drift)."""
+    """Why drift is flagged: one reason per drifted data set, naming its drifted columns and how far they moved
+    (none: no drift)."""
     return [
-        f"{d.name}: {sum(c.drifted for c in d.columns)} of {len(d.columns)} columns drifted "
-        f"(share {d.share:.2f} >= {d.drift_share:.2f}): "
-        + ", ".join(f"{c.column} {c.method} {c.score:.3f} vs {c.threshold:g}" for c in d.columns if c.drifted)
+        f"{d.name}: "
+        + "; ".join(
+            f"{c.column} {c.method} {c.score:.3f} (needed {c.critical:.3f}, p={c.p_value:.4f}): "
+            f"{c.reference} -> {c.current}"
+            for c in d.columns
+            if c.drifted
+        )
         for d in datasets
         if d.drifted
     ]
+
+
+def judge(
+    frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Settings
+) -> tuple[str, list[str], list[DatasetDrift]]:
+    """The verdict on compared frames: (status, reasons, data sets); "not enough data" when a window is too small."""
+    reasons = too_small(window_sizes(frames), settings)
+    if reasons:
+        logger.info("drift not judged: %s", "; ".join(reasons))
+        return NOT_ENOUGH_DATA, reasons, []
+    datasets = compare(frames, settings)
+    reasons = verdict(datasets)
+    return (DRIFT if reasons else NO_DRIFT), reasons, datasets
 
 
 def check_drift(settings: Settings, *, root: Path = Path("."), end: datetime | None = None) -> DriftResult:
@@ -347,17 +406,18 @@ def check_drift(settings: Settings, *, root: Path = Path("."), end: datetime | N
     except (ModelNotFoundError, EmptyDataError) as exc:
         skipped[CANDIDATES] = str(exc)
         logger.info("ranker distributions not compared: %s", exc)
-    datasets, snapshots = compare(frames, settings)
-    reasons = verdict(datasets)
+    status, reasons, datasets = judge(frames, settings)
+    detail = evidently_detail(frames, datasets, settings)
     return DriftResult(
-        drifted=bool(reasons),
+        status=status,
         reasons=reasons,
         windows=windows,
+        sizes=window_sizes(frames),
         datasets=datasets,
         skipped=skipped,
         aggregates=aggregates(frames),
         checked_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
-        snapshots=snapshots,
+        evidently=detail,
     )
 
 
