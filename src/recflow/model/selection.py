@@ -244,7 +244,7 @@ def select(
     folds, warnings = make_folds(history, profile, settings)
     trials: dict[str, list[dict[str, Any]]] = {}
     start = ALSParams.from_settings(settings.als)
-    enabled = set(conf.models)
+    enabled: set[str] = set(conf.models)
 
     def tune_truths() -> list[GroundTruth]:
         return [f.part(f.tune_rows) for f in folds]
