@@ -89,7 +89,7 @@ def _record(inbox: Path, identity: tuple[str, int, int]) -> None:
     created = not manifest.exists()
     name, size, mtime_ns = identity
     line = json.dumps({"name": name, "size": size, "mtime_ns": mtime_ns}) + "\n"
-    fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(manifest, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         size_before = os.fstat(fd).st_size
         if size_before and os.pread(fd, 1, size_before - 1) != b"\n":  # a line torn by a crash: end it first

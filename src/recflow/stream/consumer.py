@@ -56,8 +56,16 @@ from recflow.stream.log import FIELD, Entry, EventSource, Lag, encode, open_even
 
 logger = logging.getLogger(__name__)
 
-# not the records' fault: never dead-letter (OSError covers a full disk, permissions, an unreachable folder)
-_ENVIRONMENT_ERRORS = (OSError, MemoryError, CorruptStoreError, duckdb.IOException, duckdb.OutOfMemoryException)
+# not the records' fault: never dead-letter (OSError covers a full disk, permissions, an unreachable folder;
+# RuntimeError the state of the process, e.g. "cannot schedule new futures after interpreter shutdown")
+_ENVIRONMENT_ERRORS = (
+    OSError,
+    MemoryError,
+    RuntimeError,
+    CorruptStoreError,
+    duckdb.IOException,
+    duckdb.OutOfMemoryException,
+)
 _MAX_BACKOFF_SECONDS = 10.0
 
 
