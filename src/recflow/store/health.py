@@ -82,7 +82,7 @@ def reading(files: Sequence[Path | str], store: Path) -> Iterator[None]:
             bad = [(Path(f), p) for f in files if (p := check_file(Path(f))) is not None]
         if not bad:
             raise
-        shown = "; ".join(f"{path}: {problem}" for path, problem in bad[:5])
+        shown = "; ".join(f"{path}: {problem.rstrip('.')}" for path, problem in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise CorruptStoreError(
             f"{len(bad)} file(s) of the event store {store} cannot be read: {shown}{more}. Restore them (dvc "
