@@ -305,3 +305,27 @@ def test_follow_retries_a_fault_of_the_environment_until_it_is_fixed(tmp_path: P
     stop.set()
     thread.join(timeout=30)
     assert (result[0].stored, result[0].dead_lettered) == (100, 0)
+
+
+def test_a_batch_delivered_again_does_not_log_its_rejects_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 12): after re-deliveries the rejected log held 289 lines for 240 rejected records."""
+    from recflow.stream.spool import SpoolLog
+
+    settings = Settings()
+    bad = [{"user_id": f"u{i}", "item_id": "i", "action": "clik", "timestamp": 1_700_000_000} for i in range(40)]
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(100) + bad)
+    ack = SpoolLog.ack
+
+    def crash(self: SpoolLog, entries: object) -> None:
+        raise OSError("killed before the ack")
+
+    monkeypatch.setattr(SpoolLog, "ack", crash)
+    with pytest.raises(OSError, match="killed"):
+        drain(settings, root=tmp_path)
+    monkeypatch.setattr(SpoolLog, "ack", ack)
+    again = drain(settings, root=tmp_path)  # the same batch, delivered a second time
+    assert (again.read, again.duplicate, again.rejected) == (140, 100, 40)
+    lines = [line for f in (tmp_path / "data/rejected").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert len(lines) == 40
