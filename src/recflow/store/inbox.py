@@ -1,11 +1,14 @@
 """The inbox: a folder where event files arrive, each ingested once.
 
 `ingest_inbox` ingests the event files of the inbox that it has not ingested before and records each one, once
-stored, in `<inbox>/.ingested.jsonl` (name, size, modification time; appended and fsynced): a scheduled ingest
-reads only the files that arrived since, so its cost follows the new data, not the inbox's history. A file
-replaced under the same name (another size or time) is ingested again; the store drops the events it already
-holds. A crash between the store commit and the manifest line re-reads that one file, and the store drops it
-all as duplicates. Files are left where they are (the inbox is part of the DVC-tracked data folder).
+stored, in `<inbox>/.ingested.jsonl` (name and size; appended and fsynced): a scheduled ingest reads only the
+files that arrived since, so its cost follows the new data, not the inbox's history. Files are left where they
+are: the inbox and its manifest are part of the DVC-tracked data folder, so the manifest holds nothing that
+differs between machines (no modification times) and the same data step gives the same `data.dvc` on a fresh
+clone. A file is known by its name and size: one replaced under the same name with another size is ingested
+again (the store drops the events it already holds); drop new events under a new name, as producers of an inbox
+do. A crash between the store commit and the manifest line re-reads that one file, and the store drops it all
+as duplicates.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ MANIFEST = ".ingested.jsonl"
 
 
 def pending_files(inbox: Path) -> list[Path]:
-    """The event files of the inbox not ingested yet (or changed since), sorted by name."""
+    """The event files of the inbox not ingested yet (or ingested with another size), sorted by name."""
     inbox = Path(inbox)
     if not inbox.is_dir():
         return []
@@ -56,7 +59,7 @@ def ingest_inbox(
     manifest once it is stored. An empty report when nothing is new."""
     total = IngestReport()
     for path in pending_files(inbox):
-        identity = _identity(path)  # before reading: a file rewritten meanwhile is read again next time
+        identity = _identity(path)  # before reading: a file still growing meanwhile is read again next time
         report = ingest_files([path], store=store, rejected=rejected, settings=settings, now=now)
         _record(Path(inbox), identity)
         if on_file is not None:
@@ -65,12 +68,11 @@ def ingest_inbox(
     return total
 
 
-def _identity(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return path.name, stat.st_size, stat.st_mtime_ns
+def _identity(path: Path) -> tuple[str, int]:
+    return path.name, path.stat().st_size
 
 
-def _ingested(inbox: Path) -> set[tuple[str, int, int]]:
+def _ingested(inbox: Path) -> set[tuple[str, int]]:
     manifest = inbox / MANIFEST
     if not manifest.exists():
         return set()
@@ -78,17 +80,17 @@ def _ingested(inbox: Path) -> set[tuple[str, int, int]]:
     for line in manifest.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
-            done.add((str(entry["name"]), int(entry["size"]), int(entry["mtime_ns"])))
+            done.add((str(entry["name"]), int(entry["size"])))
         except (ValueError, KeyError, TypeError):  # a line torn by a crash: that file is read again
             logger.warning("%s: skipping an unreadable line %r", manifest, line[:80])
     return done
 
 
-def _record(inbox: Path, identity: tuple[str, int, int]) -> None:
+def _record(inbox: Path, identity: tuple[str, int]) -> None:
     manifest = inbox / MANIFEST
     created = not manifest.exists()
-    name, size, mtime_ns = identity
-    line = json.dumps({"name": name, "size": size, "mtime_ns": mtime_ns}) + "\n"
+    name, size = identity
+    line = json.dumps({"name": name, "size": size}) + "\n"
     fd = os.open(manifest, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         size_before = os.fstat(fd).st_size
