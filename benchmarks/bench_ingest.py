@@ -8,7 +8,7 @@ folder, then times, as the median of --repeats runs:
   (b') the same for a CSV without invalid rows (every event stored: the common case)
   (c) recflow ingest_files of the same file again into the filled store (every event a duplicate)
   (d) recflow ingest_files of a small batch of new events into the filled store (dedup reads the
-      event_id column of the whole store, so this shows the per-batch cost of a big store)
+      partitions of the batch's dates; benchmarks/bench_history.py measures a store of 50M)
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_ingest.py --events 2000000 --repeats 3
 """

@@ -13,7 +13,8 @@ from flows.tasks import drain_event_log, ingest_inbox, record_data_version
 @flow(name="ingest", log_prints=True)
 def ingest(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
     """Drain every source into the event store and record the data version. Idempotent: a rerun stores
-    nothing twice (the store skips every event_id it holds).
+    nothing twice (the store skips every event_id it holds) and reads only the inbox files that arrived since
+    (the inbox's manifest). It may run beside `recflow consume --follow`: every writer takes the store's lock.
 
     Args:
         project: the recflow project folder (holds params.yaml, data/, models/).

@@ -51,17 +51,14 @@ def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
 
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_on_io)
 def ingest_inbox(project: str, params: str) -> dict[str, Any]:
-    """Every file in the inbox into the store (store.ingest_files: validation, dedup, rejected log)."""
-    from recflow.store.eventstore import IngestReport, ingest_files
+    """The inbox files that arrived since the last run into the store (store.inbox.ingest_inbox: validation,
+    dedup, rejected log, then each file recorded in the inbox's manifest, so it is not read again)."""
+    from recflow.store.inbox import ingest_inbox as ingest_new
 
     root, settings = settings_of(project, params)
     inbox = root / settings.paths.inbox
-    report = IngestReport()
-    if inbox.is_dir() and any(inbox.iterdir()):
-        paths = settings.paths
-        report = ingest_files(
-            [inbox], store=root / paths.store, rejected=root / paths.rejected, settings=settings.events
-        )
+    paths = settings.paths
+    report = ingest_new(inbox, store=root / paths.store, rejected=root / paths.rejected, settings=settings.events)
     counts = {k: getattr(report, k) for k in ("read", "stored", "duplicate", "rejected")}
     _logger().info("inbox %s: %s", inbox, counts)
     return counts

@@ -8,6 +8,7 @@ RecflowError
 ├── ModelNotFoundError   a stage needs a trained model that is not there
 ├── EventLogUnavailableError  the event log (Redis, the local spool) cannot be reached or opened
 ├── StoreWriteError      the consumer cannot write what it read into the event store (disk, permissions)
+├── CorruptStoreError    files of the event store cannot be read (`recflow store check` names them)
 ├── UserStateUnavailableError  the service's user state (Redis, the local log) cannot be read or written
 ├── NoProductionError   nothing is deployed yet, or nothing to roll back to (the registry)
 ├── RegistryError       the model registry (BentoML model store) is unreadable or inconsistent
@@ -47,6 +48,14 @@ class EventLogUnavailableError(RecflowError):
 
 class StoreWriteError(RecflowError):
     pass
+
+
+class CorruptStoreError(RecflowError):
+    """Store files that cannot be read: not the fault of the records being stored, and waiting does not heal it."""
+
+    def __init__(self, message: str, files: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.files = files
 
 
 class UserStateUnavailableError(RecflowError):

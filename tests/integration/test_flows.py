@@ -109,7 +109,7 @@ def test_ingest_stores_the_inbox_records_a_data_version_and_stores_nothing_twice
     assert first["dvc_md5"] == md5
 
     again = ingest(project=str(project))
-    assert again["stored"] == 0 and again["inbox"]["duplicate"] == first["inbox"]["read"]
+    assert again["stored"] == 0 and again["inbox"]["read"] == 0  # the inbox's manifest: its files are not read again
     assert store_events(project) == first["stored"]
     assert again["store_version"] == first["store_version"]
     assert "ingest-counts" in artifact_keys()

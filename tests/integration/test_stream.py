@@ -271,6 +271,11 @@ def test_publish_and_consume_through_the_cli(tmp_path: Path, server: RedisServer
     assert result.returncode == 0, result.stderr
     assert "published 2 events" in result.stdout and "1 records could not be read" in result.stdout
     assert server.client().xlen(STREAM) == 2
+    rejected = root / "data/rejected"
+    [refused] = [json.loads(line) for f in rejected.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert (refused["code"], refused["raw"], refused["record"]) == ("bad_json", "{broken", 2)  # kept, with its reason
+    assert run(root, "publish", "events.jsonl").returncode == 0  # published again: refused again, logged once
+    assert len(list(rejected.glob("*.jsonl"))) == 1 and server.client().xlen(STREAM) == 4
     result = run(root, "consume")
     assert result.returncode == 0, result.stderr
     assert len(stored_ids(root)) == 2

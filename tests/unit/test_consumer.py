@@ -231,3 +231,101 @@ def test_ingesting_json_lines_from_memory_is_ingesting_the_same_jsonl_file(tmp_p
     assert scan_store(tmp_path / "a").equals(scan_store(tmp_path / "b"))
     [path] = in_memory.rejected_paths
     assert [json.loads(line)["record"] for line in path.read_text().splitlines()] == [6, 7, 8, 9]
+
+
+def corrupt_partition_file(root: Path, day: str) -> Path:
+    path = root / "data" / "events" / f"date={day}" / "part-0123456789abcdef0123456789abcdef.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PAR1 not parquet")
+    return path
+
+
+def test_an_unreadable_store_file_stops_the_consumer_and_dead_letters_nothing(tmp_path: Path) -> None:
+    """Regression (issue 12): a corrupt file in a date partition made `recflow consume` exit 0 and dead-letter
+    every new event of that date."""
+    settings = Settings()
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(1000))  # 2023-11-14 and -15
+    bad = corrupt_partition_file(tmp_path, "2023-11-14")
+    for _ in range(settings.eventlog.max_deliveries + 2):  # never counted as the entries' fault
+        with pytest.raises(StoreWriteError, match=f"cannot be read: {bad}") as caught:
+            drain(settings, root=tmp_path)
+        assert "nothing was dead-lettered or acknowledged" in str(caught.value)
+    assert dead_letters(tmp_path) == [] and not (tmp_path / "data" / "rejected").exists()
+    bad.unlink()
+    report = drain(settings, root=tmp_path)
+    assert (report.read, report.stored, report.dead_lettered) == (1000, 1000, 0)
+
+
+@pytest.mark.parametrize(
+    ("fault", "says"),
+    [
+        (OSError(28, "No space left on device"), "the disk is full"),
+        (PermissionError(13, "Permission denied"), "permission denied"),
+        (MemoryError(), "out of memory"),
+    ],
+)
+def test_faults_of_the_environment_keep_the_entries_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: BaseException, says: str
+) -> None:
+    import recflow.store.eventstore as store_module
+
+    settings = Settings()
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(50))
+    real = store_module._write_file
+
+    def failing(*args: object) -> None:
+        raise fault
+
+    monkeypatch.setattr(store_module, "_write_file", failing)
+    for _ in range(settings.eventlog.max_deliveries + 2):
+        with pytest.raises(StoreWriteError, match=says):
+            drain(settings, root=tmp_path)
+    assert dead_letters(tmp_path) == []
+    monkeypatch.setattr(store_module, "_write_file", real)
+    report = drain(settings, root=tmp_path)
+    assert (report.stored, report.dead_lettered) == (50, 0)
+    assert sorted(stored_ids(tmp_path)) == sorted(f"e{i}" for i in range(50))
+
+
+def test_follow_retries_a_fault_of_the_environment_until_it_is_fixed(tmp_path: Path) -> None:
+    settings = Settings().replace("eventlog", block_ms=100, linger_ms=50)
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(100))
+    bad = corrupt_partition_file(tmp_path, "2023-11-14")
+    stop = threading.Event()
+    result: list[DrainReport] = []
+    thread = threading.Thread(target=lambda: result.append(drain(settings, root=tmp_path, follow=True, stop=stop)))
+    thread.start()
+    time.sleep(1.5)  # it retries meanwhile, with back-off
+    assert list((tmp_path / "data" / "events").glob("date=*/part-*.parquet")) == [bad]
+    assert dead_letters(tmp_path) == []
+    bad.unlink()
+    deadline = time.monotonic() + 30
+    while len(stored_ids(tmp_path)) < 100 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    thread.join(timeout=30)
+    assert (result[0].stored, result[0].dead_lettered) == (100, 0)
+
+
+def test_a_batch_delivered_again_does_not_log_its_rejects_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 12): after re-deliveries the rejected log held 289 lines for 240 rejected records."""
+    from recflow.stream.spool import SpoolLog
+
+    settings = Settings()
+    bad = [{"user_id": f"u{i}", "item_id": "i", "action": "clik", "timestamp": 1_700_000_000} for i in range(40)]
+    open_event_log(settings.eventlog, tmp_path).append(numbered_events(100) + bad)
+    ack = SpoolLog.ack
+
+    def crash(self: SpoolLog, entries: object) -> None:
+        raise OSError("killed before the ack")
+
+    monkeypatch.setattr(SpoolLog, "ack", crash)
+    with pytest.raises(OSError, match="killed"):
+        drain(settings, root=tmp_path)
+    monkeypatch.setattr(SpoolLog, "ack", ack)
+    again = drain(settings, root=tmp_path)  # the same batch, delivered a second time
+    assert (again.read, again.duplicate, again.rejected) == (140, 100, 40)
+    lines = [line for f in (tmp_path / "data/rejected").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert len(lines) == 40

@@ -59,7 +59,9 @@ def store_records(records: list[dict[str, Any]], *, source: str, **kwargs: Any) 
 
 
 def visible_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Every file of a store but its bookkeeping (the writers' lock, the list of files with explicit ids)."""
+    bookkeeping = {root / store_module.LOCK_FILE, root / store_module.EXPLICIT_ID_FILES}
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p not in bookkeeping)
 
 
 def test_same_file_twice_stores_nothing_the_second_time(tmp_path: Path, dirs: dict[str, Path]) -> None:
@@ -109,8 +111,8 @@ def test_dedup_stays_exact_when_different_ids_share_a_hash(
     """Dedup hashes event ids to find the rows that can repeat; a hash collision must not drop an event."""
     unstored = store_module._unstored
 
-    def colliding(ids: pa.ChunkedArray, store: Path) -> tuple[np.ndarray, np.ndarray]:
-        rows, hashes = unstored(ids, store)
+    def colliding(ids: pa.ChunkedArray, stored: list[Path], store: Path) -> tuple[np.ndarray, np.ndarray]:
+        rows, hashes = unstored(ids, stored, store)
         return rows, np.zeros_like(hashes)  # every id gets the same hash
 
     monkeypatch.setattr(store_module, "_unstored", colliding)
@@ -168,7 +170,7 @@ def test_rejected_log_holds_every_rejection(tmp_path: Path, dirs: dict[str, Path
     report = ingest([path], dirs)
     assert report.reasons == {"bad_json": 1, "unknown_action": 1, "empty_id": 1}
     assert report.rejected_path is not None
-    assert re.fullmatch(r"rejected-\d{8}T\d{12}Z-[0-9a-f]{8}\.jsonl", report.rejected_path.name)
+    assert re.fullmatch(r"rejected-\d{8}T\d{12}Z-[0-9a-f]{16}\.jsonl", report.rejected_path.name)
     logged = [json.loads(text) for text in report.rejected_path.read_text().splitlines()]
     assert [(r["source"], r["record"], r["code"]) for r in logged] == [
         (str(path), 2, "bad_json"),

@@ -31,7 +31,8 @@ def print_ingest(report: object) -> None:
     out.print(table)
     if report.rejected:
         reasons = ", ".join(f"{code}: {count:,}" for code, count in sorted(report.reasons.items()))
-        out.print(f"rejected by reason: {reasons}\nrejected records with their reasons: {report.rejected_path}")
+        where = report.rejected_path or "already in the rejected log (each refused record is kept once)"
+        out.print(f"rejected by reason: {reasons}\nrejected records with their reasons: {where}")
 
 
 @app.command()
@@ -122,20 +123,27 @@ def ingest(
     ] = None,
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
-    """Validate events and append them to the event store; duplicates are skipped, bad records logged."""
-    from recflow.store.eventstore import ingest_files
+    """Validate events and append them to the event store; duplicates are skipped, bad records logged. Without
+    paths: the inbox files not ingested before (the inbox's manifest records each one ingested)."""
+    from recflow.store.eventstore import IngestReport, ingest_files
+    from recflow.store.inbox import ingest_inbox, pending_files
 
     settings = load_settings(params)
-    sources = paths or [settings.paths.inbox]
+    conf = settings.paths
+    if not paths and not pending_files(conf.inbox):
+        out.print(f"nothing new in {conf.inbox}: every event file there was ingested before")
+        return
     with steps("ingest") as progress:
         task = progress.add_task("ingesting", total=None, step="")
-        report = ingest_files(
-            sources,
-            store=settings.paths.store,
-            rejected=settings.paths.rejected,
-            settings=settings.events,
-            on_file=lambda path, r: progress.update(task, step=f"{path.name}: {r.stored:,} stored"),
-        )
+        store, rejected, events = conf.store, conf.rejected, settings.events
+
+        def on_file(path: Path, report: IngestReport) -> None:
+            progress.update(task, step=f"{path.name}: {report.stored:,} stored")
+
+        if paths:
+            report = ingest_files(paths, store=store, rejected=rejected, settings=events, on_file=on_file)
+        else:
+            report = ingest_inbox(conf.inbox, store=store, rejected=rejected, settings=events, on_file=on_file)
     print_ingest(report)
 
 

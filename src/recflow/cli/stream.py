@@ -11,6 +11,33 @@ from rich.table import Table
 from recflow.cli.common import ParamsOption, app, out, steps
 from recflow.config import DEFAULT_PARAMS, load_settings
 
+store_app = typer.Typer(help="Look after the event store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("check")
+def store_check(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Read every file of the event store in full and name the ones that cannot be read (exit 1 if any)."""
+    from recflow.store.health import check_store, data_files
+
+    settings = load_settings(params)
+    store = settings.paths.store
+    with steps("store check") as progress:
+        task = progress.add_task(f"reading {store}", total=None, step="")
+        bad = check_store(store, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    files = len(data_files(store))
+    if not bad:
+        out.print(f"{store}: all {files:,} files read in full")
+        return
+    table = Table(title=f"{len(bad):,} of {files:,} files of {store} cannot be read")
+    table.add_column("file")
+    table.add_column("problem")
+    for corrupt in bad:
+        table.add_row(str(corrupt.path), corrupt.problem)
+    out.print(table)
+    out.print("restore them (dvc checkout, a backup) or move them out of the store; the other files stay valid")
+    raise typer.Exit(1)
+
 
 @app.command()
 def publish(
@@ -31,9 +58,16 @@ def publish(
         )
     out.print(f"published {report.published:,} events to {log.where}; next: recflow consume")
     if report.unreadable:
+        from recflow.store.eventstore import record_rejections
+
+        paths = settings.paths
+        kept = record_rejections(report.unreadable, store=paths.store, rejected=paths.rejected)
         shown = "; ".join(f"record {r.record}: {r.reason}" for r in report.unreadable[:3])
         count = len(report.unreadable)
-        out.print(f"[bold yellow]{count:,} records could not be read and were not published:[/] {shown}")
+        out.print(
+            f"[bold yellow]{count:,} records could not be read and were not published:[/] {shown}; "
+            f"each with its reason in {kept or 'the rejected log (kept there before)'}"
+        )
 
 
 @app.command()

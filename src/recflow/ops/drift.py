@@ -125,21 +125,24 @@ def drift_windows(last_event: datetime, settings: Settings) -> DriftWindows:
 def load_events(store: Path, settings: Settings, *, end: datetime | None = None) -> tuple[pd.DataFrame, DriftWindows]:
     """The events the check reads (from the reference window's lookback to `end`, default: the last event),
     as a frame with user_id, item_id, action (categories) and ts (int64 ms), sorted by time."""
-    from recflow.store.eventstore import scan_store, store_summary
+    from recflow.store.eventstore import scan_store, store_span
 
-    summary = store_summary(store)
-    if summary.last is None or summary.first is None:
+    span = store_span(store)  # read from the first and last partitions only
+    if span is None:
         raise EmptyDataError(f"the event store {store} is empty: ingest events first (recflow ingest FILE)")
-    windows = drift_windows(min(end, summary.last) if end else summary.last, settings)
-    if summary.first > windows.lookback_start:
-        days = (windows.end - summary.first).total_seconds() / 86_400
+    first, last = span
+    windows = drift_windows(min(end, last) if end else last, settings)
+    if first > windows.lookback_start:
+        days = (windows.end - first).total_seconds() / 86_400
         conf = settings.drift
         raise EmptyDataError(
             f"the store spans {days:.1f} days, the drift check needs lookback + reference + current = "
             f"{conf.lookback_days:g} + {conf.reference_days:g} + {conf.current_days:g} days "
             "(params.yaml drift.*_days): shorten them or wait for more events"
         )
-    table = scan_store(store, columns=[USER_ID, ITEM_ID, ACTION, TIMESTAMP])
+    table = scan_store(
+        store, columns=[USER_ID, ITEM_ID, ACTION, TIMESTAMP], start=windows.lookback_start, end=windows.end
+    )
     ts = pc.cast(table[TIMESTAMP], "int64")
     start_ms, end_ms = _ms(windows.lookback_start), _ms(windows.end)
     table = table.filter(pc.and_(pc.greater_equal(ts, start_ms), pc.less(ts, end_ms)))

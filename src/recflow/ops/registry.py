@@ -34,7 +34,7 @@ import yaml
 
 from recflow.config import Settings
 from recflow.errors import ModelNotFoundError, NoProductionError, RecflowError, RegistryError
-from recflow.files import atomic_path
+from recflow.files import atomic_path, fsync_tree
 
 if TYPE_CHECKING:  # the model code is imported when needed: rollback and listing stay fast
     from bentoml import Model
@@ -184,6 +184,7 @@ def save_version(
         shutil.copytree(bundle_dir, target / VERSION_BUNDLE)
         shutil.copytree(backtest_dir, target / VERSION_BACKTEST)
         shutil.copy2(metrics_file, target / VERSION_METRICS)
+    fsync_tree(Path(store.get(saved.tag).path))  # BentoML moved the version into its store: survive a power cut
     logger.info("saved %s as %s", bundle_dir, saved.tag)
     return get_version(settings, version, root)
 

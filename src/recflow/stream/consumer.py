@@ -2,11 +2,12 @@
 
 Each batch is handed to `store.ingest_json_lines` as the JSON Lines text of its entries: the same reading,
 validation, dedup by event_id and atomic Parquet write as `recflow ingest` of a .jsonl file, and a rejected
-log with a reason for every record that is not a valid event (`bad_json`, `unknown_action`, ...). It runs
-under an exclusive lock on the store folder (the store's dedup assumes one writer), and the batch is
-acknowledged only after it returned. A crash anywhere re-delivers the unacknowledged entries; the store
-drops the ones already stored, so every event is stored exactly once. Nothing is lost silently: each entry
-read ends as stored, duplicate, rejected (in the rejected log) or dead-lettered (with its reason).
+log with a reason for every record that is not a valid event (`bad_json`, `unknown_action`, ...). The store
+takes its writer lock around each commit, so the consumer may run beside `recflow ingest`, the ingest flow and
+other consumers; the batch is acknowledged only after the store returned. A crash anywhere re-delivers the
+unacknowledged entries; the store drops the ones already stored, so every event is stored exactly once.
+Nothing is lost silently: each entry read ends as stored, duplicate, rejected (in the rejected log) or
+dead-lettered (with its reason).
 
 Poison entries, which the store cannot even be given or which make it fail, go to the dead-letter log
 instead of blocking the rest:
@@ -23,24 +24,25 @@ A drain first re-reads what was delivered before and never acknowledged (its own
 dead consumer's, claimed after `claim_idle_ms`; claims are repeated every `claim_idle_ms`), then new
 entries. With Redis the next batch is read in a thread while the current one is stored (`_ReadAhead`).
 
-Failures that are not the entries' fault (an unwritable store: OSError, DuckDB I/O errors, memory) never
-dead-letter anything: `follow` retries the batch with back-off, otherwise the entries are released (the
-delivery is not counted) and `StoreWriteError` is raised. When the log itself is unreachable (Redis down or
-restarting), `follow` waits and reconnects; pending entries are then re-delivered from the log.
+Only a record the validator rejects (the rejected log) or one that fails alone when isolated (dead-lettered) is
+the records' fault. Failures of the environment never dead-letter, reject or acknowledge anything: unreadable
+store files (`CorruptStoreError`, naming them), out of memory, a full disk (ENOSPC), missing permissions and
+other OSErrors, DuckDB I/O errors. `follow` retries the batch with back-off (up to 10 s apart), logging the
+reason; otherwise the entries are released (the delivery is not counted) and `StoreWriteError` is raised with
+the reason (`recflow consume` exits non-zero). When the log itself is unreachable (Redis down or restarting,
+a connection lost), `follow` waits and reconnects; otherwise EventLogUnavailableError is raised. Pending entries
+stay in the log and are re-delivered.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -48,13 +50,22 @@ from pathlib import Path
 import duckdb
 
 from recflow.config import EventLogSettings, Settings
-from recflow.errors import EventLogUnavailableError, StoreWriteError
+from recflow.errors import CorruptStoreError, EventLogUnavailableError, StoreWriteError
 from recflow.store.eventstore import IngestReport, ingest_json_lines
 from recflow.stream.log import FIELD, Entry, EventSource, Lag, encode, open_event_source
 
 logger = logging.getLogger(__name__)
 
-_ENVIRONMENT_ERRORS = (OSError, MemoryError, duckdb.IOException)  # not the records' fault: never dead-letter
+# not the records' fault: never dead-letter (OSError covers a full disk, permissions, an unreachable folder;
+# RuntimeError the state of the process, e.g. "cannot schedule new futures after interpreter shutdown")
+_ENVIRONMENT_ERRORS = (
+    OSError,
+    MemoryError,
+    RuntimeError,
+    CorruptStoreError,
+    duckdb.IOException,
+    duckdb.OutOfMemoryException,
+)
 _MAX_BACKOFF_SECONDS = 10.0
 
 
@@ -285,12 +296,12 @@ def _process(
             ingest, failed = store_all()
             break
         except _ENVIRONMENT_ERRORS as exc:
-            message = f"storing {len(entries)} events into {target.store} failed: {type(exc).__name__}: {exc}"
+            message = f"storing {len(entries)} events into {target.store} failed: {_fault(exc)}"
             if not follow or stop.is_set():
                 source.release(entries)
                 raise StoreWriteError(
-                    f"{message}; fix the store folder (disk space, permissions) and run "
-                    "`recflow consume` again: the entries stay in the log"
+                    f"{message}; nothing was dead-lettered or acknowledged, the entries stay in {source.where}: "
+                    "fix that and run `recflow consume` again"
                 ) from exc
             logger.error("%s; retrying in %.1f s", message, backoff)
             stop.wait(backoff)
@@ -304,6 +315,20 @@ def _process(
     failed_ids = {entry.id for entry, _ in dead}
     source.ack([entry for entry in entries if entry.id not in failed_ids])
     return ingest, dead
+
+
+def _fault(exc: BaseException) -> str:
+    """What went wrong in the environment, in words that say what to fix."""
+    errno = getattr(exc, "errno", None)
+    if isinstance(exc, CorruptStoreError):
+        return str(exc)
+    if errno == 28:  # ENOSPC
+        return f"the disk is full ({exc}): free space"
+    if isinstance(exc, PermissionError) or errno in (1, 13, 30):  # EPERM, EACCES, EROFS
+        return f"permission denied ({exc}): let this user write the store and rejected folders"
+    if isinstance(exc, MemoryError | duckdb.OutOfMemoryException):
+        return f"out of memory ({type(exc).__name__}: {exc}): lower eventlog.batch_size or free memory"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _one_line(entry: Entry) -> tuple[bytes | None, str]:
@@ -342,24 +367,11 @@ def _store_splitting(
 
 
 def _store(lines: bytes, target: _Target, source: str) -> IngestReport:
-    with _store_lock(target.store):
-        return ingest_json_lines(
-            lines,
-            source=source,
-            store=target.store,
-            rejected=target.rejected,
-            settings=target.settings.events,
-            now=target.now,
-        )
-
-
-@contextmanager
-def _store_lock(store: Path) -> Iterator[None]:
-    """An exclusive lock on the store folder: the store's dedup assumes one writer at a time."""
-    store.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return ingest_json_lines(
+        lines,
+        source=source,
+        store=target.store,
+        rejected=target.rejected,
+        settings=target.settings.events,
+        now=target.now,
+    )

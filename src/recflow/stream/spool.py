@@ -28,7 +28,7 @@ from typing import Any
 
 from recflow.config import EventLogSettings
 from recflow.errors import EventLogUnavailableError
-from recflow.files import atomic_path
+from recflow.files import atomic_path, fsync_dir
 from recflow.stream.log import Entry, Lag, encode
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,11 @@ class SpoolLog:
 
     def ping(self) -> None:
         try:
+            created = not self.path.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
             os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+            if created:  # an append that returned must survive a power cut, the file's name included
+                fsync_dir(self.folder)
         except OSError as exc:
             raise EventLogUnavailableError(
                 f"the spool {self.path} cannot be written ({exc}); check the folder (eventlog.spool) "
@@ -151,10 +154,13 @@ class SpoolLog:
             {"id": e.id, "reason": reason, "deliveries": e.deliveries, "raw": (e.raw or b"").decode("utf-8", "replace")}
             for e, reason in entries
         ]
+        created = not Path(self.dead_letters).exists()
         with Path(self.dead_letters).open("ab") as out:
             out.write(b"".join(encode(line) + b"\n" for line in lines))
             out.flush()
             os.fsync(out.fileno())
+        if created:
+            fsync_dir(self.folder)
         self.ack([e for e, _ in entries])
 
     def release(self, entries: Sequence[Entry]) -> None:
