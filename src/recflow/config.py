@@ -27,7 +27,8 @@ from recflow.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 SPLIT_METHODS = ("auto", "global_time", "per_user", "random")
-MODEL_KINDS = ("popularity", "item_knn", "ease", "als", "als_ranker")
+ModelKind = Literal["popularity", "item_knn", "ease", "als", "als_ranker"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("popularity", "item_knn", "ease", "als", "als_ranker")
 
 T = TypeVar("T")
 
@@ -186,7 +187,7 @@ class CandidateSettings(_Section):
 class SelectionSettings(_Section):
     """What the train stage chooses on validation folds inside the training data (recflow/model/selection.py)."""
 
-    models: tuple[Literal["popularity", "item_knn", "ease", "als", "als_ranker"], ...] = MODEL_KINDS
+    models: tuple[ModelKind, ...] = MODEL_KINDS
     half_lives_days: tuple[NonNegative, ...] = (0.0, 30.0, 180.0)  # decay candidates; 0: no decay
     popularity_windows_days: tuple[NonNegative, ...] = (0.0, 1.0, 7.0, 30.0)  # 0: all time
     ease_lambdas: tuple[Positive, ...] = (10.0, 50.0, 200.0, 1000.0)

@@ -223,9 +223,9 @@ def candidate_frames(
         recent_items=bundle.context.recent_items.shape[1],
     )
     names = feature_names(bundle.actions, bundle.context.windows_days)
-    user_pos = pd.Index(bundle.user_ids).get_indexer(events[USER_ID].astype(str))
-    item_pos = pd.Index(bundle.item_ids).get_indexer(events[ITEM_ID].astype(str))
-    action_pos = pd.Index(list(bundle.actions)).get_indexer(events[ACTION].astype(str))
+    user_pos = pd.Index(bundle.user_ids).get_indexer(pd.Index(events[USER_ID].astype(str)))
+    item_pos = pd.Index(bundle.item_ids).get_indexer(pd.Index(events[ITEM_ID].astype(str)))
+    action_pos = pd.Index(list(bundle.actions)).get_indexer(pd.Index(events[ACTION].astype(str)))
     ts = events["ts"].to_numpy()
     known = (user_pos >= 0) & (item_pos >= 0) & (action_pos >= 0)
     rng = np.random.default_rng(conf.seed)

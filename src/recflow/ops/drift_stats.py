@@ -160,7 +160,7 @@ def _distance(
             gaps = np.diff(positions)
             cdf_gap = np.abs(np.cumsum(p, axis=1) - np.cumsum(q, axis=1))[:, :-1]
             result = (cdf_gap * gaps).sum(axis=1) / max(std, 1e-3)
-    return np.nan_to_num(result, nan=0.0)
+    return np.asarray(np.nan_to_num(result, nan=0.0), dtype=np.float64)
 
 
 def _min_p(observed: np.ndarray, null: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:

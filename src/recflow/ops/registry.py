@@ -359,7 +359,7 @@ def _models(settings: Settings, store: ModelStore) -> list[Model]:
 
 
 def _version(model: Model) -> ModelVersion:
-    meta = model.info.metadata
+    meta: dict[str, Any] = dict(model.info.metadata)  # BentoML types values as any metadata; ours are JSON
     return ModelVersion(
         tag=str(model.tag),
         version=str(model.tag.version),
