@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import pytest
 
 from recflow.config import Settings, load_settings
 from recflow.constants import TIMESTAMP
-from recflow.errors import NoProductionError, RegistryError
+from recflow.errors import ModelNotFoundError, NoProductionError, RegistryError
 from recflow.events.synth import generate_events
 from recflow.model.bundle import ModelBundle
 from recflow.model.evaluate import METRICS_FILE, evaluate
@@ -292,3 +293,27 @@ def test_gate_compares_with_an_older_version_on_the_current_window(tmp_path: Pat
     # wrong id mapping it would score about nothing)
     assert decision.production_score > 0.5 * decision.candidate_score
     assert decision.promoted == (decision.candidate_score >= decision.production_score - settings.registry.tolerance)
+
+
+def test_deploy_refuses_outputs_of_different_trainings_and_names_the_stale_one(
+    project: tuple[Path, Settings], store: Settings, tmp_path: Path
+) -> None:
+    """Regression (issue 12): bundles and metrics were paired by timestamps, so a crash between saves or a `dvc
+    checkout` of one output could deploy a mixed set. One training id ties them; a mismatch is refused."""
+    root, _ = project
+    models = tmp_path / "models"
+    shutil.copytree(store.paths.models, models)
+    ids = {json.loads((models / d / "bundle.json").read_text())["info"]["training_id"] for d in ("bundle", "backtest")}
+    assert len(ids) == 1 and json.loads((models / METRICS_FILE).read_text())["training_id"] in ids
+
+    metrics = json.loads((models / METRICS_FILE).read_text())
+    (models / METRICS_FILE).write_text(json.dumps({**metrics, "training_id": "an-older-training"}))
+    with pytest.raises(ModelNotFoundError, match=r"measures another training.*run `recflow evaluate`"):
+        registry.save_version(models / BUNDLE_DIR, models / METRICS_FILE, store, root=root)
+
+    (models / METRICS_FILE).write_text(json.dumps(metrics))
+    backtest_meta = json.loads((models / "backtest/bundle.json").read_text())
+    backtest_meta["info"]["training_id"] = "an-older-training"
+    (models / "backtest/bundle.json").write_text(json.dumps(backtest_meta))
+    with pytest.raises(ModelNotFoundError, match="come from different trainings"):
+        registry.save_version(models / BUNDLE_DIR, models / METRICS_FILE, store, root=root)

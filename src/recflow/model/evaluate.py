@@ -14,6 +14,7 @@ comes with its number of users and a bootstrap 95% interval, and a warning below
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -58,6 +59,7 @@ class EvaluationReport:
     intervals: dict[str, list[float]] = field(default_factory=dict)  # model -> NDCG@k 95% interval
     served_kind: str = ""
     warnings: list[str] = field(default_factory=list)
+    training_id: str = ""  # of the bundle scored (train writes one id into both bundles)
 
 
 def evaluate(
@@ -72,6 +74,7 @@ def evaluate(
     bundle = ModelBundle.load(models / BACKTEST_DIR)
     _, test = test_window(features)
     report = score_bundle(bundle, ground_truth(test, bundle.history), settings, progress=progress)
+    report = dataclasses.replace(report, training_id=str(bundle.info.get("training_id", "")))
     _write(report, models, reports)
     return report
 
@@ -223,6 +226,7 @@ def _write(report: EvaluationReport, models: Path, reports: Path) -> None:
         "users": report.users,
         "test_users": report.test_users,
         "served_kind": report.served_kind,
+        "training_id": report.training_id,
         "ndcg_ci95": report.intervals,
         "warnings": report.warnings,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     # way the served one is, and no choice behind the evaluated figure saw the test window.
     test = window(inter, SPLIT_TEST, method, cuts)
     trained_at = datetime.now(UTC).isoformat(timespec="seconds")
+    training_id = uuid.uuid4().hex  # one id in both bundles, the report and (by evaluate) metrics.json
     with _timed(seconds, "select backtest", progress):
         test_choices, test_ranker, test_selection = select(test.history, profile, settings, weights, progress)
     with _timed(seconds, "fit backtest", progress):
@@ -99,7 +101,9 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
             ranker=test_ranker,
             warm_start=test_selection.als_start if settings.als.refit_iterations else None,
         )
-        backtest.info.update(window=BACKTEST_DIR, trained_at=trained_at, kind=test_choices.kind)
+        backtest.info.update(
+            window=BACKTEST_DIR, trained_at=trained_at, kind=test_choices.kind, training_id=training_id
+        )
         save_bundle_atomically(backtest, models / BACKTEST_DIR)
     everything = window(inter, PRODUCTION, method, cuts)
     with _timed(seconds, "select", progress):
@@ -114,7 +118,13 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
             ranker=ranker_fit,
             warm_start=selection.als_start if settings.als.refit_iterations else None,
         )
-        bundle.info.update(window=BUNDLE_DIR, trained_at=trained_at, kind=choices.kind, decided=selection.decided)
+        bundle.info.update(
+            window=BUNDLE_DIR,
+            trained_at=trained_at,
+            kind=choices.kind,
+            decided=selection.decided,
+            training_id=training_id,
+        )
         save_bundle_atomically(bundle, models / BUNDLE_DIR)
 
     report = TrainReport(

@@ -151,10 +151,7 @@ def save_version(
             raise ModelNotFoundError(f"no trained model in {folder}: run `recflow train` (or dvc repro) first")
     if not metrics_file.exists():
         raise ModelNotFoundError(f"no metrics in {metrics_file}: run `recflow evaluate` (or dvc repro) first")
-    if metrics_file.stat().st_mtime < (backtest_dir / BUNDLE_FILE).stat().st_mtime:
-        raise ModelNotFoundError(
-            f"{metrics_file} is older than the model in {backtest_dir}: run `recflow evaluate` to measure this training"
-        )
+    _same_training(bundle_dir, backtest_dir, metrics_file)
     store = _model_store(settings, root)
     digest = _content_hash(bundle_dir, backtest_dir, metrics_file)
     for existing in _models(settings, store):
@@ -356,6 +353,28 @@ def _models(settings: Settings, store: ModelStore) -> list[Model]:
         return bentoml.models.list(settings.registry.model_name, _model_store=store)
     except NotFound:
         return []
+
+
+def _same_training(bundle_dir: Path, backtest_dir: Path, metrics_file: Path) -> None:
+    """The deployable bundle, the backtest bundle and metrics.json must come from one `recflow train` (and the
+    `recflow evaluate` of it): their training ids must agree, else the stale output is named."""
+    from recflow.model.bundle import BUNDLE_FILE
+
+    ids = {
+        "deployable": json.loads((bundle_dir / BUNDLE_FILE).read_text())["info"].get("training_id"),
+        "backtest": json.loads((backtest_dir / BUNDLE_FILE).read_text())["info"].get("training_id"),
+        "metrics": json.loads(metrics_file.read_text()).get("training_id"),
+    }
+    if ids["deployable"] != ids["backtest"]:
+        raise ModelNotFoundError(
+            f"{bundle_dir} and {backtest_dir} come from different trainings ({ids['deployable']} vs "
+            f"{ids['backtest']}), e.g. after a crash or a `dvc checkout` of one of them: run `recflow train` again"
+        )
+    if ids["metrics"] != ids["backtest"]:
+        raise ModelNotFoundError(
+            f"{metrics_file} measures another training ({ids['metrics']}) than {backtest_dir} ({ids['backtest']}): "
+            "run `recflow evaluate` to measure this training"
+        )
 
 
 def _version(model: Model) -> ModelVersion:
