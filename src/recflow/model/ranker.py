@@ -64,6 +64,7 @@ def train_ranker(
     settings: RankerSettings,
     *,
     seed: int = 0,
+    weights: np.ndarray | None = None,
 ) -> RankerFit:
     """LambdaRank with early stopping on a held-out 20% of the queries. `query` names each row's query (a user,
     or a user in one window); rows of one query must be contiguous."""
@@ -98,6 +99,7 @@ def train_ranker(
     model.fit(
         X[train_rows],
         labels[train_rows],
+        sample_weight=None if weights is None else weights[train_rows],
         group=sizes[train_q],
         eval_X=X[valid_rows],
         eval_y=labels[valid_rows],

@@ -443,13 +443,23 @@ def _train_ranker(
         recall.append(recall_curve(candidates.items, truth.relevant[: len(users)], (width,))[width])
         X, row_user, row_item = candidate_features(bundle.context, users, candidates)
         labels = grade_labels(fold.window.target, row_user, row_item, grades)
-        parts.append((X, labels, offset + row_user))
+        parts.append((X, labels, offset + row_user, np.full(len(X), fold.protocol, dtype=object)))
         offset += fold.window.history.n_users
-    X, labels, query = (np.concatenate(column) for column in zip(*parts, strict=True))
+    X, labels, query, protocol = (np.concatenate(column) for column in zip(*parts, strict=True))
+    # every protocol weighs the same in the ranker's loss, however many users its folds judge (LightGBM's
+    # lambdarank weighs a query by the sum of its rows' weights)
+    starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]])
+    sizes = np.diff(np.r_[starts, len(query)])
+    query_protocol = protocol[starts]
+    names_, per_protocol = np.unique(query_protocol, return_counts=True)
+    share = dict(zip(names_, len(starts) / (len(names_) * per_protocol), strict=True))
+    row_weights = np.repeat(np.array([share[p] for p in query_protocol]) / sizes, sizes)
     names = feature_names(bundles[0].actions, settings.ranker.popularity_windows_days)
     info: dict[str, Any] = {"candidate_recall": [round(r, 4) for r in recall], "rows": len(X)}
     try:
-        fit = train_ranker(X, labels, query, names, settings.ranker, seed=settings.als.random_state)
+        fit = train_ranker(
+            X, labels, query, names, settings.ranker, seed=settings.als.random_state, weights=row_weights
+        )
     except ValueError as exc:
         info["skipped"] = str(exc)
         return None, info
