@@ -193,7 +193,7 @@ class SelectionSettings(_Section):
     ease_lambdas: tuple[Positive, ...] = (10.0, 50.0, 200.0, 1000.0)
     ease_max_items: NonNegativeInt = 10_000  # EASE's dense item x item matrix: 400 MB of float32 at 10k items
     knn_neighbours: Count = 100
-    min_users: Count = 20  # tuning and selecting users per fold below which the fold is not used (with a warning)
+    min_users: Count = 50  # tuning and selecting users per protocol below which its folds are not used (warning)
     max_users: Count = 5000  # judged users per fold (a fixed random sample above it)
     sample_users: NonNegativeInt = 100_000  # users whose events the choices are made on (0: all users)
     global_folds: Count = 4  # most global-time cuts, each earlier, while they judge fewer than max_users users
