@@ -37,6 +37,7 @@ from recflow.model.metrics import (
     bootstrap_interval,
     ground_truth,
     ndcg_per_user,
+    new_items,
     ranking_metrics,
     recall_curve,
 )
@@ -107,8 +108,7 @@ def evaluate_holdout(
     known = users >= 0
     shape = (bundle.history.shape[0], n_items + len(unknown_items))
     target = sp.csr_matrix((np.ones(int(known.sum()), dtype=np.float32), (users[known], items[known])), shape=shape)
-    had = sp.hstack([bundle.history, sp.csr_matrix((shape[0], len(unknown_items)))]).tocsr()
-    truth = _new_items(target, had)
+    truth = new_items(target, bundle.history)
     warnings = []
     unknown_users = len(set(pc.unique(batch.accepted[USER_ID]).to_pylist()) - set(bundle.user_index))
     if unknown_users:
@@ -118,17 +118,6 @@ def evaluate_holdout(
     if rejected:
         warnings.append(f"{len(rejected)} held-out records rejected by the event contract")
     return score_bundle(bundle, truth, settings, progress=progress, warnings=warnings)
-
-
-def _new_items(target: sp.csr_matrix, history: sp.csr_matrix) -> GroundTruth:
-    target.sum_duplicates()
-    target.data[:] = 1.0
-    had = history.copy()
-    had.data[:] = 1.0
-    new = (target - target.multiply(had)).tocsr()
-    new.eliminate_zeros()
-    users = np.flatnonzero((np.diff(new.indptr) > 0) & (np.diff(history.indptr) > 0))
-    return GroundTruth(users=users, relevant=new[users])
 
 
 def test_window(features: Path) -> tuple[Interactions, Window]:

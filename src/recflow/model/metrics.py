@@ -25,13 +25,20 @@ class GroundTruth:
 
 def ground_truth(win: Window, history: sp.csr_matrix) -> GroundTruth:
     """Users with history and at least one new item in the target window, and those new items."""
-    n_users, n_items = history.shape
     target = sp.csr_matrix(
-        (np.ones(len(win.target), dtype=np.float32), (win.target.user_idx, win.target.item_idx)),
-        shape=(n_users, n_items),
+        (np.ones(len(win.target), dtype=np.float32), (win.target.user_idx, win.target.item_idx)), shape=history.shape
     )
+    return new_items(target, history)
+
+
+def new_items(target: sp.csr_matrix, history: sp.csr_matrix) -> GroundTruth:
+    """Users with history and at least one target item they did not have, and those items (`target` may have
+    more columns than `history`: items the model never saw, relevant and never recommended)."""
+    target = target.tocsr(copy=True)
     target.sum_duplicates()
     target.data[:] = 1.0
+    if target.shape[1] > history.shape[1]:
+        history = sp.hstack([history, sp.csr_matrix((history.shape[0], target.shape[1] - history.shape[1]))]).tocsr()
     had = history.copy()
     had.data[:] = 1.0
     new = (target - target.multiply(had)).tocsr()

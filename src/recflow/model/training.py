@@ -89,43 +89,27 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     test = window(inter, SPLIT_TEST, method, cuts)
     trained_at = datetime.now(UTC).isoformat(timespec="seconds")
     training_id = uuid.uuid4().hex  # one id in both bundles, the report and (by evaluate) metrics.json
-    with _timed(seconds, "select backtest", progress):
-        test_choices, test_ranker, test_selection = select(test.history, profile, settings, weights, progress)
-    with _timed(seconds, "fit backtest", progress):
-        backtest, _ = fit_bundle(
-            test.history,
-            float(test.ref_time.max()),
-            test_choices,
-            settings,
-            weights,
-            ranker=test_ranker,
-            warm_start=test_selection.als_start if settings.als.refit_iterations else None,
-        )
-        backtest.info.update(
-            window=BACKTEST_DIR, trained_at=trained_at, kind=test_choices.kind, training_id=training_id
-        )
-        save_bundle_atomically(backtest, models / BACKTEST_DIR)
     everything = window(inter, PRODUCTION, method, cuts)
-    with _timed(seconds, "select", progress):
-        choices, ranker_fit, selection = select(everything.history, profile, settings, weights, progress)
-    with _timed(seconds, "fit deployable", progress):
-        bundle, _ = fit_bundle(
-            everything.history,
-            float(everything.ref_time.max()),
-            choices,
-            settings,
-            weights,
-            ranker=ranker_fit,
-            warm_start=selection.als_start if settings.als.refit_iterations else None,
-        )
-        bundle.info.update(
-            window=BUNDLE_DIR,
-            trained_at=trained_at,
-            kind=choices.kind,
-            decided=selection.decided,
-            training_id=training_id,
-        )
-        save_bundle_atomically(bundle, models / BUNDLE_DIR)
+    outcomes = {}
+    for directory, win in ((BACKTEST_DIR, test), (BUNDLE_DIR, everything)):
+        with _timed(seconds, f"select {directory}", progress):
+            chosen, ranker, chosen_by = select(win.history, profile, settings, weights, progress)
+        with _timed(seconds, f"fit {directory}", progress):
+            fitted, _ = fit_bundle(
+                win.history,
+                float(win.ref_time.max()),
+                chosen,
+                settings,
+                weights,
+                ranker=ranker,
+                warm_start=chosen_by.als_start if settings.als.refit_iterations else None,
+            )
+            fitted.info.update(window=directory, trained_at=trained_at, kind=chosen.kind, decided=chosen_by.decided,
+                               training_id=training_id)  # fmt: skip
+            save_bundle_atomically(fitted, models / directory)
+        outcomes[directory] = (chosen, ranker, chosen_by)
+    test_choices, _, test_selection = outcomes[BACKTEST_DIR]
+    choices, ranker_fit, selection = outcomes[BUNDLE_DIR]
 
     report = TrainReport(
         kind=choices.kind,
