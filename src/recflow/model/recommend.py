@@ -35,24 +35,30 @@ LAST_EVENT = "last-event"
 FROM_FILE = "column"
 
 
+def _column(path: Path, name: str, hint: str) -> list[object]:
+    """One column of a CSV file, or one key of each object of a JSONL file (lines in order)."""
+    if path.suffix == ".csv":
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={name: "string"}))
+        if name not in table.column_names:
+            raise InputFileError(f"{path} has no {name} column ({hint}; columns: {', '.join(table.column_names)})")
+        return list(table[name].to_pylist())
+    values: list[object] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line)[name])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputFileError(f"{path} line {number}: expected an object with {name} ({exc})") from None
+    return values
+
+
 def read_user_ids(path: Path) -> list[str]:
     """User ids from a text file (one per line), a CSV with a user_id column, or JSONL objects with user_id."""
     if not path.exists():
         raise InputFileError(f"user file {path} does not exist")
-    if path.suffix == ".csv":
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={USER_ID: "string"}))
-        if USER_ID not in table.column_names:
-            raise InputFileError(f"{path} has no {USER_ID} column (columns: {', '.join(table.column_names)})")
-        ids = table[USER_ID].to_pylist()
-    elif path.suffix in (".jsonl", ".json"):
-        ids = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                ids.append(str(json.loads(line)[USER_ID]))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InputFileError(f"{path} line {number}: expected an object with {USER_ID} ({exc})") from None
+    if path.suffix in (".csv", ".jsonl", ".json"):
+        ids = _column(path, USER_ID, "one id per user")
     else:
         ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not ids or any(i is None or i == "" for i in ids):
@@ -80,15 +86,9 @@ def parse_moment(text: str) -> float:
 
 def read_moments(path: Path) -> list[float]:
     """The `as_of` column of a CSV or JSONL users file, in the order of `read_user_ids`."""
-    if path.suffix == ".csv":
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={AS_OF_COLUMN: "string"}))
-        if AS_OF_COLUMN not in table.column_names:
-            raise InputFileError(f"{path} has no {AS_OF_COLUMN} column (--as-of {FROM_FILE} reads one per user)")
-        values = table[AS_OF_COLUMN].to_pylist()
-    elif path.suffix in (".jsonl", ".json"):
-        values = [json.loads(line).get(AS_OF_COLUMN) for line in path.read_text().splitlines() if line.strip()]
-    else:
+    if path.suffix not in (".csv", ".jsonl", ".json"):
         raise InputFileError(f"--as-of {FROM_FILE} needs a CSV or JSONL users file with an {AS_OF_COLUMN} column")
+    values = _column(path, AS_OF_COLUMN, f"--as-of {FROM_FILE} reads one per user")
     if any(v is None or v == "" for v in values):
         raise InputFileError(f"{path}: every user needs an {AS_OF_COLUMN} value")
     return [parse_moment(str(v)) for v in values]
