@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recflow.model.metrics import PAD, hits, ranking_metrics, recall_curve
+from recflow.model.metrics import (
+    PAD,
+    bootstrap_interval,
+    grouped_bootstrap_interval,
+    hits,
+    ranking_metrics,
+    recall_curve,
+)
 
 
 def relevant(rows: list[list[int]], n_items: int = 10) -> sp.csr_matrix:
@@ -48,3 +55,23 @@ def test_recall_curve_is_monotone() -> None:
 def test_too_few_recommendations_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least 20"):
         ranking_metrics(np.zeros((1, 10), dtype=int), relevant([[0]]), k=10, recall_k=20, n_catalogue=10)
+
+
+def test_a_grouped_interval_is_of_the_combined_statistic_not_of_the_pooled_users() -> None:
+    """Two folds of very different size and level, combined with equal weight: the pooled mean (0.9) lies
+    outside the interval of the equal-weight mean (0.5), which must hold it."""
+    small, large = np.zeros(20), np.ones(180)
+    low, high = grouped_bootstrap_interval([small, large], lambda means: float(means.mean()), 200, seed=1)
+    assert low == high == 0.5
+    noisy = np.r_[np.zeros(50), np.ones(50)]
+    low, high = grouped_bootstrap_interval([noisy, large], lambda means: float(means.mean()), 500, seed=1)
+    assert low < 0.75 < high and high < 0.9
+
+
+def test_one_group_is_the_plain_bootstrap_of_the_mean() -> None:
+    values = np.random.default_rng(0).random(300)
+    assert bootstrap_interval(values, 300, seed=2) == grouped_bootstrap_interval(
+        [values], lambda m: float(m[0]), 300, 2
+    )
+    low, high = bootstrap_interval(values, 300, seed=2)
+    assert low < values.mean() < high

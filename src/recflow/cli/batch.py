@@ -241,11 +241,17 @@ def print_train(report: object) -> None:
     )
     out.print(f"validation folds: {folds}")
     table = Table(title="validation NDCG@10 (users nothing was tuned on)")
-    for column in ("model", "NDCG@10", "95% interval", "users"):
+    for column in ("model", "NDCG@10", "95% interval", "coverage@10", "users"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for kind, values in sorted(report.validation.items(), key=lambda kv: -kv[1]["ndcg@10"]):
         low, high = values["ci95"]
-        table.add_row(kind, f"{values['ndcg@10']:.4f}", f"{low:.4f}-{high:.4f}", str(values["users"]))
+        table.add_row(
+            kind,
+            f"{values['ndcg@10']:.4f}",
+            f"{low:.4f}-{high:.4f}",
+            f"{values['coverage@10']:.3f}",
+            str(values["users"]),
+        )
     out.print(table)
     choices = report.choices
     als = ", ".join(f"{k}={v}" for k, v in choices["als"].items() if k != "random_state")

@@ -7,6 +7,7 @@ Relevance is binary: an item the user interacted with in the target window and d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,9 +103,19 @@ def ndcg_per_user(recs: np.ndarray, relevant: sp.csr_matrix, k: int) -> np.ndarr
 
 def bootstrap_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval of the mean over users."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
+    return grouped_bootstrap_interval([np.asarray(values)], lambda means: float(means[0]), resamples, seed)
+
+
+def grouped_bootstrap_interval(
+    samples: Sequence[np.ndarray], combine: Callable[[np.ndarray], float], resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `combine(per-sample means)`: users are resampled within each sample
+    (a validation fold), so the interval is of the same statistic that is reported (e.g. a mean over protocols)."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in samples]
+    if not arrays or any(len(a) == 0 for a in arrays):
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    means = np.array([values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)])
-    return (round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4))
+    stats = np.array(
+        [combine(np.array([a[rng.integers(0, len(a), len(a))].mean() for a in arrays])) for _ in range(resamples)]
+    )
+    return (round(float(np.percentile(stats, 2.5)), 4), round(float(np.percentile(stats, 97.5)), 4))

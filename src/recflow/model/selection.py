@@ -34,7 +34,14 @@ from recflow.model.features import (
     confidence_matrix,
     window,
 )
-from recflow.model.metrics import GroundTruth, bootstrap_interval, ground_truth, ndcg_per_user, recall_curve
+from recflow.model.metrics import (
+    PAD,
+    GroundTruth,
+    ground_truth,
+    grouped_bootstrap_interval,
+    ndcg_per_user,
+    recall_curve,
+)
 from recflow.model.profile import PROTOCOL_GLOBAL, PROTOCOL_USER, DataProfile
 from recflow.model.ranker import RankerFit, action_grades, grade_labels, train_ranker
 from recflow.model.ranker_features import build_context, candidate_features, feature_names
@@ -231,8 +238,14 @@ def _item_item(name: str, matrix: sp.csr_matrix, ease_lambda: float, settings: S
 
 
 def _ndcg(bundle: ModelBundle, truth: GroundTruth, kind: str) -> np.ndarray:
+    return _scored(bundle, truth, kind)[0]
+
+
+def _scored(bundle: ModelBundle, truth: GroundTruth, kind: str) -> tuple[np.ndarray, float]:
+    """NDCG@10 per user, and coverage@10: the share of the catalogue shown to these users in their top 10."""
     recs, _ = bundle.recommend(truth.users, K, kind=kind)
-    return ndcg_per_user(recs, truth.relevant, K)
+    shown = np.unique(recs[recs != PAD])
+    return ndcg_per_user(recs, truth.relevant, K), len(shown) / max(len(bundle.item_ids), 1)
 
 
 def select(
@@ -336,6 +349,7 @@ def select(
         enabled.add(KIND_ALS)  # no ranker (ranker.enabled false, or nothing to learn): its candidates serve
         warnings.append("no ranker could be used, so ALS (the ranker's candidate stage) may serve instead")
     per_kind: dict[str, list[np.ndarray]] = {}
+    coverage: dict[str, list[float]] = {}
     for index, (fold, bundle) in enumerate(zip(folds, bundles, strict=True)):
         truth = fold.part(fold.select_rows)
         for kind in SIMPLICITY:
@@ -349,14 +363,19 @@ def select(
                 if bundle.ranker is None:
                     continue
                 bundle.item_item = None if item_item is None else item_item_fits[item_item][index]
-            per_kind.setdefault(kind, []).append(_ndcg(bundle, truth, kind))
+            ndcg, covered = _scored(bundle, truth, kind)
+            per_kind.setdefault(kind, []).append(ndcg)
+            coverage.setdefault(kind, []).append(covered)
     models: dict[str, dict[str, Any]] = {}
     for kind, values in per_kind.items():
-        pooled = np.concatenate(values)
         models[kind] = {
             "ndcg@10": round(_protocol_mean([v.mean() for v in values], folds), 5),
-            "ci95": bootstrap_interval(pooled, conf.bootstrap, conf.seed),
-            "users": len(pooled),
+            # the interval of the reported statistic (protocol mean of fold means), users resampled within folds
+            "ci95": grouped_bootstrap_interval(
+                values, lambda means: _protocol_mean(list(means), folds), conf.bootstrap, conf.seed
+            ),
+            "coverage@10": round(_protocol_mean(coverage[kind], folds), 4),
+            "users": sum(len(v) for v in values),
             "per_fold": [round(float(v.mean()), 5) for v in values],
         }
     ranked = sorted(models, key=lambda kind: (-models[kind]["ndcg@10"], SIMPLICITY.index(kind)))
