@@ -17,7 +17,7 @@ from recflow.config import EventSettings
 from recflow.events.contract import ValidatedBatch, validate_records
 from recflow.events.parse import parse_timestamps, parse_values, timestamp_of_text, value_of_text
 from recflow.events.rowwise import ROWS_AT_MOST, validate_request, validate_rows
-from recflow.events.rules import FILE_ONLY_CODES, REJECTION_CODES
+from recflow.events.rules import FILE_ONLY_CODES, REJECTION_CODES, oversized_ids
 
 from ..factories import event
 
@@ -148,6 +148,15 @@ def test_a_request_takes_whichever_execution_is_faster_for_its_size() -> None:
         assert as_rows(validate_request(some, settings=SETTINGS, now=NOW)) == as_rows(
             validate_records(some, settings=SETTINGS, now=NOW)
         )
+
+
+def test_an_oversized_id_of_a_request_is_named_with_the_contract_s_reason() -> None:
+    """The service refuses such a request whole (422) with the reason both validators give the event."""
+    record = event(user_id="u" * 257, item_id=10**300, event_id="fine")
+    named = oversized_ids(record, SETTINGS)
+    assert [name for name, _ in named] == ["user_id", "item_id"]
+    assert named[0][1] == validate_rows([record], settings=SETTINGS, now=NOW).rejected[0].reason
+    assert oversized_ids(event(user_id="u" * 256), SETTINGS) == []
 
 
 def test_the_row_wise_validator_needs_an_aware_now() -> None:

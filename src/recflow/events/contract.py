@@ -362,5 +362,7 @@ def _reasons(
             joined[name] = contiguous(cols[name])
         values = joined[name].take(rows[at]).to_pylist()
         code = REJECTION_CODES[c - 1]
-        reasons[at] = [reason(code, name, v, m, settings, now) for v, m in zip(values, ms[at].tolist(), strict=True)]
+        reasons[at] = [
+            reason(code, name, v, settings, ms=m, now=now) for v, m in zip(values, ms[at].tolist(), strict=True)
+        ]
     return reasons.tolist()

@@ -103,7 +103,7 @@ class _Row:
         """The first content rule this record breaks (code, reason), in the order of CONTENT_RULES."""
         for name, code in CONTENT_RULES:
             if _BROKEN[code](self, name):
-                return code, reason(code, name, self.text[name], self.ms, self.settings, now)
+                return code, reason(code, name, self.text[name], self.settings, ms=self.ms, now=now)
         return None
 
     def accept(self, columns: dict[str, list[Any]]) -> None:

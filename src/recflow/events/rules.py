@@ -107,9 +107,11 @@ def too_long(text: str, settings: EventSettings) -> bool:
     return len(text) > settings.max_id_length
 
 
-def reason(code: str, name: str, value: Any, ms: int, settings: EventSettings, now: datetime) -> str:
-    """Why field `name` holding `value` (its text, or a typed column's value) broke the rule `code`; `ms` is its
-    timestamp in epoch ms (read by future_timestamp only)."""
+def reason(
+    code: str, name: str, value: Any, settings: EventSettings, *, ms: int = 0, now: datetime | None = None
+) -> str:
+    """Why field `name` holding `value` (its text, or a typed column's value) broke the rule `code`; `ms` (the
+    record's timestamp in epoch ms) and `now` are read by future_timestamp only."""
     if code == "missing_field":
         return missing_reason(name)
     if code == "wrong_type":
@@ -124,6 +126,8 @@ def reason(code: str, name: str, value: Any, ms: int, settings: EventSettings, n
     if code == "naive_timestamp":
         return f"timestamp {show(value)} has no UTC offset; add Z or +HH:MM (recflow never guesses a timezone)"
     if code == "future_timestamp":
+        if now is None:
+            raise ValueError("the reason of a future_timestamp needs now")
         skew = f"events.max_future_skew_seconds={settings.max_future_skew_seconds:g} (params.yaml)"
         utc_now, moment = now.astimezone(UTC), EPOCH + timedelta(milliseconds=ms)
         ahead = (moment - utc_now).total_seconds()
@@ -135,6 +139,15 @@ def reason(code: str, name: str, value: Any, ms: int, settings: EventSettings, n
         return (f"timestamp {show(value)} is not a date-time; give ISO-8601 with an offset (2024-05-01T12:00:00Z, "
                 "2024-05-01T14:00:00+02:00) or epoch seconds or milliseconds")  # fmt: skip
     raise ValueError(f"{code!r} is not a rule of a record's fields (see CONTENT_RULES and shape_problem)")
+
+
+def oversized_ids(record: Mapping[str, Any], settings: EventSettings) -> list[tuple[str, str]]:
+    """(field, reason) of each id of a decoded record (or request) longer than events.max_id_length; the service
+    refuses such a request whole (422) before any other check."""
+    texts = ((name, as_text(record.get(name))) for name in ID_FIELDS)
+    return [
+        (name, reason("id_too_long", name, text, settings)) for name, text in texts if text and too_long(text, settings)
+    ]
 
 
 def missing_reason(name: str) -> str:
