@@ -4,10 +4,10 @@ the `recent_events` of POST /recommend).
 `validate_rows` answers what `contract.validate_records` answers for the same records (the same accepted rows with
 the same derived event ids, timestamps and values; the same rejections with the same record numbers, codes, reasons
 and raw text), from the one rule set in `recflow.events.rules`, with plain Python per record: no Arrow compute and no
-duckdb query per call. The batch validator pays ~7 ms of fixed cost per call (a duckdb query for the event ids, some
-40 Arrow calls); this one ~10 us per event (benchmarks/bench_validation.py), so
-`validate_request` takes it for up to ROWS_AT_MOST records. Like the batch validator it keeps every
-accepted record, a repeated event included: duplicates are found by event id where events are stored.
+duckdb query per call. The batch validator pays 4-7 ms per call whatever its size (a duckdb query for the event ids,
+some 40 Arrow calls), this one ~10 us per record (benchmarks/bench_validation.py), so `validate_request` takes it for
+up to ROWS_AT_MOST records. Like the batch validator it keeps every accepted record, a repeated event included:
+duplicates are found by event id where events are stored.
 """
 
 from __future__ import annotations
