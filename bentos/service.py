@@ -15,11 +15,10 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
-import functools
 import gc
-import hmac
 import logging
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from recflow.config import ServiceSettings, Settings, load_settings
+from recflow.config import EventSettings, ServiceSettings, Settings, load_settings
 from recflow.errors import RecflowError, UserStateUnavailableError
 from recflow.events.contract import Rejection
+from recflow.events.rules import oversized_ids
 from recflow.ops.registry import ModelVersion, load_production_bundle, production, production_file
 from recflow.serving.bentoml_adapter import Answer, document_answers, use_cancelling_timeout
-from recflow.serving.httpguard import RequestGuard
-from recflow.serving.online import OnlineRecommender
+from recflow.serving.httpguard import RequestGuard, WriteAccess
+from recflow.serving.online import OnlineRecommender, Recommendation
 from recflow.serving.schemas import (
     ErrorBody,
     EventsResponse,
@@ -56,6 +56,10 @@ from recflow.stream.log import open_event_log
 logger = logging.getLogger("recflow.service")
 
 POST_ROUTES = ("/recommend", "/events", "/similar", "/reload")
+WRITE_ROUTES = ("/events", "/reload")  # need the bearer token, or a loopback client in protected mode (httpguard)
+# More recent_events than this are validated and folded in off the event loop; up to it they cost less than the
+# thread hop (row-wise validation: 0.08 ms for one event, ~1.2 ms for 100; benchmarks/bench_validation.py).
+INLINE_RECENT_EVENTS = 32
 
 
 def project_root() -> Path:
@@ -93,6 +97,22 @@ def _error(ctx: bentoml.Context, status: int, message: str, detail: list[dict[st
 def _rejections(field: str, rejected: list[Rejection]) -> list[dict[str, Any]]:
     """The event contract's rejections as error details: where (the event's position), why, and the code."""
     return [{"loc": [field, r.record - 1], "msg": r.reason, "type": r.code} for r in rejected]
+
+
+def _oversized(
+    ctx: bentoml.Context, settings: EventSettings, records: Iterable[tuple[list[str | int], Mapping[str, Any]]]
+) -> JSONResponse | None:
+    """422 naming every id longer than events.max_id_length in these parts of a request (each with its location),
+    before anything else is done with it; None when there is none."""
+    detail = [
+        {"loc": [*loc, name], "msg": why, "type": "id_too_long"}
+        for loc, record in records
+        for name, why in oversized_ids(record, settings)
+    ]
+    if not detail:
+        return None
+    message = f"{len(detail)} id(s) longer than events.max_id_length ({settings.max_id_length}): the request is refused"
+    return _error(ctx, 422, message, detail)
 
 
 def _freeze_heap() -> None:
@@ -134,6 +154,9 @@ class Recommender:
             logger.error("cannot load the production model: %s", exc)
         if self.config.reload_check_seconds > 0:
             threading.Thread(target=self._watch, name="recflow-reload", daemon=True).start()
+        if not self.config.token:
+            who = "loopback clients only" if self.config.protected_mode else "anyone (service.protected_mode: false)"
+            logger.warning("no service.token: POST /events and /reload accept %s", who)
 
     # -- model versions ---------------------------------------------------------------------------------
 
@@ -182,18 +205,6 @@ class Recommender:
                 checks[name] = f"unavailable: {exc}"
         return all(v == "ok" for v in checks.values()), checks
 
-    def _authorized(self, ctx: bentoml.Context) -> JSONResponse | None:
-        token = self.config.token
-        if not token:
-            return None
-        header = ctx.request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            return _error(ctx, 401, "missing bearer token: send `Authorization: Bearer <token>` (service.token)")
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            return _error(ctx, 403, "wrong bearer token")
-        return None
-
     def _live(self, ctx: bentoml.Context) -> Live | JSONResponse:
         if self.live is None:
             return _error(ctx, 503, "no model version is deployed: run `recflow deploy`, then POST /reload")
@@ -207,24 +218,33 @@ class Recommender:
     ) -> RecommendResponse:
         """Top-k items for a user: ALS candidates from the user's (folded-in) vector, reranked; items the user
         had are excluded unless exclude_seen is false. Unknown users without history get popular items."""
+        records = [event.model_dump(exclude_none=True) for event in recent_events]
+        asked = [([], {"user_id": user_id}), *((["recent_events", i], r) for i, r in enumerate(records))]
+        too_long = _oversized(ctx, self.settings.events, asked)
+        if too_long is not None:
+            return too_long  # type: ignore[return-value]
         live = self._live(ctx)
         if isinstance(live, JSONResponse):
             return live  # type: ignore[return-value]
-        recent = []
-        if recent_events:
-            records = [event.model_dump(exclude_none=True) for event in recent_events]
-            recent, rejected = live.recommender.validate_recent(user_id, records)
+        recommender = live.recommender
+
+        def ask() -> Recommendation | list[Rejection]:
+            recent, rejected = recommender.validate_recent(user_id, records) if records else ([], [])
             if rejected:  # rules the schema cannot state (a timestamp in the future)
-                message = f"{len(rejected)} of the recent_events break the event contract"
-                return _error(ctx, 422, message, _rejections("recent_events", rejected))  # type: ignore[return-value]
-        ask = functools.partial(live.recommender.recommend, user_id, k, exclude_seen=exclude_seen, recent=recent)
+                return rejected
+            return recommender.recommend(user_id, k, exclude_seen=exclude_seen, recent=recent)
+
         try:
             # Scoring alone (~2 ms of numpy and LightGBM) runs on the event loop: a thread hop, and the GIL handed
             # back and forth, cost more than they save (p99 at 200 req/s 7.0 -> 4.4 ms). A Redis user state may
-            # wait on the network, and the loop must not, so then it runs in a thread.
-            answer = await run_in_threadpool(ask) if self.config.redis_url else ask()
+            # wait on the network, and the loop must not, so then it runs in a thread; so do many recent_events.
+            off_loop = self.config.redis_url or len(records) > INLINE_RECENT_EVENTS
+            answer = await run_in_threadpool(ask) if off_loop else ask()
         except UserStateUnavailableError as exc:
             return _error(ctx, 503, str(exc))
+        if isinstance(answer, list):
+            message = f"{len(answer)} of the recent_events break the event contract"
+            return _error(ctx, 422, message, _rejections("recent_events", answer))  # type: ignore[return-value]
         items = [ScoredItem(item_id=i, score=s) for i, s in answer.items]
         return RecommendResponse(user_id=user_id, items=items, model_version=live.recommender.version,
                                  strategy=answer.strategy)  # fmt: skip
@@ -233,15 +253,17 @@ class Recommender:
     def events(self, events: list[BaseModel], ctx: bentoml.Context) -> EventsResponse:
         """Validate events with the event store's rules, append the accepted ones to the event log, and fold
         every affected user's vector in. An event that breaks a rule the schema cannot state is listed in
-        `rejected`; 422 when no event was accepted."""
-        denied = self._authorized(ctx)
-        if denied is not None:
-            return denied  # type: ignore[return-value]
+        `rejected`; 422 when no event was accepted, or when an id is longer than events.max_id_length (nothing is
+        kept). The bearer token (or, without one, a loopback client) was checked before the body was read."""
+        records = [event.model_dump(exclude_none=True) for event in events]
+        too_long = _oversized(ctx, self.settings.events, ((["events", i], r) for i, r in enumerate(records)))
+        if too_long is not None:
+            return too_long  # type: ignore[return-value]
         live = self._live(ctx)
         if isinstance(live, JSONResponse):
             return live  # type: ignore[return-value]
         recommender = live.recommender
-        batch = recommender.validate_events([event.model_dump(exclude_none=True) for event in events])
+        batch = recommender.validate_events(records)
         try:
             if batch.accepted.num_rows:  # logged first: what the service keeps, the next training sees
                 accepted = [{k: v for k, v in row.items() if v is not None} for row in batch.accepted.to_pylist()]
@@ -265,6 +287,9 @@ class Recommender:
     @bentoml.api(input_spec=REQUESTS.similar)
     def similar(self, item_id: str, k: int, ctx: bentoml.Context) -> SimilarResponse:
         """The k items most similar to an item (cosine of ALS item factors)."""
+        too_long = _oversized(ctx, self.settings.events, [([], {"item_id": item_id})])
+        if too_long is not None:
+            return too_long  # type: ignore[return-value]
         live = self._live(ctx)
         if isinstance(live, JSONResponse):
             return live  # type: ignore[return-value]
@@ -277,9 +302,6 @@ class Recommender:
     @bentoml.api(input_spec=REQUESTS.empty)
     def reload(self, ctx: bentoml.Context) -> ReloadResponse:
         """Switch to the production version now (the service also checks every service.reload_check_seconds)."""
-        denied = self._authorized(ctx)
-        if denied is not None:
-            return denied  # type: ignore[return-value]
         try:
             return self.reload_production()
         except RecflowError as exc:
@@ -307,11 +329,18 @@ def model_info(service: Any = Depends(bentoml.get_current_service)) -> ModelResp
     )
 
 
-def _body_limit() -> int:
+def _config() -> ServiceSettings:
+    """The running service's settings (params.yaml and the environment); the defaults before it has started."""
     try:
-        return bentoml.get_current_service().config.max_body_bytes
-    except BentoMLException:  # not started yet: the default limit
-        return ServiceSettings().max_body_bytes
+        config: ServiceSettings = bentoml.get_current_service().config
+    except BentoMLException:
+        return ServiceSettings()
+    return config
+
+
+def _write_access() -> WriteAccess:
+    config = _config()
+    return WriteAccess(token=config.token, protected=config.protected_mode)
 
 
 def _readiness() -> tuple[bool, dict[str, str]]:
@@ -322,7 +351,14 @@ def _readiness() -> tuple[bool, dict[str, str]]:
     return service.readiness()
 
 
-Recommender.add_asgi_middleware(RequestGuard, post_routes=POST_ROUTES, limit=_body_limit, readiness=_readiness)
+Recommender.add_asgi_middleware(
+    RequestGuard,
+    post_routes=POST_ROUTES,
+    write_routes=WRITE_ROUTES,
+    access=_write_access,
+    limit=lambda: _config().max_body_bytes,
+    readiness=_readiness,
+)
 use_cancelling_timeout(Recommender)  # BentoML's timeout is swapped in this service's app when it starts, nowhere else
 
 # -- what each operation answers besides 200 (bentos/README.md, "Errors"); every error body is an ErrorBody ----------
@@ -335,28 +371,34 @@ BODY_ANSWERS = {
     500: Answer("an unexpected error (a bug: see the service log)", ErrorBody),
     504: Answer("no answer within traffic.timeout", ErrorBody),
 }
-TOKEN_ANSWERS = {
-    401: Answer("no bearer token, when service.token (or RECFLOW_SERVICE_TOKEN) is set", ErrorBody),
+TOKEN_ANSWERS = {  # checked before the body is read, so they come before 400, 413, 415 and 422
+    401: Answer(
+        "no bearer token, when service.token (or RECFLOW_SERVICE_TOKEN) is set; with none set, a client not on "
+        "loopback while service.protected_mode is true (the error says how to set a token or opt out)",
+        ErrorBody,
+    ),
     403: Answer("a wrong bearer token", ErrorBody),
 }
+TOO_LONG = "an id is longer than events.max_id_length (detail: each one, type id_too_long); the request is refused"
 UNAVAILABLE = "no model version is deployed, or the user state or the event log is unreachable (retry is safe)"
 document_answers(
     Recommender,
     {
         "POST /recommend": {
             **BODY_ANSWERS,
-            422: Answer("a recent event breaks a rule the schema cannot state (detail names it)", ErrorBody),
+            422: Answer(f"{TOO_LONG}; or a recent event breaks a rule the schema cannot state (detail)", ErrorBody),
             503: Answer("no model version is deployed, or the user state is unreachable", ErrorBody),
         },
         "POST /events": {
             **BODY_ANSWERS,
             **TOKEN_ANSWERS,
-            422: Answer("no event was accepted: each breaks a rule the schema cannot state (detail)", ErrorBody),
+            422: Answer(f"{TOO_LONG}; or no event was accepted: each breaks a rule the schema cannot state", ErrorBody),
             503: Answer(UNAVAILABLE, ErrorBody),
         },
         "POST /similar": {
             **BODY_ANSWERS,
             404: Answer("the model does not have this item", ErrorBody),
+            422: Answer(TOO_LONG, ErrorBody),
             503: Answer(NOT_DEPLOYED, ErrorBody),
         },
         "POST /reload": {

@@ -236,8 +236,10 @@ class ServiceSettings(_Section):
     """The HTTP service (bentos/service.py). `token` and `redis_url` may be overridden by the environment
     variables RECFLOW_SERVICE_TOKEN and RECFLOW_SERVICE_REDIS_URL (see `resolved`)."""
 
-    # bearer token required by the write endpoints (/events, /reload); null: open
+    # bearer token required by the write endpoints (/events, /reload); null: see protected_mode
     token: Annotated[str | None, Env("RECFLOW_SERVICE_TOKEN")] = None
+    # without a token, write only from loopback clients (others get 401); false: anyone who reaches the service writes
+    protected_mode: Bool = True
     max_body_bytes: Count = 1_048_576  # larger request bodies are refused with 413
     max_events: Count = 1000  # events per POST /events (and recent_events per /recommend)
     k_max: Int = 200  # the largest k a request may ask for

@@ -55,14 +55,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(root: Path, *, cli: bool = False, extra_env: dict[str, str] | None = None) -> Iterator[httpx.Client]:
-    """`bentoml serve` in root/bentos (or `recflow serve` in root) until the block ends; yields a client once
-    /livez answers."""
+def serving(
+    root: Path, *, cli: bool = False, extra_env: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> Iterator[httpx.Client]:
+    """`bentoml serve` in root/bentos (or `recflow serve` in root) on `host` until the block ends; yields a client
+    (on loopback) once /livez answers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECFLOW_")}
     env.update(BENTOML_HOME=str(root / ".bentoml-home"), BENTOML_DO_NOT_TRACK="True", **(extra_env or {}))
     log = (root / f"serve-{port}.log").open("w")
-    command = [RECFLOW if cli else BENTOML, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [RECFLOW if cli else BENTOML, "serve", "--host", host, "--port", str(port)]
     process = subprocess.Popen(
         command,
         cwd=root if cli else root / "bentos",

@@ -114,6 +114,8 @@ def test_write_endpoints_need_the_token_and_read_endpoints_do_not(client: TestCl
     assert wrong.status_code == 403 and "wrong" in wrong.json()["error"]
     assert client.post("/reload", json={}).status_code == 401
     assert client.post("/recommend", json={"user_id": "u"}).status_code == 200
+    # regression (issue 11): a body the schema forbids got 400 without the token; the caller is checked first
+    assert client.post("/events", json={"events": []}).status_code == 401
 
 
 @pytest.mark.parametrize(
@@ -138,7 +140,13 @@ def test_write_endpoints_need_the_token_and_read_endpoints_do_not(client: TestCl
         # what the schema states (params.yaml's actions and id length, RFC 3339, max_events) refuses the request whole
         ("/events", {"events": [{**EVENT, "user_id": ""}]}, 400, "user_id"),
         ("/events", {"events": [{**EVENT, "user_id": " \u3000"}]}, 400, "blank"),
-        ("/events", {"events": [EVENT, {**EVENT, "item_id": "i" * 257}]}, 400, "at most 256 characters"),
+        # an id over events.max_id_length (which the spec states as maxLength): 422 on every endpoint, refused whole
+        ("/events", {"events": [EVENT, {**EVENT, "item_id": "i" * 257}]}, 422, "item_id has 257 characters"),
+        ("/events", {"events": [{**EVENT, "event_id": "e" * 300}]}, 422, "event_id has 300 characters"),
+        ("/recommend", {"user_id": "u" * 10_000}, 422, "user_id has 10000 characters, more than 256"),
+        ("/recommend", {"user_id": "u", "recent_events": [{"item_id": "i" * 257, "action": "view", "timestamp": 1}]},
+         422, "id_too_long"),
+        ("/similar", {"item_id": "i" * 257}, 422, "events.max_id_length"),
         ("/events", {"events": [EVENT, {**EVENT, "action": "clik"}]}, 400, "add_to_cart"),
         ("/events", {"events": [{**EVENT, "timestamp": "2026-11-24T09:00:00"}]}, 400, "RFC 3339"),
         ("/events", {"events": [{**EVENT, "timestamp": "1795000000"}]}, 400, "RFC 3339"),
@@ -210,7 +218,7 @@ def test_model_readyz_and_openapi_describe_the_service(client: TestClient, proje
     documented = {path: sorted(spec["paths"][path]["post"]["responses"]) for path in ("/events", "/similar")}
     assert documented == {
         "/events": ["200", "400", "401", "403", "413", "415", "422", "500", "503", "504"],
-        "/similar": ["200", "400", "404", "413", "415", "500", "503", "504"],
+        "/similar": ["200", "400", "404", "413", "415", "422", "500", "503", "504"],
     }
     error = spec["paths"]["/events"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert error == {"$ref": "#/components/schemas/ErrorBody"}

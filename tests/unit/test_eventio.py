@@ -15,8 +15,9 @@ import pytest
 from recflow.config import EventSettings, GenerateSettings
 from recflow.constants import EVENT_ID
 from recflow.errors import InputFileError
-from recflow.events.contract import EVENT_SCHEMA, MAX_RAW_CHARS, validate_records, validate_table
+from recflow.events.contract import EVENT_SCHEMA, validate_records, validate_table
 from recflow.events.fileio import read_event_file, write_events
+from recflow.events.rules import MAX_RAW_CHARS
 from recflow.events.synth import generate_events
 
 from ..factories import event

@@ -14,13 +14,8 @@ import pytest
 
 import recflow.events.contract as events_module
 from recflow.config import EventSettings
-from recflow.events.contract import (
-    REJECTION_CODES,
-    STORE_SCHEMA,
-    derive_event_ids,
-    validate_records,
-    validate_table,
-)
+from recflow.events.contract import STORE_SCHEMA, derive_event_ids, validate_records, validate_table
+from recflow.events.rules import REJECTION_CODES
 
 from ..factories import event
 

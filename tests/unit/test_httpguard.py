@@ -1,5 +1,6 @@
-"""The request guard in front of the service: JSON only, bodies within the limit (streamed or declared), the body
-handed on intact, and a /readyz that names what is not ready. The request timeout lets a finished request go."""
+"""The request guard in front of the service: who may write (the bearer token, or protected mode without one) before
+anything else, JSON only, bodies within the limit (streamed or declared), the body handed on intact, and a /readyz
+that names what is not ready. The request timeout lets a finished request go."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from recflow.serving.bentoml_adapter import CancellingTimeoutMiddleware
-from recflow.serving.httpguard import RequestGuard
+from recflow.serving.httpguard import RequestGuard, WriteAccess, is_loopback
 
 with warnings.catch_warnings():
     # starlette 1.x deprecates its httpx-based TestClient in favour of httpx2, which is not installed here
@@ -26,20 +27,26 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 READY = {"value": (True, {"model": "ok"})}
+OPEN = WriteAccess(token=None, protected=False)
+JSON = {"content-type": "application/json"}
+NETWORK = ("192.0.2.7", 50000)  # an address of the documentation range: not this machine
 
 
 async def echo(request: Request) -> JSONResponse:
     return JSONResponse({"length": len(await request.body())})
 
 
-def client() -> TestClient:
+def client(access: WriteAccess = OPEN, address: tuple[str, int] = NETWORK) -> TestClient:
+    routes = [Route(path, echo, methods=["POST"]) for path in ("/echo", "/write", "/other")]
     app = RequestGuard(
-        Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/other", echo, methods=["POST"])]),
-        post_routes=["/echo"],
+        Starlette(routes=routes),
+        post_routes=["/echo", "/write"],
+        write_routes=["/write"],
+        access=lambda: access,
         limit=lambda: 100,
         readiness=lambda: READY["value"],
     )
-    return TestClient(app)
+    return TestClient(app, client=address)
 
 
 def test_a_json_body_within_the_limit_reaches_the_route_intact() -> None:
@@ -59,6 +66,50 @@ def test_other_content_types_and_oversized_bodies_are_refused_with_the_reason() 
 
     streamed = client().post("/echo", content=chunks(), headers={"content-type": "application/json"})
     assert streamed.status_code == 413
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"])
+def test_protected_mode_lets_loopback_clients_write_without_a_token(host: str) -> None:
+    assert is_loopback((host, 1))
+    protected = WriteAccess(token=None, protected=True)
+    assert client(protected, (host, 1)).post("/write", content=b"{}", headers=JSON).status_code == 200
+
+
+@pytest.mark.parametrize("address", [NETWORK, ("10.1.2.3", 1), ("::ffff:10.1.2.3", 1), ("2001:db8::1", 1),
+                                     ("testclient", 50000)])  # fmt: skip
+def test_protected_mode_refuses_a_write_from_the_network_and_says_how_to_allow_it(address: tuple[str, int]) -> None:
+    assert not is_loopback(address)
+    response = client(WriteAccess(token=None, protected=True), address).post("/write", content=b"{}", headers=JSON)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    message = response.json()["error"]
+    for words in ("protected mode", address[0], "service.token", "RECFLOW_SERVICE_TOKEN", "protected_mode: false"):
+        assert words in message
+    assert client(WriteAccess(token=None, protected=True), address).post("/echo", json={}).status_code == 200
+
+
+def test_protected_mode_can_be_turned_off() -> None:
+    assert client(OPEN, NETWORK).post("/write", content=b"{}", headers=JSON).status_code == 200
+
+
+def test_a_token_is_needed_from_everywhere_once_it_is_set() -> None:
+    access = WriteAccess(token="s3cret", protected=True)
+    for address in (NETWORK, ("127.0.0.1", 1)):
+        missing = client(access, address).post("/write", content=b"{}", headers=JSON)
+        assert missing.status_code == 401 and "bearer token" in missing.json()["error"]
+        wrong = client(access, address).post("/write", content=b"{}", headers={**JSON, "authorization": "Bearer x"})
+        assert wrong.status_code == 403
+        right = client(access, address).post(
+            "/write", content=b"{}", headers={**JSON, "authorization": "Bearer s3cret"}
+        )
+        assert right.status_code == 200
+
+
+def test_the_caller_is_checked_before_the_body() -> None:
+    """Regression (issue 11): a bad body without the token got 400 (or 413/415), telling an anonymous caller about the
+    body; now 401 comes first, and the body is not read."""
+    for access in (WriteAccess(token="s3cret", protected=True), WriteAccess(token=None, protected=True)):
+        oversized = client(access).post("/write", content=b"x" * 500, headers={"content-type": "text/plain"})
+        assert oversized.status_code == 401
 
 
 def test_routes_not_guarded_pass_through() -> None:

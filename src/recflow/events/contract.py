@@ -1,37 +1,20 @@
-"""The event contract: the schemas of event tables, record validation, derived event ids.
+"""The event contract's batch execution: the schemas of event tables, whole-column validation, derived event ids.
 
-Every input record ends up exactly once in `ValidatedBatch.accepted` or in `ValidatedBatch.rejected`.
-The checks run in a fixed order and the first failing one names the record's rejection:
-
-1. shape, field by field in FIELD_ORDER: `missing_field` (absent, null, or an empty action/timestamp),
-   `wrong_type` (a list, object or bool where text or a number belongs);
-2. content, field by field in FIELD_ORDER: `empty_id` / `id_too_long` (user_id, item_id), `unknown_action`,
-   `bad_timestamp` / `naive_timestamp` / `future_timestamp`, `bad_value`, `id_too_long` (event_id).
-
-Before those, reading a file (`eventio.read_event_file`) can reject a record as `bad_json`, `not_an_object`
-(JSON lines) or `bad_row` (a CSV row with the wrong number of fields). Unknown extra fields are ignored.
-
-Derived event ids. An event without `event_id` gets
-`"h" + md5(key).hexdigest()[:24]` (96 bits) with the UTF-8 key
-`f"{len(user_id.encode())}:{user_id}\\x1f{len(item_id.encode())}:{item_id}\\x1f{action}\\x1f{ms}\\x1f{bits}"`,
-where `ms` is the UTC timestamp in epoch milliseconds and `bits` is the value's IEEE-754 float64 bit pattern
-as a signed 64-bit decimal (`struct.unpack("<q", struct.pack("<d", value))[0]`), empty when value is null.
-MD5 is a fixed standard, so the id is stable across recflow, pyarrow and duckdb versions, and any client can
-compute it; a replayed event always gets the same id and is stored once.
-
-Reading timestamps and values out of columns of any Arrow type lives in `recflow.events.parse`.
+The rules (their order, codes, reasons and the derived event id) are stated once in `recflow.events.rules`; this
+module applies them to Arrow columns of any type, in slices on all cores, for files of millions of rows, and derives
+event ids in duckdb. `recflow.events.rowwise` applies the same rules to a request's few records without Arrow
+compute or SQL. Reading timestamps and values out of columns of any Arrow type lives in `recflow.events.parse`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from itertools import repeat
 from typing import Any
 
@@ -44,7 +27,6 @@ from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, REQUIRED_COLUMNS, TIMESTAMP, USER_ID, VALUE
 from recflow.events.parse import (
     BAD,
-    EPOCH,
     ID_FIELDS,
     NAIVE,
     TIMESTAMP_TYPE,
@@ -57,6 +39,17 @@ from recflow.events.parse import (
     text_column,
     to_numpy,
     type_allowed,
+)
+from recflow.events.rules import (
+    CONTENT_RULES,
+    FIELD_ORDER,
+    MAX_RAW_CHARS,
+    REJECTION_CODES,
+    as_text,
+    dumps,
+    future_limit_ms,
+    reason,
+    shape_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,25 +75,10 @@ STORE_SCHEMA = pa.schema(
         pa.field(VALUE, pa.float64()),
     ]
 )
-FIELD_ORDER = (USER_ID, ITEM_ID, ACTION, TIMESTAMP, VALUE, EVENT_ID)
 # eventio.read_event_file adds these: the record number of each row and, for JSON, the line as written.
 RECORD_COLUMN = "__record__"
 RAW_COLUMN = "__raw__"
-MAX_RAW_CHARS = 2000
-
-REJECTION_CODES = (
-    "bad_json", "not_an_object", "bad_row", "missing_field", "wrong_type", "empty_id", "id_too_long",
-    "unknown_action", "bad_timestamp", "naive_timestamp", "future_timestamp", "bad_value",
-)  # fmt: skip
 _CODE = {name: i + 1 for i, name in enumerate(REJECTION_CODES)}
-_EXPECTED = {
-    USER_ID: "a string (or an integer)",
-    ITEM_ID: "a string (or an integer)",
-    EVENT_ID: "a string (or an integer)",
-    ACTION: "a string",
-    TIMESTAMP: "an ISO-8601 string with offset or a number of epoch seconds/milliseconds",
-    VALUE: "a number or null",
-}
 _SLICE = 1 << 18  # rows checked per task; slices run on all cores
 _INLINE_ROWS = 10_000  # smaller batches are checked without a thread pool
 _DUCKDB: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (pid, database), see duckdb_cursor
@@ -164,7 +142,7 @@ def validate_records(
         source=source,
         now=now,
         records=np.asarray(table[RECORD_COLUMN].to_numpy(), dtype=np.int64),
-        raw_of=lambda rows: [_dumps(records[kept[i]]) for i in rows],
+        raw_of=lambda rows: [dumps(records[kept[i]]) for i in rows],
     )
     batch.rejected = sorted(rejected + batch.rejected, key=lambda r: r.record)
     return batch
@@ -227,43 +205,19 @@ def records_table(
     rejected: list[Rejection] = []
     kept: list[int] = []
     for position, (number, record) in enumerate(zip(numbers, records, strict=True)):
-        problem = _shape_problem(record)
+        problem = shape_problem(record)
         if problem is None:
             kept.append(position)
             for name in FIELD_ORDER:
-                columns[name].append(_as_text(record.get(name)))
+                columns[name].append(as_text(record.get(name)))
             continue
-        raw = raws[number] if raws is not None else _dumps(record)
+        raw = raws[number] if raws is not None else dumps(record)
         rejected.append(Rejection(source, number, problem[0], problem[1], raw[:MAX_RAW_CHARS]))
     table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
     table = table.append_column(RECORD_COLUMN, pa.array([numbers[i] for i in kept], pa.int64()))
     if raws is not None:
         table = table.append_column(RAW_COLUMN, pa.array([raws[numbers[i]] for i in kept], pa.string()))
     return table, rejected, kept
-
-
-def _shape_problem(record: Any) -> tuple[str, str] | None:
-    if not isinstance(record, Mapping):
-        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(record), "number")
-        return "not_an_object", f"record is a JSON {kind}, not an object; send one object per event"
-    for name in FIELD_ORDER:
-        value = record.get(name)
-        if value is None or (value == "" and name in (ACTION, TIMESTAMP)):
-            if name in REQUIRED_COLUMNS:
-                return "missing_field", _missing_reason(name)
-            continue
-        if isinstance(value, str):
-            continue
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and (name in (TIMESTAMP, VALUE) or (name in ID_FIELDS and isinstance(value, int)))):
-            return "wrong_type", _wrong_type_reason(name, value)
-    return None
-
-
-def _as_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return repr(float(value)) if isinstance(value, float) else str(value)
 
 
 # -- validation ------------------------------------------------------------------------------------------
@@ -283,7 +237,7 @@ def _validate(
         raise ValueError("now must be timezone-aware, e.g. datetime.now(UTC)")
     n = table.num_rows
     cols = {name: plain(table[name]) if name in table.column_names else pa.nulls(n) for name in FIELD_ORDER}
-    limit_ms = (now - EPOCH) // timedelta(milliseconds=1) + int(settings.max_future_skew_seconds * 1000)
+    limit_ms = future_limit_ms(now, settings)
 
     def check(start: int) -> _Checked:
         part = {name: col.slice(start, _SLICE) for name, col in cols.items()}
@@ -358,24 +312,22 @@ def _check_rows(
         if name in REQUIRED_COLUMNS:
             empty = to_numpy(pc.equal(col, "")) if name in (ACTION, TIMESTAMP) and is_text(col.type) else False
             fail(to_numpy(pc.is_null(col)) | empty, name, "missing_field")
-    for name in (USER_ID, ITEM_ID):  # 2. content
-        text = text_column(cols[name])
-        length = pc.utf8_length(text)
-        fail(to_numpy(pc.or_(pc.equal(length, 0), pc.utf8_is_space(text))), name, "empty_id")
-        fail(to_numpy(pc.greater(length, settings.max_id_length)), name, "id_too_long")
-    actions = pa.array(list(settings.actions), pa.string())
-    fail(~to_numpy(pc.is_in(text_column(cols[ACTION]), value_set=actions)), ACTION, "unknown_action")
+    texts = {name: text_column(cols[name]) for name in ID_FIELDS}
+    lengths = {name: pc.utf8_length(text) for name, text in texts.items()}
     ms, status = parse_timestamps(cols[TIMESTAMP])
-    fail(status == BAD, TIMESTAMP, "bad_timestamp")
-    fail(status == NAIVE, TIMESTAMP, "naive_timestamp")
-    fail(ms > limit_ms, TIMESTAMP, "future_timestamp")
     values, no_value = parse_values(cols[VALUE])
-    fail(~no_value & ~np.isfinite(values), VALUE, "bad_value")
-    fail(
-        to_numpy(pc.greater(pc.utf8_length(text_column(cols[EVENT_ID])), settings.max_id_length)),
-        EVENT_ID,
-        "id_too_long",
-    )
+    actions = pa.array(list(settings.actions), pa.string())
+    broken: dict[str, Callable[[str], np.ndarray]] = {  # 2. content: each rule of CONTENT_RULES over a column
+        "empty_id": lambda name: to_numpy(pc.or_(pc.equal(lengths[name], 0), pc.utf8_is_space(texts[name]))),
+        "id_too_long": lambda name: to_numpy(pc.greater(lengths[name], settings.max_id_length)),
+        "unknown_action": lambda name: ~to_numpy(pc.is_in(text_column(cols[name]), value_set=actions)),
+        "bad_timestamp": lambda name: status == BAD,
+        "naive_timestamp": lambda name: status == NAIVE,
+        "future_timestamp": lambda name: ms > limit_ms,
+        "bad_value": lambda name: ~no_value & ~np.isfinite(values),
+    }
+    for name, rule in CONTENT_RULES:
+        fail(broken[rule](name), name, rule)
     return code, field, ms, values, no_value
 
 
@@ -409,59 +361,8 @@ def _reasons(
         if name not in joined:
             joined[name] = contiguous(cols[name])
         values = joined[name].take(rows[at]).to_pylist()
-        reasons[at] = _reason_texts(REJECTION_CODES[c - 1], name, values, ms[at], settings, now)
+        code = REJECTION_CODES[c - 1]
+        reasons[at] = [
+            reason(code, name, v, settings, ms=m, now=now) for v, m in zip(values, ms[at].tolist(), strict=True)
+        ]
     return reasons.tolist()
-
-
-def _reason_texts(
-    code: str, name: str, values: list[Any], ms: np.ndarray, settings: EventSettings, now: datetime
-) -> list[str]:
-    if code == "missing_field":
-        return [_missing_reason(name)] * len(values)
-    if code == "wrong_type":
-        return [_wrong_type_reason(name, value) for value in values]
-    if code == "empty_id":
-        return [f"{name} is empty or blank; give a non-empty id"] * len(values)
-    if code == "id_too_long":
-        limit = f"more than {settings.max_id_length} (params.yaml: events.max_id_length)"
-        return [f"{name} has {len(str(value))} characters, {limit}: {_show(value)}" for value in values]
-    if code == "unknown_action":
-        known = f"is not one of {', '.join(settings.actions)} (params.yaml: events.actions)"
-        return [f"action {_show(value)} {known}" for value in values]
-    if code == "naive_timestamp":
-        fix = "has no UTC offset; add Z or +HH:MM (recflow never guesses a timezone)"
-        return [f"timestamp {_show(value)} {fix}" for value in values]
-    if code == "future_timestamp":
-        skew = f"events.max_future_skew_seconds={settings.max_future_skew_seconds:g} (params.yaml)"
-        utc_now = now.astimezone(UTC)
-        texts = []
-        for value, moment in zip(values, (EPOCH + timedelta(milliseconds=m) for m in ms.tolist()), strict=True):
-            ahead = (moment - utc_now).total_seconds()
-            texts.append(f"timestamp {_show(value)} ({moment.isoformat()}) is {ahead:.0f} s after now "
-                         f"({utc_now.isoformat()}), more than {skew}; check the sender's clock")  # fmt: skip
-        return texts
-    if code == "bad_value":
-        fix = "is not a finite number; give a number (rating, quantity, seconds) or leave it out"
-        return [f"value {_show(value)} {fix}" for value in values]
-    fix = (
-        "is not a date-time; give ISO-8601 with an offset (2024-05-01T12:00:00Z, 2024-05-01T14:00:00+02:00) "
-        "or epoch seconds or milliseconds"
-    )
-    return [f"timestamp {_show(value)} {fix}" for value in values]
-
-
-def _missing_reason(name: str) -> str:
-    return f"{name} is missing; every event needs {', '.join(REQUIRED_COLUMNS)}"
-
-
-def _wrong_type_reason(name: str, value: Any) -> str:
-    return f"{name} must be {_EXPECTED[name]}, got {type(value).__name__} {_show(value)}"
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _dumps(record: Any) -> str:
-    return json.dumps(record, ensure_ascii=False, default=str)[:MAX_RAW_CHARS]

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 
 from recflow.constants import EVENT_ID, REQUIRED_COLUMNS, TIMESTAMP, VALUE
 from recflow.errors import InputFileError
-from recflow.events.contract import FIELD_ORDER, MAX_RAW_CHARS, RAW_COLUMN, RECORD_COLUMN, Rejection, records_table
+from recflow.events.contract import RAW_COLUMN, RECORD_COLUMN, Rejection, records_table
+from recflow.events.rules import FIELD_ORDER, MAX_RAW_CHARS
 from recflow.files import atomic_path
 
 logger = logging.getLogger(__name__)

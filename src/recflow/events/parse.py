@@ -1,10 +1,13 @@
 """Reading the event contract's columns from Arrow data of any type: timestamps to UTC epoch milliseconds and values
 to floats, each row with a status, and the small Arrow-to-numpy helpers the validation (`recflow.events.contract`) uses.
 Vectorised: a batch of a million rows is parsed without a Python loop, except for the odd ISO-8601 string that
-pyarrow rejects."""
+pyarrow rejects. `timestamp_of_text` and `value_of_text` read one string the same way, for the row-wise validation
+(`recflow.events.rowwise`); tests/unit/test_rowwise.py holds them to the columns' results."""
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +27,8 @@ MIN_MS = (datetime(1, 1, 2, tzinfo=UTC) - EPOCH) // timedelta(milliseconds=1)
 MAX_MS = (datetime(9999, 12, 31, tzinfo=UTC) - EPOCH) // timedelta(milliseconds=1)
 OK, BAD, NAIVE = 0, 1, 2  # a timestamp's status: parsed, unreadable, without an offset
 ID_FIELDS = (USER_ID, ITEM_ID, EVENT_ID)
+# the same patterns for one string: \d is ASCII in pyarrow's RE2, and fullmatch leaves no "$ before a newline"
+_ISO_OFFSET, _ISO_NAIVE, _NUMBER = (re.compile(p, re.ASCII).fullmatch for p in (ISO_OFFSET, ISO_NAIVE, NUMBER))
 
 
 def type_allowed(name: str, kind: pa.DataType) -> bool:
@@ -115,15 +120,49 @@ def cast_iso(strings: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarra
         except pa.ArrowInvalid:
             pass
         for i, text in enumerate(block.to_pylist(), start):
-            try:
-                moment = datetime.fromisoformat(text)
-            except ValueError:
-                moment = None
-            if moment is None or moment.tzinfo is None:
-                ok[i] = False
-            else:
-                ms[i] = (moment - EPOCH) // timedelta(milliseconds=1)
+            parsed = iso_ms(text)
+            ok[i] = parsed is not None
+            ms[i] = parsed or 0
     return ms, ok
+
+
+def iso_ms(text: str) -> int | None:
+    """Epoch milliseconds of an ISO-8601 string with an offset (Python's reading, which agrees with pyarrow's wherever
+    pyarrow reads one and also takes more than 3 decimals), None when it is not one."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return None if moment.tzinfo is None else (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+def timestamp_of_text(text: str) -> tuple[int, int]:
+    """`parse_timestamps` of one non-empty string: (epoch ms, status), without Arrow."""
+    if _ISO_OFFSET(text):
+        ms = iso_ms(text)
+        ms, status = (0, BAD) if ms is None else (ms, OK)
+    elif _ISO_NAIVE(text):
+        return 0, NAIVE
+    elif _NUMBER(text):  # digits alone, too
+        ms, status = epoch_ms_of(float(text))
+    else:
+        return 0, BAD
+    return (ms, status) if status != OK or MIN_MS <= ms <= MAX_MS else (ms, BAD)
+
+
+def epoch_ms_of(x: float) -> tuple[int, int]:
+    """`epoch_ms` of one number."""
+    ms = x if abs(x) > MS_ABOVE else x * 1000.0
+    if not math.isfinite(ms) or not MIN_MS <= round(ms) <= MAX_MS:
+        return 0, BAD
+    return round(ms), OK
+
+
+def value_of_text(text: str) -> float | None:
+    """`parse_values` of one string: None when absent (""), NaN when it is not a number."""
+    if not text:
+        return None
+    return float(text) if _NUMBER(text) else math.nan
 
 
 def parse_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,21 @@
-"""ASGI middleware in front of the HTTP service (bentos/service.py): JSON-only request bodies within a size limit
-on the API routes, answered with 415 / 413 that name the problem instead of a parser error deep in the framework,
-and a /readyz whose JSON body says which part is not ready. Plain ASGI (starlette): the request timeout that
-replaces BentoML's own is in `recflow.serving.bentoml_adapter`."""
+"""ASGI middleware in front of the HTTP service (bentos/service.py): who may write, JSON-only request bodies within
+a size limit on the API routes, and a /readyz whose JSON body says which part is not ready. Plain ASGI (starlette):
+the request timeout that replaces BentoML's own is in `recflow.serving.bentoml_adapter`.
+
+On the write routes the caller is checked first, before the body is read, so 401 / 403 come before 415 / 413 and
+the service's 400 / 422: the bearer token when one is set (`service.token`), else protected mode (as Redis has it):
+only loopback clients (127.0.0.0/8, ::1) may write, anyone else gets 401 saying how to set a token or opt out
+(`service.protected_mode: false`). The client address is the one the server gives the app: uvicorn (BentoML's
+server) takes it from X-Forwarded-For only when the connection comes from loopback, so a reverse proxy on the same
+machine must send that header, or every client it forwards looks local.
+"""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
@@ -14,15 +24,69 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 Readiness = Callable[[], tuple[bool, dict[str, str]]]
 
 
+@dataclass(frozen=True)
+class WriteAccess:
+    """Who may call the write routes: `token` is the bearer token they need (None: none is set), and without one
+    `protected` lets only loopback clients write (params.yaml: service.token, service.protected_mode)."""
+
+    token: str | None
+    protected: bool
+
+
+def is_loopback(client: tuple[str, int] | None) -> bool:
+    """Whether an ASGI client address is this machine's loopback (127.0.0.0/8, ::1, or ::ffff:127.x.y.z)."""
+    if client is None:
+        return False
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:  # a host name, or no address at all (a UNIX socket): not known to be local
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def write_denied(
+    access: WriteAccess, path: str, client: tuple[str, int] | None, authorization: str
+) -> tuple[int, str] | None:
+    """The status and reason refusing a write to `path` by `client` with this Authorization header, or None."""
+    if access.token:
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return 401, "missing bearer token: send `Authorization: Bearer <token>` (service.token)"
+        if not hmac.compare_digest(given.strip().encode(), access.token.encode()):
+            return 403, "wrong bearer token"
+        return None
+    if access.protected and not is_loopback(client):
+        host = client[0] if client else "an unknown address"
+        return 401, (
+            f"protected mode: no token is set, so {path} accepts requests from this machine only (loopback), and this "
+            f"one came from {host}. Set a token (service.token in params.yaml, or the environment variable "
+            "RECFLOW_SERVICE_TOKEN), restart, and send `Authorization: Bearer <token>`; or, to let anyone who reaches "
+            "the service write without one, set service.protected_mode: false"
+        )
+    return None
+
+
 class RequestGuard:
-    """`limit()` gives the largest body in bytes, `readiness()` whether the service is ready and each part's
-    state; both are asked per request, so they may read settings that exist only once the service started."""
+    """`post_routes` take JSON bodies, `write_routes` (some of them) need `access()`; `limit()` gives the largest
+    body in bytes, `readiness()` whether the service is ready and each part's state. The callables are asked per
+    request, so they may read settings that exist only once the service started."""
 
     def __init__(
-        self, app: ASGIApp, *, post_routes: Sequence[str], limit: Callable[[], int], readiness: Readiness
+        self,
+        app: ASGIApp,
+        *,
+        post_routes: Sequence[str],
+        write_routes: Sequence[str],
+        access: Callable[[], WriteAccess],
+        limit: Callable[[], int],
+        readiness: Readiness,
     ) -> None:
         self.app = app
         self.post_routes = frozenset(post_routes)
+        self.write_routes = frozenset(write_routes)
+        self.access = access
         self.limit = limit
         self.readiness = readiness
 
@@ -38,6 +102,13 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if path in self.write_routes:
+            denied = write_denied(self.access(), path, scope.get("client"), headers.get("authorization", ""))
+            if denied is not None:
+                status, problem = denied
+                challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None  # RFC 9110: 401 names a scheme
+                await JSONResponse({"error": problem}, status_code=status, headers=challenge)(scope, receive, send)
+                return
         media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if media != "application/json":
             problem = f"content-type {media!r} is not supported: send application/json"

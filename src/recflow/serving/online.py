@@ -4,13 +4,14 @@
 (bentos/service.py) adapts to HTTP:
 
 - `record_events(records)` validates JSON records with the event store's own rules
-  (`events.validate_records`), stores the accepted ones per user, and folds every affected user's vector in
-  at once. Fold-in is exact ALS: the vector is re-solved (implicit's Cholesky `recalculate_user`) from the
-  user's whole row, the confidence the model was trained on plus the new events weighted exactly as training
-  weighs them (action weight x time decay, `features.confidence_matrix`, relative to the model's reference
-  time, so an event newer than the training data counts in full), against the fixed item factors. Items or
-  actions the model does not know are stored but cannot move the vector until the next training; they are
-  dropped before the solve (implicit does not bounds-check item ids).
+  (`events.rowwise.validate_request`: the contract's rule set, checked row by row for a request's few events),
+  stores the accepted ones per user, and folds every affected user's vector in at once. Fold-in is exact ALS:
+  the vector is re-solved (implicit's Cholesky `recalculate_user`) from the user's whole row, the confidence
+  the model was trained on plus the new events weighted exactly as training weighs them (action weight x time
+  decay, `features.confidence_matrix`, relative to the model's reference time, so an event newer than the
+  training data counts in full), against the fixed item factors. Items or actions the model does not know are
+  stored but cannot move the vector until the next training; they are dropped before the solve (implicit does
+  not bounds-check item ids).
 - `recommend(user_id, k, exclude_seen, recent)`: ALS top-N from the (folded) vector plus popular items, then
   the ranker, then top-k. Items the user had, in training or in events received since, are excluded. The
   ranker's user features see the new events (recent items, action counts, item count, recency); its item
@@ -38,7 +39,8 @@ import scipy.sparse as sp
 
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
-from recflow.events.contract import Rejection, ValidatedBatch, validate_records
+from recflow.events.contract import Rejection, ValidatedBatch
+from recflow.events.rowwise import validate_request
 from recflow.model.bundle import ModelBundle
 from recflow.model.features import Interactions, confidence_matrix, decay
 from recflow.model.metrics import PAD
@@ -102,7 +104,7 @@ class OnlineRecommender:
 
     def validate_events(self, records: Sequence[Mapping[str, Any]]) -> ValidatedBatch:
         """Check JSON records against the event contract with the event store's own rules."""
-        return validate_records(records, settings=self.event_settings, source="request")
+        return validate_request(records, settings=self.event_settings, source="request")
 
     def apply_events(self, batch: ValidatedBatch, *, now: float | None = None) -> EventsOutcome:
         """Store the accepted events per user and fold every affected user's vector in at once."""
@@ -128,7 +130,7 @@ class OnlineRecommender:
         self, user_id: str, records: Sequence[Mapping[str, Any]]
     ) -> tuple[list[UserEvent], list[Rejection]]:
         """Request-scoped events (`recent_events` of /recommend): validated like any event, never stored."""
-        batch = validate_records([{**r, USER_ID: user_id} for r in records], settings=self.event_settings)
+        batch = validate_request([{**r, USER_ID: user_id} for r in records], settings=self.event_settings)
         return _user_events(batch.accepted, time.time()).get(user_id, []), batch.rejected
 
     def model_events(self, events: Sequence[UserEvent]) -> list[UserEvent]:

@@ -4,7 +4,9 @@ The request schemas carry the event contract's rules (`recflow.events.contract`)
 them, with the limits of the project's params.yaml: the actions (`events.actions`), non-blank ids of at most
 `events.max_id_length` characters, RFC 3339 date-times with an offset or epoch numbers, `k` up to `service.k_max`,
 at most `service.max_events` events per request. The service validates a request against exactly these models, so
-a request its OpenAPI spec accepts is one the service accepts, and one the spec forbids gets 400 as a whole. What a
+a request its OpenAPI spec accepts is one the service accepts, and one the spec forbids gets 400 as a whole, but for
+an id longer than `events.max_id_length`: the spec states the limit (maxLength), the models leave it to the service,
+which refuses the request whole with 422 and the event contract's `id_too_long` (every endpoint alike). What a
 schema cannot state (a timestamp too far in the future, an item the model does not know) the descriptions name;
 the service answers those per event (`rejected`, `unknown_items`) and with 422 when nothing is left.
 
@@ -104,12 +106,12 @@ TIMESTAMP_RULES = (
 
 def _ids(limit: int) -> tuple[Any, Any, Any]:
     """A non-blank id of at most `limit` characters: as text, and as text or an integer (int64) of at most `limit`
-    characters."""
+    characters. The text's maxLength is stated, not enforced: the service answers a longer id with 422."""
     text = Annotated[
         str,
-        StringConstraints(min_length=1, max_length=limit),
+        StringConstraints(min_length=1),
         AfterValidator(_not_blank),
-        Field(json_schema_extra={"pattern": NOT_BLANK}),
+        Field(json_schema_extra={"pattern": NOT_BLANK, "maxLength": limit}),
     ]
     number = Annotated[int, Field(ge=max(-INT64 - 1, -(10 ** (limit - 1) - 1)), le=min(INT64, 10**limit - 1))]
     return text, number, _text_or_number(text, number)
