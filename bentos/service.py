@@ -35,7 +35,12 @@ from recflow.config import ServiceSettings, Settings, load_settings
 from recflow.errors import RecflowError, UserStateUnavailableError
 from recflow.events.contract import Rejection
 from recflow.ops.registry import ModelVersion, load_production_bundle, production, production_file
-from recflow.serving.bentoml_adapter import Answer, document_answers, use_cancelling_timeout
+from recflow.serving.bentoml_adapter import (
+    Answer,
+    document_answers,
+    trace_only_when_exported,
+    use_cancelling_timeout,
+)
 from recflow.serving.httpguard import RequestGuard
 from recflow.serving.online import OnlineRecommender
 from recflow.serving.schemas import (
@@ -324,6 +329,7 @@ def _readiness() -> tuple[bool, dict[str, str]]:
 
 Recommender.add_asgi_middleware(RequestGuard, post_routes=POST_ROUTES, limit=_body_limit, readiness=_readiness)
 use_cancelling_timeout(Recommender)  # BentoML's timeout is swapped in this service's app when it starts, nowhere else
+trace_only_when_exported(Recommender)  # no OpenTelemetry middleware per request unless `tracing` exports the spans
 
 # -- what each operation answers besides 200 (bentos/README.md, "Errors"); every error body is an ErrorBody ----------
 

@@ -5,7 +5,7 @@ replaces BentoML's own is in `recflow.serving.bentoml_adapter`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
@@ -37,14 +37,13 @@ class RequestGuard:
         if method != "POST" or path not in self.post_routes:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        content_type, declared = _body_headers(scope["headers"])
+        media = content_type.split(";")[0].strip().lower()
         if media != "application/json":
             problem = f"content-type {media!r} is not supported: send application/json"
             await JSONResponse({"error": problem}, status_code=415)(scope, receive, send)
             return
         limit = self.limit()
-        declared = headers.get("content-length", "")
         body = b""
         more = not declared.isdigit() or int(declared) <= limit  # a declared size over the limit is not read
         while more:
@@ -71,3 +70,16 @@ class RequestGuard:
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         ready, checks = await run_in_threadpool(self.readiness)  # pings may wait on the network
         await JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)(scope, receive, send)
+
+
+def _body_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, str]:
+    """The request's content type (application/json when absent) and declared length ("" when absent), read
+    without decoding the other headers (the guard runs on every request)."""
+    content_type, length = "application/json", ""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-type":
+            content_type = value.decode("latin-1")
+        elif lowered == b"content-length":
+            length = value.decode("latin-1")
+    return content_type, length
