@@ -13,8 +13,9 @@ uvicorn, no BentoML), then measures:
 - freshness with one keep-alive Python client (the standard library's; wrk cannot chain requests): POST /events (a
   purchase) then POST /recommend for that user, both timed; /events p50 / /recommend p50 (target <= 1.5) and the
   pair p50 / /recommend p50 (target <= 2.2), and the share of answers that reflect the event;
-- the floor: the service's library calls in-process, one after another: `OnlineRecommender.recommend`, and what
-  POST /events runs (validate, append to the event log, fold in) for one event;
+- the floor: the service's library calls in-process, one after another: `OnlineRecommender.recommend` (before
+  each pair of wrk runs, so each capacity ratio compares figures taken under the same load), and what POST /events
+  runs (validate, append to the event log, fold in) for one event, after the pairs;
 - with --swap, a hot swap during a wrk run against the service: a second version is promoted and reloaded while
   requests keep coming (target: 0 errors).
 
@@ -242,45 +243,52 @@ class Swap:
         return self.result
 
 
-@dataclass(frozen=True)
-class Floor:
-    recommend: list[float]  # ms per OnlineRecommender.recommend
-    events: list[float]  # ms per one-event POST /events in-process: validate, append to the log, fold in
+class InProcess:
+    """The floor: the service's library calls without HTTP, one after another, in this process (same bundle; user
+    state and event log in a temporary folder). Measured between the wrk runs, so each ratio compares figures
+    taken under the same load."""
 
+    def __init__(self, work: Path, folder: Path, k: int) -> None:
+        from recflow.config import load_settings
+        from recflow.ops.registry import load_production_bundle
+        from recflow.serving.online import OnlineRecommender
+        from recflow.serving.userstate import LocalUserState
+        from recflow.stream.log import open_event_log
 
-def in_process(work: Path, users: list[str], event_users: list[str], k: int) -> Floor:
-    """The floor: the service's library calls without HTTP (same bundle; user state and event log in a temporary
-    folder), one after another."""
-    from recflow.config import load_settings
-    from recflow.ops.registry import load_production_bundle
-    from recflow.serving.online import OnlineRecommender
-    from recflow.serving.userstate import LocalUserState
-    from recflow.stream.log import open_event_log
+        settings = load_settings(work / "params.yaml")
+        version, bundle = load_production_bundle(settings, work)
+        self.state = LocalUserState(folder / "state.jsonl")
+        self.log = open_event_log(settings.eventlog, folder)
+        self.recommender = OnlineRecommender(
+            bundle, version.tag, self.state, settings.events, trained_at=version.trained_at
+        )
+        self.k = k
 
-    settings = load_settings(work / "params.yaml")
-    version, bundle = load_production_bundle(settings, work)
-    with tempfile.TemporaryDirectory(prefix="bench-floor-") as folder:
-        state = LocalUserState(Path(folder) / "state.jsonl")
-        log = open_event_log(settings.eventlog, Path(folder))
-        recommender = OnlineRecommender(bundle, version.tag, state, settings.events, trained_at=version.trained_at)
-        for user in users[:100]:  # warm-up
-            recommender.recommend(user, k)
-        recommend = []
+    def recommend(self, users: list[str]) -> list[float]:
+        """ms per `OnlineRecommender.recommend`."""
+        times = []
         for user in users:
             began = time.perf_counter()
-            recommender.recommend(user, k)
-            recommend.append((time.perf_counter() - began) * 1000)
-        events = []
-        for user in event_users:
-            item = recommender.recommend(user, k).items[0][0]
+            self.recommender.recommend(user, self.k)
+            times.append((time.perf_counter() - began) * 1000)
+        return times
+
+    def events(self, users: list[str]) -> list[float]:
+        """ms per one-event POST /events without HTTP: what the service runs, in its order (validate, append to the
+        event log, fold in), for a purchase of one of the user's recommended items."""
+        times = []
+        for user in users:
+            item = self.recommender.recommend(user, self.k).items[0][0]
             event = {"user_id": user, "item_id": item, "action": "purchase", "timestamp": int(time.time())}
             began = time.perf_counter()
-            batch = recommender.validate_events([event])  # what POST /events runs, in its order
-            log.append([{key: v for key, v in row.items() if v is not None} for row in batch.accepted.to_pylist()])
-            recommender.apply_events(batch)
-            events.append((time.perf_counter() - began) * 1000)
-        state.close()
-    return Floor(recommend, events)
+            batch = self.recommender.validate_events([event])
+            self.log.append([{key: v for key, v in row.items() if v is not None} for row in batch.accepted.to_pylist()])
+            self.recommender.apply_events(batch)
+            times.append((time.perf_counter() - began) * 1000)
+        return times
+
+    def close(self) -> None:
+        self.state.close()
 
 
 @dataclass(frozen=True)
@@ -355,8 +363,15 @@ def main() -> None:
     bodies = out / "recommend-bodies.jsonl"
     bodies.write_text("".join(json.dumps({"user_id": str(u), "k": args.k}) + "\n" for u in rng.choice(user_ids, 5000)))
     pair_users = [str(u) for u in rng.choice(user_ids, min(args.pairs, args.users), replace=False)]
+    floor_users = [str(u) for u in rng.choice(user_ids, args.floor)]
+    paired = set(pair_users)
+    floor_event_users = [u for u in user_ids if u not in paired][: args.pairs]
     runs: dict[str, list[WrkRun]] = {"service": [], "bare": []}
+    floor_ms: list[list[float]] = []  # one sample before each pair of wrk runs
     with ExitStack() as stack:
+        floor = InProcess(work, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-floor-"))), args.k)
+        stack.callback(floor.close)
+        floor.recommend(floor_users[:100])  # warm-up
         service_url = stack.enter_context(
             server(
                 [str(BIN / "bentoml"), "serve", "--host", "127.0.0.1"], work / "bentos", out / "serve.log", "/readyz"
@@ -369,10 +384,12 @@ def main() -> None:
         for url in (service_url, bare_url):  # warm-up
             wrk("warm-up", url, bodies, out, seconds=3, connections=args.connections)
         for repeat in range(args.repeats):
+            floor_ms.append(floor.recommend(floor_users))
             for name, url in (("service", service_url), ("bare", bare_url)):
                 runs[name].append(
                     wrk(f"{name} {repeat + 1}", url, bodies, out, seconds=args.seconds, connections=args.connections)
                 )
+        floor_load = load()
         rates = [float(r) for r in args.rates.split(",") if r]
         paced = [
             wrk(f"paced {r:g}", service_url, bodies, out, seconds=args.seconds, connections=args.connections, rate=r)
@@ -386,13 +403,13 @@ def main() -> None:
             result = swap.finish()
             swapped = (swap_run, f"{result}; {before} -> {Http(service_url).get('/model')[1]['tag']}")
         pairs = freshness(Http(service_url), pair_users, args.k, rng)
-    floor_users = [str(u) for u in rng.choice(user_ids, args.floor)]
-    paired = set(pair_users)
-    floor_event_users = [u for u in user_ids if u not in paired][: args.pairs]
-    floor = in_process(work, floor_users, floor_event_users, args.k)
-    floor_load = load()
+        events_floor = floor.events(floor_event_users)
+        events_load = load()
 
-    floor50 = p50(floor.recommend)
+    # each wrk run against the floor measured just before it; the median over the repeats
+    floor_rates = [1000 / p50(ms) for ms in floor_ms]
+    ratios = {name: [r.rate / f for r, f in zip(rs, floor_rates, strict=True)] for name, rs in runs.items()}
+    floor50 = p50([t for ms in floor_ms for t in ms])
     floor_rate = 1000 / floor50
     service, bare = median_run(runs["service"]), median_run(runs["bare"])
     events50, recommend50 = p50(pairs.events), p50(pairs.recommend)
@@ -401,35 +418,39 @@ def main() -> None:
         f"{args.factors} factors, model {model['model']}, k={args.k}); ms"
     )
 
-    def capacity_row(label: str, run: WrkRun, note: str) -> list[object]:
-        return [label, run.requests, f"{run.rate:.1f}", run.p50, run.p99, f"{run.rate / floor_rate:.2f}",
+    def capacity_row(label: str, run: WrkRun, ratio: float, note: str) -> list[object]:
+        return [label, run.requests, f"{run.rate:.1f}", run.p50, run.p99, f"{ratio:.2f}",
                 f"{run.errors} errors; {note}", f"{run.load:.1f}"]  # fmt: skip
 
-    def every(name: str) -> str:
-        return " ".join(f"{r.rate:.0f}" for r in runs[name])
+    def each(values: list[float], digits: int) -> str:
+        return " ".join(f"{v:.{digits}f}" for v in values)
 
     c = args.connections
+    service_vs_bare = [s.rate / b.rate for s, b in zip(runs["service"], runs["bare"], strict=True)]
     rows: list[list[object]] = [
-        ["in-process OnlineRecommender.recommend (floor)", len(floor.recommend), f"{floor_rate:.1f}", floor50,
-         p99(floor.recommend), "1.00", "floor capacity = 1000 / p50", f"{floor_load:.1f}"],
-        capacity_row(f"wrk -c{c} POST /recommend, bentoml serve", service,
-                     f"median of {every('service')} req/s; target >= 0.60"),
-        capacity_row(f"wrk -c{c} POST /recommend, bare Starlette", bare,
-                     f"median of {every('bare')} req/s; service / bare = {service.rate / bare.rate:.2f}"),
+        ["in-process OnlineRecommender.recommend (floor)", sum(map(len, floor_ms)), f"{floor_rate:.1f}", floor50,
+         p99([t for ms in floor_ms for t in ms]), "1.00",
+         f"floor capacity = 1000 / p50; before each wrk pair: {each(floor_rates, 0)} req/s", f"{floor_load:.1f}"],
+        capacity_row(f"wrk -c{c} POST /recommend, bentoml serve", service, float(np.median(ratios["service"])),
+                     f"runs {each([r.rate for r in runs['service']], 0)} req/s = {each(ratios['service'], 2)} "
+                     "x floor (median; target >= 0.60)"),
+        capacity_row(f"wrk -c{c} POST /recommend, bare Starlette", bare, float(np.median(ratios["bare"])),
+                     f"runs {each([r.rate for r in runs['bare']], 0)} req/s; service / bare "
+                     f"{each(service_vs_bare, 2)}"),
     ]  # fmt: skip
     rows += [
-        capacity_row(f"wrk -c{c} paced to {rate:g} req/s", run, "bentoml serve")
+        capacity_row(f"wrk -c{c} paced to {rate:g} req/s", run, run.rate / floor_rate, "bentoml serve")
         for rate, run in zip(rates, paced, strict=True)
     ]
     if swapped is not None:
-        rows.append(capacity_row(f"wrk -c{c} during a hot swap", *swapped))
+        rows.append(capacity_row(f"wrk -c{c} during a hot swap", swapped[0], swapped[0].rate / floor_rate, swapped[1]))
     rows += [
-        ["in-process one-event POST /events (floor)", len(floor.events), "", p50(floor.events), p99(floor.events),
-         "", f"{p50(floor.events) / floor50:.2f}x the recommend floor", f"{floor_load:.1f}"],
+        ["in-process one-event POST /events (floor)", len(events_floor), "", p50(events_floor), p99(events_floor),
+         "", f"{p50(events_floor) / floor50:.2f}x the recommend floor p50", f"{events_load:.1f}"],
         ["POST /events (one purchase), sequential client", len(pairs.events), "", events50, p99(pairs.events), "",
          f"{events50 / recommend50:.2f}x /recommend p50 (target <= 1.5)", f"{pairs.load:.1f}"],
         ["POST /recommend after it, same client", len(pairs.recommend), "", recommend50, p99(pairs.recommend), "",
-         f"{recommend50 / floor50:.2f}x the floor", f"{pairs.load:.1f}"],
+         f"{recommend50 / floor50:.2f}x the floor p50", f"{pairs.load:.1f}"],
         ["freshness pair: /events then /recommend", len(pairs.pair), "", p50(pairs.pair), p99(pairs.pair), "",
          f"{p50(pairs.pair) / recommend50:.2f}x /recommend p50 (target <= 2.2); {pairs.errors} errors; "
          f"{pairs.reflected}/{len(pairs.pair)} reflect the event", f"{pairs.load:.1f}"],
