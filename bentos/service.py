@@ -35,7 +35,12 @@ from recflow.errors import RecflowError, UserStateUnavailableError
 from recflow.events.contract import Rejection
 from recflow.events.rules import oversized_ids
 from recflow.ops.registry import ModelVersion, load_production_bundle, production, production_file
-from recflow.serving.bentoml_adapter import Answer, document_answers, use_cancelling_timeout
+from recflow.serving.bentoml_adapter import (
+    Answer,
+    document_answers,
+    trace_only_when_exported,
+    use_cancelling_timeout,
+)
 from recflow.serving.httpguard import RequestGuard, WriteAccess
 from recflow.serving.online import OnlineRecommender, Recommendation
 from recflow.serving.schemas import (
@@ -360,6 +365,7 @@ Recommender.add_asgi_middleware(
     readiness=_readiness,
 )
 use_cancelling_timeout(Recommender)  # BentoML's timeout is swapped in this service's app when it starts, nowhere else
+trace_only_when_exported(Recommender)  # no OpenTelemetry middleware per request unless `tracing` exports the spans
 
 # -- what each operation answers besides 200 (bentos/README.md, "Errors"); every error body is an ErrorBody ----------
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
@@ -101,21 +101,20 @@ class RequestGuard:
         if method != "POST" or path not in self.post_routes:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        content_type, declared, authorization = _guarded_headers(scope["headers"])
         if path in self.write_routes:
-            denied = write_denied(self.access(), path, scope.get("client"), headers.get("authorization", ""))
+            denied = write_denied(self.access(), path, scope.get("client"), authorization)
             if denied is not None:
                 status, problem = denied
                 challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None  # RFC 9110: 401 names a scheme
                 await JSONResponse({"error": problem}, status_code=status, headers=challenge)(scope, receive, send)
                 return
-        media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        media = content_type.split(";")[0].strip().lower()
         if media != "application/json":
             problem = f"content-type {media!r} is not supported: send application/json"
             await JSONResponse({"error": problem}, status_code=415)(scope, receive, send)
             return
         limit = self.limit()
-        declared = headers.get("content-length", "")
         body = b""
         more = not declared.isdigit() or int(declared) <= limit  # a declared size over the limit is not read
         while more:
@@ -142,3 +141,18 @@ class RequestGuard:
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         ready, checks = await run_in_threadpool(self.readiness)  # pings may wait on the network
         await JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)(scope, receive, send)
+
+
+def _guarded_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, str, str]:
+    """The request's content type (application/json when absent), declared length and authorization ("" when
+    absent), read without decoding the other headers (the guard runs on every request)."""
+    content_type, length, authorization = "application/json", "", ""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-type":
+            content_type = value.decode("latin-1")
+        elif lowered == b"content-length":
+            length = value.decode("latin-1")
+        elif lowered == b"authorization":
+            authorization = value.decode("latin-1")
+    return content_type, length, authorization
