@@ -231,7 +231,7 @@ def in_process(work: Path, users: list[str], k: int) -> list[float]:
     settings = load_settings(work / "params.yaml")
     version, bundle = load_production_bundle(settings, work)
     state = LocalUserState(work / "floor-state.jsonl")
-    recommender = OnlineRecommender(bundle, version.tag, state, settings.events, trained_at=version.trained_at)
+    recommender = OnlineRecommender(bundle, version.tag, state, settings.events)
     times = []
     for user in users:
         began = time.perf_counter()

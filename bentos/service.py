@@ -146,10 +146,9 @@ class Recommender:
             if current is None or current.tag == previous:
                 return ReloadResponse(model_version=previous, previous=previous, changed=False)
             version, bundle = load_production_bundle(self.settings, self.root)
-            recommender = OnlineRecommender(
-                bundle, version.tag, self.state, self.settings.events, trained_at=version.trained_at
-            )
+            recommender = OnlineRecommender(bundle, version.tag, self.state, self.settings.events)
             self.live = Live(recommender, version)
+            recommender.prune_state()  # the events this version was trained on leave the user state
             _freeze_heap()
             logger.info("serving %s (was %s)", version.tag, previous)
             return ReloadResponse(model_version=str(version.tag), previous=previous, changed=True)
