@@ -420,5 +420,5 @@ def _user_events(table: pa.Table, received_at: float) -> dict[str, list[UserEven
         table[ACTION].to_pylist(), stamps, strict=True,
     )  # fmt: skip
     for user_id, event_id, item_id, action, ms in columns:
-        out.setdefault(user_id, []).append(UserEvent(event_id, item_id, action, ms // 1000, received_at))
+        out.setdefault(user_id, []).append(UserEvent.of(event_id, item_id, action, ms // 1000, received_at))
     return out

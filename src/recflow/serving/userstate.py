@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import struct
+import sys
 import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,15 +47,21 @@ _EVENT, _VECTOR = b"e:", b"v:"
 _COUNT = struct.Struct("<q")  # events a stored vector was computed from, before the float32 vector
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UserEvent:
-    """One accepted event as the service keeps it."""
+    """One accepted event as the service keeps it (a million of them in memory: slots, and the item and action
+    strings interned by whoever builds them, `UserEvent.of`)."""
 
     event_id: str
     item_id: str
     action: str
     ts: int  # event time, epoch seconds (UTC)
     received_at: float  # when the service accepted it, epoch seconds
+
+    @classmethod
+    def of(cls, event_id: str, item_id: str, action: str, ts: int, received_at: float) -> UserEvent:
+        """An event whose item and action strings are shared with every other event of that item and action."""
+        return cls(event_id, sys.intern(item_id), sys.intern(action), ts, received_at)
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,7 @@ class LocalUserState:
                 entry = json.loads(line)
                 user_id = entry["user_id"]
                 if "event" in entry:
-                    self._add(user_id, UserEvent(**entry["event"]))
+                    self._add(user_id, UserEvent.of(**entry["event"]))
                 elif "pruned" in entry:
                     self._prune(user_id, entry["version"], entry["pruned"])
                 else:
