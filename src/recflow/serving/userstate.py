@@ -7,11 +7,11 @@ Two stores behind one interface, chosen by params.yaml `service.redis_url`:
   field `v:<model version>` holds the user's folded vector for that model version with the number of events
   it was computed from. A hash whose last field is pruned is gone (Redis deletes empty hashes).
 - `LocalUserState`: the same in memory, with every change appended to a JSON-lines log that is replayed when
-  the service starts (one process; a torn last line from a crash is skipped with a warning). The log is
-  compacted (rewritten atomically with one line per live event and vector) at start and whenever its dead lines
-  (superseded vectors, pruned events, prune records) outnumber the live ones `compact_ratio` times over, and are
-  at least `compact_min_dead`: the file stays within a constant factor of the state, at an amortised constant cost
-  per write.
+  the service starts (one process; a torn last line from a crash is skipped with a warning), line by line. The
+  log is compacted (rewritten atomically with one line per live event and vector) at start when it holds any
+  dead line, and while running whenever its dead lines (superseded vectors, pruned events, prune records)
+  outnumber the live ones `compact_ratio` times over and are at least `compact_min_dead`: the file stays within
+  a constant factor of the state, at an amortised constant cost per write.
 
 Vectors are a cache keyed by model version: a vector computed from fewer events than the user now has for that
 version, or for another model version, is recomputed by the caller (serving/online.py) and stored again.
@@ -133,27 +133,34 @@ class LocalUserState:
         self._live = 0  # events and vectors held: the lines a compacted log has
         self._lines = 0  # lines in the log
         self._lock = threading.Lock()
-        self._replay()
-        self._log: IO[str] = self._compact()
+        clean = self._replay()
+        self._log: IO[str] = self.path.open("a", encoding="utf-8") if clean else self._compact()
 
-    def _replay(self) -> None:
+    def _replay(self) -> bool:
+        """Load the log; True when it has no dead line and ends with a newline (nothing to compact)."""
         if not self.path.exists():
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, start=1):
-            try:
-                entry = json.loads(line)
-                user_id = entry["user_id"]
-                if "event" in entry:
-                    self._add(user_id, UserEvent.of(**entry["event"]))
-                elif "pruned" in entry:
-                    self._prune(user_id, entry["version"], entry["pruned"])
-                else:
-                    vector = StoredVector(np.asarray(entry["vector"], dtype=np.float32), int(entry["n_events"]))
-                    self._put(user_id, entry["version"], vector)
-            except (ValueError, KeyError, TypeError):
-                logger.warning("%s line %d is not a state record (torn write?); skipped", self.path, number)
+            return False
+        last = "\n"
+        with self.path.open(encoding="utf-8") as log:  # line by line: the file is not held in memory at once
+            for number, line in enumerate(log, start=1):
+                self._apply(line, number)
+                self._lines, last = number, line
         logger.info("replayed %d users' state from %s", len(self._events), self.path)
+        return self._lines == self._live and last.endswith("\n")
+
+    def _apply(self, line: str, number: int) -> None:
+        try:
+            entry = json.loads(line)
+            user_id = entry["user_id"]
+            if "event" in entry:
+                self._add(user_id, UserEvent.of(**entry["event"]))
+            elif "pruned" in entry:
+                self._prune(user_id, entry["version"], entry["pruned"])
+            else:
+                vector = StoredVector(np.asarray(entry["vector"], dtype=np.float32), int(entry["n_events"]))
+                self._put(user_id, entry["version"], vector)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s line %d is not a state record (torn write?); skipped", self.path, number)
 
     # in-memory changes (the caller holds the lock, or is the constructor); each keeps the live count
 
