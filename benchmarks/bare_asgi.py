@@ -39,7 +39,7 @@ def app(project: Path, state_dir: Path) -> Starlette:
     request_model = request_models(settings.events, config).recommend
     version, bundle = load_production_bundle(settings, project)
     state = LocalUserState(state_dir / "state.jsonl")
-    recommender = OnlineRecommender(bundle, version.tag, state, settings.events, trained_at=version.trained_at)
+    recommender = OnlineRecommender(bundle, version.tag, state, settings.events)
     gc.collect()
     gc.freeze()  # as the service does after loading a model
 

@@ -28,6 +28,7 @@ from _common import machine, print_table
 from recflow.config import GenerateSettings, Settings, load_settings
 from recflow.events.synth import DEFAULT_START, DriftSpec, generate_events
 from recflow.ops.drift import check_drift
+from recflow.threads import limit_blas_threads
 
 
 def run(
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, help="generated events (default: params.yaml generate.events)")
     parser.add_argument("--with-model", action="store_true", help="train a bundle per seed: compare candidates too")
     args = parser.parse_args()
+    limit_blas_threads()  # --with-model trains in this process: BLAS threads as the CLI sets them
     first, last = (int(x) for x in args.seeds.split("-"))
     settings = load_settings()
     conf = settings.generate

@@ -259,9 +259,7 @@ class InProcess:
         version, bundle = load_production_bundle(settings, work)
         self.state = LocalUserState(folder / "state.jsonl")
         self.log = open_event_log(settings.eventlog, folder)
-        self.recommender = OnlineRecommender(
-            bundle, version.tag, self.state, settings.events, trained_at=version.trained_at
-        )
+        self.recommender = OnlineRecommender(bundle, version.tag, self.state, settings.events)
         self.k = k
 
     def recommend(self, users: list[str]) -> list[float]:

@@ -128,6 +128,14 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
+def _prune(recommender: OnlineRecommender) -> None:
+    """Drop from the user state what this version was trained on (a thread of its own, started on each load)."""
+    try:
+        recommender.prune_state()
+    except Exception:  # the state stays as it was: reads still prune each user they meet, the next version the rest
+        logger.exception("pruning the user state for %s failed", recommender.version)
+
+
 admin = FastAPI(title="recflow admin", docs_url=None, redoc_url=None, openapi_url=None)
 try:  # BentoML starts the workers, and builds the API from the request models, before any worker runs
     SETTINGS, CONFIG = project_settings(project_root())
@@ -174,12 +182,13 @@ class Recommender:
             if current is None or current.tag == previous:
                 return ReloadResponse(model_version=previous, previous=previous, changed=False)
             version, bundle = load_production_bundle(self.settings, self.root)
-            recommender = OnlineRecommender(
-                bundle, version.tag, self.state, self.settings.events, trained_at=version.trained_at
-            )
+            recommender = OnlineRecommender(bundle, version.tag, self.state, self.settings.events)
             self.live = Live(recommender, version)
             _freeze_heap()
             logger.info("serving %s (was %s)", version.tag, previous)
+            # the events this version was trained on leave the user state, beside the requests (seconds per
+            # million held events); a user read meanwhile is pruned on the way
+            threading.Thread(target=_prune, args=(recommender,), name="recflow-prune", daemon=True).start()
             return ReloadResponse(model_version=str(version.tag), previous=previous, changed=True)
 
     def _watch(self) -> None:

@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.tasks import deploy_candidate
 from flows.train import metrics_table
+from recflow.threads import limit_blas_threads
 
 
 @flow(name="deploy", log_prints=True)
@@ -20,6 +21,7 @@ def deploy(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
         project: the recflow project folder.
         params: the parameter file, relative to the project folder.
     """
+    limit_blas_threads()  # BLAS on one thread for this run, set here and not per call (recflow.threads)
     decision = deploy_candidate(project, params)
     create_markdown_artifact(
         key="deploy-decision",

@@ -9,6 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.tasks import check_drift
+from recflow.threads import limit_blas_threads
 
 
 @flow(name="drift", log_prints=True)
@@ -20,6 +21,7 @@ def drift(project: str = ".", params: str = "params.yaml") -> dict[str, Any]:
         project: the recflow project folder.
         params: the parameter file, relative to the project folder.
     """
+    limit_blas_threads()  # BLAS on one thread for this run, set here and not per call (recflow.threads)
     summary = check_drift(project, params)
     create_markdown_artifact(
         key="drift-summary",

@@ -12,6 +12,7 @@ from flows.drift import drift
 from flows.ingest import ingest
 from flows.tasks import settings_of
 from flows.train import train
+from recflow.threads import limit_blas_threads
 
 
 @flow(name="pipeline", log_prints=True)
@@ -26,6 +27,7 @@ def pipeline(project: str = ".", params: str = "params.yaml", retrain: bool = Fa
         params: the parameter file, relative to the project folder.
         retrain: retrain even without drift (the nightly deployment sets it).
     """
+    limit_blas_threads()  # BLAS on one thread for this run, set here and not per call (recflow.threads)
     from recflow.model.bundle import BUNDLE_FILE
     from recflow.model.training import BUNDLE_DIR
 

@@ -18,6 +18,7 @@ from flows.tasks import (
     settings_of,
     train_models,
 )
+from recflow.threads import limit_blas_threads
 
 
 @flow(name="train", log_prints=True)
@@ -31,6 +32,7 @@ def train(project: str = ".", params: str = "params.yaml", force: bool = False) 
         params: the parameter file, relative to the project folder.
         force: recompute every stage even when cached.
     """
+    limit_blas_threads()  # BLAS on one thread for this run, set here and not per call (recflow.threads)
     from recflow.model.evaluate import METRICS_FILE
     from recflow.store.versions import params_digest, source_digest, store_version
 

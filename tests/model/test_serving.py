@@ -6,6 +6,8 @@ The bundle is trained once per module on a small generated project (tests/servin
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -13,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recflow.config import EventSettings
+from recflow.config import EventSettings, Settings
 from recflow.model.bundle import ModelBundle
-from recflow.model.features import decay
-from recflow.serving.online import OnlineRecommender
+from recflow.model.features import build_features, decay
+from recflow.model.training import BUNDLE_DIR, train
+from recflow.serving.online import OnlineRecommender, Recommendation
 from recflow.serving.userstate import LocalUserState
+from recflow.store.eventstore import ingest_json_lines
 
 from .. import factories
 from ..servingkit import train_small_project
@@ -26,9 +30,13 @@ NOW = "2026-11-24T07:00:00Z"  # after the generated data: such an event counts i
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
-    _, path = train_small_project(tmp_path_factory.mktemp("serving"))
-    return ModelBundle.load(path)
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
+    return train_small_project(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def bundle(project: tuple[Settings, Path]) -> ModelBundle:
+    return ModelBundle.load(project[1])
 
 
 Factory = Callable[..., OnlineRecommender]
@@ -40,7 +48,7 @@ def make(bundle: ModelBundle, tmp_path: Path) -> Iterator[Factory]:
 
     def make(state: str = "state.jsonl") -> OnlineRecommender:
         states.append(LocalUserState(tmp_path / state))
-        return OnlineRecommender(bundle, "v1", states[-1], EventSettings(), trained_at=bundle.info["trained_at"])
+        return OnlineRecommender(bundle, "v1", states[-1], EventSettings())
 
     yield make
     for state in states:
@@ -266,8 +274,96 @@ def test_similar_items_exclude_the_item_and_unknown_items_get_none(bundle: Model
 def test_without_a_ranker_the_answer_is_als_alone(bundle: ModelBundle, tmp_path: Path) -> None:
     als_only = dataclasses.replace(bundle, ranker=None)
     state = LocalUserState(tmp_path / "als.jsonl")
-    recommender = OnlineRecommender(als_only, "als", state, EventSettings(), trained_at=bundle.info["trained_at"])
+    recommender = OnlineRecommender(als_only, "als", state, EventSettings())
     user_id = str(bundle.user_ids[12])
     answer = recommender.recommend(user_id, 10)
     assert [item for item, _ in answer.items] == als_only.recommend_ids([user_id], 10)[0]["items"]
     state.close()
+
+
+def top_items(answer: Recommendation) -> list[str]:
+    return [item for item, _ in answer.items]
+
+
+def test_events_that_arrived_after_the_snapshot_but_before_deploy_are_folded_in(
+    bundle: ModelBundle, make: Factory
+) -> None:
+    """Regression (issue 11): the cut was the wall-clock training time, so an event received before training
+    ended but not in its data was neither in the model nor folded in. Nor is a late event (older than the
+    user's last trained event) lost: neither is in the training data."""
+    recommender = make()
+    user = 14
+    user_id = str(bundle.user_ids[user])
+    new_item, late_item = unseen_items(bundle, user, 2)
+    late = int(bundle.context.user_last_ts[user]) - 86_400
+    received = datetime.fromisoformat(bundle.info["trained_at"]).timestamp() - 3_600  # before the model was built
+    outcome = recommender.record_events(
+        [event(user_id, new_item), event(user_id, late_item, timestamp=late)], now=received
+    )
+    assert outcome.users_updated == [user_id]
+    (state_user,) = recommender._users([user_id])
+    assert len(state_user.events) == 2  # still held: the model was not trained on them
+    row = recommender.user_rows([state_user]).toarray().ravel()
+    trained = bundle.history[user].toarray().ravel()
+    for item in (new_item, late_item):
+        assert trained[recommender.item_index[item]] == 0 and row[recommender.item_index[item]] > 0
+    assert recommender.state.vectors("v1", [user_id])[user_id].n_events == 2
+
+
+def test_an_event_the_model_was_trained_on_is_counted_once_and_pruned(bundle: ModelBundle, make: Factory) -> None:
+    recommender = make()
+    user = 21
+    user_id = str(bundle.user_ids[user])
+    assert bundle.events is not None
+    last = np.flatnonzero(bundle.events.user_idx == user)[-1]  # the user's last training event, sent again
+    item = str(bundle.item_ids[bundle.events.item_idx[last]])
+    action = bundle.actions[bundle.events.action_idx[last]]
+    outcome = recommender.record_events([event(user_id, item, action, int(bundle.events.ts[last]))])
+    assert outcome.accepted == 1 and outcome.users_updated == []  # nothing new to fold in
+    assert recommender.state.events([user_id]) == {}  # pruned as soon as it was read
+    assert top_items(recommender.recommend(user_id, 15)) == bundle.recommend_ids([user_id], 15)[0]["items"]
+
+
+def retrain_with(settings: Settings, records: list[dict[str, object]], folder: Path) -> ModelBundle:
+    """The next training: the project's event store plus `records`, trained in `folder`."""
+    paths = {name: folder / name for name in ("store", "rejected", "features", "models")}
+    shutil.copytree(settings.paths.store, paths["store"])
+    settings = settings.replace("paths", **paths)
+    lines = "\n".join(json.dumps(record) for record in records).encode()
+    report = ingest_json_lines(lines, source="served", store=paths["store"], rejected=paths["rejected"],
+                               settings=settings.events)  # fmt: skip
+    assert report.stored == len(records)
+    build_features(paths["store"], paths["features"], settings)
+    train(paths["features"], paths["models"], settings)
+    return ModelBundle.load(paths["models"] / BUNDLE_DIR)
+
+
+def test_after_a_version_trained_on_a_users_events_the_state_drops_them_and_still_excludes_their_items(
+    project: tuple[Settings, Path], bundle: ModelBundle, tmp_path: Path
+) -> None:
+    user_id = str(bundle.user_ids[5])
+    items = unseen_items(bundle, 5, 2)
+    records = [event(user_id, items[0], "purchase"), event(user_id, items[1], "add_to_cart")]
+    state = LocalUserState(tmp_path / "state.jsonl")
+    served = OnlineRecommender(bundle, "v1", state, EventSettings())
+    assert served.record_events(records).users_updated == [user_id]
+    shutil.copy(state.path, tmp_path / "unswept.jsonl")  # the same state, for a reader that finds it first
+    newer = retrain_with(project[0], records, tmp_path / "next")
+    batch = newer.recommend_ids([user_id], 20)[0]["items"]
+    assert not set(items) & set(batch)  # the new version has them in the user's training row
+
+    swept = OnlineRecommender(newer, "v2", state, EventSettings())
+    assert swept.prune_state() == 2  # as the service does when it starts serving v2
+    assert state.events([user_id]) == {} and state.vectors("v1", [user_id]) == {}
+    # counted once: with nothing left to fold in, the answer is the batch path's from the trained row
+    assert top_items(swept.recommend(user_id, 20)) == batch
+    state.close()
+    restarted = LocalUserState(state.path)
+    assert restarted.events([user_id]) == {}  # and so after a restart
+    restarted.close()
+
+    unswept = LocalUserState(tmp_path / "unswept.jsonl")
+    lazy = OnlineRecommender(newer, "v2", unswept, EventSettings())
+    assert top_items(lazy.recommend(user_id, 20)) == batch  # a read before the sweep counts them once too
+    assert unswept.events([user_id]) == {}  # and prunes them
+    unswept.close()

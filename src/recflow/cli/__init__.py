@@ -6,20 +6,18 @@ The commands live by area (`batch`, `stream`, `operate`) and register themselves
 
 from __future__ import annotations
 
-import os
 import sys
 
 from recflow.cli import batch, operate, stream  # noqa: F401 - registers the commands
 from recflow.cli.common import app, console
 from recflow.errors import RecflowError
+from recflow.threads import limit_blas_threads
 
 __all__ = ["app", "main"]
 
 
 def main() -> None:
-    # Before numpy is imported (the stages import it lazily): implicit and the ranker run several times
-    # slower when OpenBLAS starts its own threads next to theirs.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    limit_blas_threads()  # once, before any stage runs (they import numpy lazily)
     try:
         app()
     except RecflowError as exc:

@@ -1,7 +1,8 @@
 """Candidate generators: implicit ALS (with automatic tuning), item-kNN and EASE item-item weights.
 
 Every generator answers `recommend(users, n) -> (items, scores)`: users x n item indices (padded with -1)
-and their scores, never returning an item the user already had nor an item without any history.
+and their scores, never returning an item the user already had nor an item without any history. BLAS runs on
+the one thread each entry point set at start-up (`recflow.threads`); nothing here changes it per call.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.nearest_neighbours import BM25Recommender
 from implicit.utils import ParameterWarning
-from threadpoolctl import threadpool_limits
 
 from recflow.config import ALSSettings
 from recflow.model.metrics import PAD, GroundTruth, ranking_metrics
@@ -77,8 +77,7 @@ def fit_als(
         model.user_factors = warm_start.user_factors.copy()
         model.item_factors = warm_start.item_factors.copy()
     callback = (lambda iteration, _elapsed, _loss: on_iteration(iteration)) if on_iteration else None
-    with threadpool_limits(1, "blas"):
-        model.fit(user_items, show_progress=False, callback=callback)
+    model.fit(user_items, show_progress=False, callback=callback)
     return model
 
 
@@ -109,20 +108,19 @@ class ImplicitCandidates:
         all_scores = np.full((len(users), n), -np.inf, dtype=np.float32)
         filter_items = np.flatnonzero(self.cold) if self.cold.any() else None
         seen_counts = np.diff(self.history.indptr)
-        with threadpool_limits(1, "blas"):
-            for start in range(0, len(users), BATCH_USERS):
-                batch = users[start : start + BATCH_USERS]
-                history = self.history[batch]
-                extra = int(seen_counts[batch].max()) if self.post_filter and len(batch) else 0
-                # never ask past the catalogue: implicit pads that with item 0 and score 0
-                asked = min(n + extra, self.history.shape[1])
-                ids, scores = self.model.recommend(batch, history, N=asked, filter_items=filter_items)
-                ids, scores = _clean(ids.reshape(len(batch), -1), scores.reshape(len(batch), -1))
-                if self.post_filter:
-                    ids, scores = _drop_seen(ids, scores, history, self.cold)
-                width = min(n, ids.shape[1])
-                all_ids[start : start + len(batch), :width] = ids[:, :width]
-                all_scores[start : start + len(batch), :width] = scores[:, :width]
+        for start in range(0, len(users), BATCH_USERS):
+            batch = users[start : start + BATCH_USERS]
+            history = self.history[batch]
+            extra = int(seen_counts[batch].max()) if self.post_filter and len(batch) else 0
+            # never ask past the catalogue: implicit pads that with item 0 and score 0
+            asked = min(n + extra, self.history.shape[1])
+            ids, scores = self.model.recommend(batch, history, N=asked, filter_items=filter_items)
+            ids, scores = _clean(ids.reshape(len(batch), -1), scores.reshape(len(batch), -1))
+            if self.post_filter:
+                ids, scores = _drop_seen(ids, scores, history, self.cold)
+            width = min(n, ids.shape[1])
+            all_ids[start : start + len(batch), :width] = ids[:, :width]
+            all_scores[start : start + len(batch), :width] = scores[:, :width]
         return all_ids, all_scores
 
 

@@ -19,8 +19,16 @@
   items or actions change neither the vector nor the features; they are kept for the next training.
 - Unknown users get the popular items, or a folded-in vector when their stored or request events name items
   the model knows.
-- A new model version takes the events received before it was trained as part of its training data: they
-  still exclude items, but no longer move the vector (`model_events`).
+- What the model was trained on is what its training data holds (`ModelBundle.events`), not what arrived before
+  the wall-clock training time: an event is in the model when the user's training events include one of the
+  same item, action and time (to the second; each training event matches one stored event). So events that
+  reached the event store after the features snapshot, or arrived late with an old timestamp, are folded in
+  until a model is trained on them; an event after the user's last trained event needs no look-up. A bundle
+  saved without its events (before recflow kept them) cuts at the user's last trained event instead.
+- Events the model was trained on are pruned from the user state (`prune_state` when a version is loaded, and
+  whenever a user is read): their items are in the training row, so they are still excluded, and counted once
+  in the fold-in row and the ranker's user features. After a rollback to an older version, events a newer one
+  had pruned are in the event store (and the next training), no longer in the fold-in.
 """
 
 from __future__ import annotations
@@ -28,9 +36,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -72,7 +81,7 @@ class EventsOutcome:
 
 @dataclass(frozen=True)
 class _User:
-    """What serving knows about one user: training row (if any) and the events received since."""
+    """What serving knows about one user: training row (if any) and the stored events the model was not trained on."""
 
     user_id: str
     index: int  # row in the bundle, -1 when the model has never seen the user
@@ -82,15 +91,11 @@ class _User:
 class OnlineRecommender:
     """One deployed model version answering requests, with per-user state folded in."""
 
-    def __init__(
-        self, bundle: ModelBundle, version: str, state: UserState, events: EventSettings, *, trained_at: str = ""
-    ) -> None:
+    def __init__(self, bundle: ModelBundle, version: str, state: UserState, events: EventSettings) -> None:
         self.bundle = bundle
         self.version = version
         self.state = state
         self.event_settings = events
-        # events received before the model was trained are taken to be in its training data (see model_events)
-        self.trained_at = datetime.fromisoformat(trained_at).timestamp() if trained_at else 0.0
         self.item_index = {item: i for i, item in enumerate(bundle.item_ids)}
         self.action_index = {action: i for i, action in enumerate(bundle.actions)}
         bundle.solver  # noqa: B018 - the fold-in solver is set up here, not on the first request
@@ -133,9 +138,63 @@ class OnlineRecommender:
         batch = validate_request([{**r, USER_ID: user_id} for r in records], settings=self.event_settings)
         return _user_events(batch.accepted, time.time()).get(user_id, []), batch.rejected
 
-    def model_events(self, events: Sequence[UserEvent]) -> list[UserEvent]:
-        """The events this model has not been trained on: those received after it was trained."""
-        return [e for e in events if e.received_at >= self.trained_at]
+    def in_model(self, index: int, events: Sequence[UserEvent]) -> list[bool]:
+        """Whether the model was trained on each of a user's events (the user's row in the bundle, -1 if none):
+        one of the user's training events has its item, action and time, each training event matching once. An
+        event after the user's last trained event, or of an item or action the model lacks, is not in it."""
+        last = self._trained_last(index)
+        maybe = [e.ts <= last for e in events]
+        if not any(maybe):
+            return maybe
+        by_user = self._trained_events
+        if by_user is None:  # a bundle saved without its events: the user's last trained event is the cut
+            return maybe
+        order, starts = by_user
+        trained = self.bundle.events
+        assert trained is not None
+        rows = order[starts[index] : starts[index + 1]]
+        unmatched = Counter(
+            zip(
+                trained.item_idx[rows].tolist(),
+                trained.action_idx[rows].tolist(),
+                trained.ts[rows].tolist(),
+                strict=True,
+            )
+        )
+        flags = []
+        for event, candidate in zip(events, maybe, strict=True):
+            key = (self.item_index.get(event.item_id), self.action_index.get(event.action), event.ts)
+            inside = candidate and unmatched[key] > 0
+            unmatched[key] -= inside
+            flags.append(inside)
+        return flags
+
+    @cached_property
+    def _trained_events(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The bundle's training events grouped by user: user u's are `events[order[starts[u]:starts[u + 1]]]`
+        (built on the first look-up: only events at or before a user's last trained event need one)."""
+        events = self.bundle.events
+        if events is None:
+            return None
+        order = np.argsort(events.user_idx, kind="stable")
+        starts = np.searchsorted(events.user_idx[order], np.arange(len(self.bundle.user_ids) + 1))
+        return order.astype(np.int32 if len(order) < 2**31 else np.int64), starts
+
+    def prune_state(self) -> int:
+        """Drop from the user state every stored event this model was trained on, and every vector of another
+        version (the service calls it when it starts serving a version). Returns how many events were dropped."""
+        began, dropped = time.perf_counter(), 0
+        for user_ids in self.state.users():
+            stored = self.state.events(user_ids)
+            trained = {u: self._trained_ids(self.bundle.user_index.get(u, -1), stored.get(u, [])) for u in user_ids}
+            dropped += self.state.prune(self.version, trained)
+        logger.info(
+            "pruned %d events model %s was trained on in %.1f s", dropped, self.version, time.perf_counter() - began
+        )
+        return dropped
+
+    def _trained_ids(self, index: int, events: Sequence[UserEvent]) -> list[str]:
+        return [e.event_id for e, inside in zip(events, self.in_model(index, events), strict=True) if inside]
 
     # -- fold-in ------------------------------------------------------------------------------------------
 
@@ -190,18 +249,31 @@ class OnlineRecommender:
         return vectors
 
     def _usable(self, events: Sequence[UserEvent]) -> list[UserEvent]:
-        """The events that can move a vector: not trained on yet, of an item and an action the model knows."""
-        return [e for e in self.model_events(events) if e.item_id in self.item_index and e.action in self.action_index]
+        """The events that can move a vector (of those not trained on): of an item and an action the model knows."""
+        return [e for e in events if e.item_id in self.item_index and e.action in self.action_index]
 
     def _fold(self, users: Sequence[_User]) -> dict[str, StoredVector]:
         """Vectors of the users with at least one usable event; the others keep their trained vector (or none)."""
-        users = [u for u in users if self._usable(u.events)]
+        counts = {u.user_id: len(self._usable(u.events)) for u in users}
+        users = [u for u in users if counts[u.user_id]]
         solved = self.solve(self.user_rows(users))
-        return {u.user_id: StoredVector(solved[i], len(u.events)) for i, u in enumerate(users)}
+        return {u.user_id: StoredVector(solved[i], counts[u.user_id]) for i, u in enumerate(users)}
 
     def _users(self, user_ids: Sequence[str]) -> list[_User]:
+        """The users with their stored events; events the model was trained on are pruned from the state here."""
         stored = self.state.events(user_ids)
-        return [_User(u, self.bundle.user_index.get(u, -1), stored.get(u, [])) for u in user_ids]
+        users, trained = [], {}
+        for user_id in user_ids:
+            index = self.bundle.user_index.get(user_id, -1)
+            events = stored.get(user_id, [])
+            if ids := self._trained_ids(index, events):
+                trained[user_id] = ids
+                dropped = set(ids)
+                events = [e for e in events if e.event_id not in dropped]
+            users.append(_User(user_id, index, events))
+        if trained:
+            self.state.prune(self.version, trained)
+        return users
 
     def _ref_time(self, index: int) -> float:
         return float(self.bundle.context.ref_time[index]) if index >= 0 else self.ref_time
@@ -213,10 +285,11 @@ class OnlineRecommender:
 
     def vector(self, user: _User) -> np.ndarray | None:
         """The user's current vector: trained, stored folded-in, or folded now (and stored) when stale."""
-        if not self._usable(user.events):
+        usable = len(self._usable(user.events))
+        if not usable:
             return self.bundle.user_factors[user.index] if user.index >= 0 else None
         stored = self.state.vectors(self.version, [user.user_id]).get(user.user_id)
-        if stored is None or stored.n_events != len(user.events):  # stale (another model, or events since)
+        if stored is None or stored.n_events != usable:  # stale: events since (a model version only gains events)
             stored = self._fold([user])[user.user_id]
             self.state.put_vectors(self.version, {user.user_id: stored})
         return stored.vector
@@ -227,9 +300,11 @@ class OnlineRecommender:
         self, user_id: str, k: int, *, exclude_seen: bool = True, recent: Sequence[UserEvent] = ()
     ) -> Recommendation:
         (user,) = self._users([user_id])
-        if recent:  # request-scoped history: folded for this answer only
+        if recent:  # request-scoped history: folded for this answer only, unless the model was trained on it
             known = {e.event_id for e in user.events}
-            user = dataclasses.replace(user, events=[*user.events, *(e for e in recent if e.event_id not in known)])
+            fresh = [e for e in recent if e.event_id not in known]
+            fresh = [e for e, inside in zip(fresh, self.in_model(user.index, fresh), strict=True) if not inside]
+            user = dataclasses.replace(user, events=[*user.events, *fresh])
             folded = self._fold([user]).get(user_id)
             vector = folded.vector if folded is not None else self.vector(user)
         else:
@@ -347,5 +422,5 @@ def _user_events(table: pa.Table, received_at: float) -> dict[str, list[UserEven
         table[ACTION].to_pylist(), stamps, strict=True,
     )  # fmt: skip
     for user_id, event_id, item_id, action, ms in columns:
-        out.setdefault(user_id, []).append(UserEvent(event_id, item_id, action, ms // 1000, received_at))
+        out.setdefault(user_id, []).append(UserEvent.of(event_id, item_id, action, ms // 1000, received_at))
     return out

@@ -1,27 +1,37 @@
-"""The serving state of each user: the events received since training and the folded-in vectors.
+"""The serving state of each user: the events the served model was not trained on, and the folded-in vectors.
 
 Two stores behind one interface, chosen by params.yaml `service.redis_url`:
 
 - `RedisUserState`: one Redis hash per user (`<prefix><user_id>`), so every worker and replica sees the same
   state. Field `e:<event_id>` holds an event as JSON (a replayed event overwrites itself: no duplicates);
   field `v:<model version>` holds the user's folded vector for that model version with the number of events
-  it was computed from.
-- `LocalUserState`: the same in memory, with every change appended to a JSON-lines log that is replayed (and
-  compacted) when the service starts (one process; a torn last line from a crash is skipped with a warning).
+  it was computed from. A hash whose last field is pruned is gone (Redis deletes empty hashes).
+- `LocalUserState`: the same in memory, with every change appended to a JSON-lines log that is replayed when
+  the service starts (one process; a torn last line from a crash is skipped with a warning), line by line. The
+  log is compacted (rewritten atomically with one line per live event and vector) at start when it holds any
+  dead line, and while running whenever its dead lines (superseded vectors, pruned events, prune records)
+  outnumber the live ones `compact_ratio` times over and are at least `compact_min_dead`: the file stays within
+  a constant factor of the state, at an amortised constant cost per write.
 
-Vectors are a cache keyed by model version: a vector computed from fewer events than the user now has, or for
-another model version, is recomputed by the caller (serving.py) and stored again.
+Vectors are a cache keyed by model version: a vector computed from fewer events than the user now has for that
+version, or for another model version, is recomputed by the caller (serving/online.py) and stored again.
+
+The state stays bounded: once a new model version is served, the events it was trained on are pruned
+(`prune`: by online.py on reload and when it reads a user) together with the vectors of other versions, so the
+state holds what the served model has not seen, not everything since the service first started.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
+import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -37,9 +47,10 @@ _EVENT, _VECTOR = b"e:", b"v:"
 _COUNT = struct.Struct("<q")  # events a stored vector was computed from, before the float32 vector
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UserEvent:
-    """One accepted event as the service keeps it."""
+    """One accepted event as the service keeps it (a million of them in memory: slots, and the item and action
+    strings interned by whoever builds them, `UserEvent.of`)."""
 
     event_id: str
     item_id: str
@@ -47,11 +58,21 @@ class UserEvent:
     ts: int  # event time, epoch seconds (UTC)
     received_at: float  # when the service accepted it, epoch seconds
 
+    @classmethod
+    def of(cls, event_id: str, item_id: str, action: str, ts: int, received_at: float) -> UserEvent:
+        """An event whose item and action strings are shared with every other event of that item and action."""
+        return cls(event_id, sys.intern(item_id), sys.intern(action), ts, received_at)
+
+    def record(self) -> dict[str, object]:
+        """The fields by name, as stored (`UserEvent.of(**record)` reads it back); `dataclasses.asdict` deep-copies
+        every field, which was most of the cost of rewriting a log of a million events."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
 
 @dataclass(frozen=True)
 class StoredVector:
     vector: np.ndarray  # float32
-    n_events: int  # how many of the user's events it was folded from
+    n_events: int  # how many of the user's events it was folded from (those the model version can use)
 
 
 class UserState(Protocol):
@@ -66,6 +87,15 @@ class UserState(Protocol):
     def put_vectors(self, version: str, vectors: Mapping[str, StoredVector]) -> None: ...
 
     def vectors(self, version: str, user_ids: Sequence[str]) -> dict[str, StoredVector]: ...
+
+    def users(self, batch: int = 1000) -> Iterator[list[str]]:
+        """Every user with stored events or vectors, in batches of at most `batch` ids."""
+        ...
+
+    def prune(self, version: str, events: Mapping[str, Collection[str]]) -> int:
+        """For each user given: drop the listed events (model `version` was trained on them) and the vectors of
+        every other version (only `version` is served from now on). Returns how many events were dropped."""
+        ...
 
     def ping(self) -> None:
         """Raise when the store cannot be reached."""
@@ -89,59 +119,115 @@ def _vector_entry(user_id: str, version: str, stored: StoredVector) -> dict[str,
     return {"user_id": user_id, "version": version, "n_events": stored.n_events, "vector": stored.vector.tolist()}
 
 
+def _line(entry: Mapping[str, object]) -> str:
+    return json.dumps(entry, separators=(",", ":")) + "\n"
+
+
 class LocalUserState:
-    """In-memory state, durable through an append-only JSON-lines log (one process only)."""
+    """In-memory state, durable through an append-only JSON-lines log (one process only), compacted while running.
 
-    def __init__(self, path: Path) -> None:
+    Log lines: `{"user_id", "event"}` (an event), `{"user_id", "version", "n_events", "vector"}` (a vector, which
+    supersedes the user's earlier one of that version), `{"user_id", "pruned", "version"}` (a `prune`)."""
+
+    def __init__(self, path: Path, *, compact_ratio: float = 1.0, compact_min_dead: int = 10_000) -> None:
         self.path = path
+        self.compact_ratio = compact_ratio
+        self.compact_min_dead = compact_min_dead
         self._events: dict[str, dict[str, UserEvent]] = {}
-        self._vectors: dict[tuple[str, str], StoredVector] = {}
+        self._vectors: dict[str, dict[str, StoredVector]] = {}  # user -> model version -> vector
+        self._live = 0  # events and vectors held: the lines a compacted log has
+        self._lines = 0  # lines in the log
         self._lock = threading.Lock()
-        self._replay()
-        self._compact()
-        self._log: IO[str] = path.open("a", encoding="utf-8")
+        clean = self._replay()
+        self._log: IO[str] = self.path.open("a", encoding="utf-8") if clean else self._compact()
 
-    def _replay(self) -> None:
+    def _replay(self) -> bool:
+        """Load the log; True when it has no dead line and ends with a newline (nothing to compact)."""
         if not self.path.exists():
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, start=1):
-            try:
-                entry = json.loads(line)
-                if "event" in entry:
-                    event = UserEvent(**entry["event"])
-                    self._events.setdefault(entry["user_id"], {})[event.event_id] = event
-                else:
-                    vector = StoredVector(np.asarray(entry["vector"], dtype=np.float32), int(entry["n_events"]))
-                    self._vectors[(entry["version"], entry["user_id"])] = vector
-            except (ValueError, KeyError, TypeError):
-                logger.warning("%s line %d is not a state record (torn write?); skipped", self.path, number)
+            return False
+        last = "\n"
+        with self.path.open(encoding="utf-8") as log:  # line by line: the file is not held in memory at once
+            for number, line in enumerate(log, start=1):
+                self._apply(line, number)
+                self._lines, last = number, line
         logger.info("replayed %d users' state from %s", len(self._events), self.path)
+        return self._lines == self._live and last.endswith("\n")
 
-    def _compact(self) -> None:
-        """Rewrite the log atomically with one line per event and per current vector: superseded vectors and a
-        torn last line are dropped, and appends start on a fresh line."""
-        entries: list[dict[str, object]] = [
-            {"user_id": u, "event": asdict(e)} for u, events in self._events.items() for e in events.values()
-        ]
-        entries += [_vector_entry(u, version, stored) for (version, u), stored in self._vectors.items()]
+    def _apply(self, line: str, number: int) -> None:
+        try:
+            entry = json.loads(line)
+            user_id = entry["user_id"]
+            if "event" in entry:
+                self._add(user_id, UserEvent.of(**entry["event"]))
+            elif "pruned" in entry:
+                self._prune(user_id, entry["version"], entry["pruned"])
+            else:
+                vector = StoredVector(np.asarray(entry["vector"], dtype=np.float32), int(entry["n_events"]))
+                self._put(user_id, entry["version"], vector)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s line %d is not a state record (torn write?); skipped", self.path, number)
+
+    # in-memory changes (the caller holds the lock, or is the constructor); each keeps the live count
+
+    def _add(self, user_id: str, event: UserEvent) -> bool:
+        stored = self._events.setdefault(user_id, {})
+        if event.event_id in stored:
+            return False
+        stored[event.event_id] = event
+        self._live += 1
+        return True
+
+    def _put(self, user_id: str, version: str, vector: StoredVector) -> None:
+        versions = self._vectors.setdefault(user_id, {})
+        self._live += version not in versions
+        versions[version] = vector
+
+    def _prune(self, user_id: str, version: str, event_ids: Iterable[str]) -> int:
+        events = self._events.get(user_id, {})
+        dropped = sum(events.pop(event_id, None) is not None for event_id in event_ids)
+        versions = self._vectors.get(user_id, {})
+        stale = [v for v in versions if v != version]
+        for v in stale:
+            del versions[v]
+        for table in (self._events, self._vectors):
+            if not table.get(user_id):
+                table.pop(user_id, None)
+        self._live -= dropped + len(stale)
+        return dropped
+
+    # the log
+
+    def _compact(self) -> IO[str]:
+        """Rewrite the log atomically with one line per event and per current vector (superseded vectors, pruned
+        events, prune records and a torn last line are dropped), and open it for appending."""
         with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in entries))
+            for user_id, events in self._events.items():
+                fh.writelines(_line({"user_id": user_id, "event": e.record()}) for e in events.values())
+            for user_id, versions in self._vectors.items():
+                fh.writelines(_line(_vector_entry(user_id, v, stored)) for v, stored in versions.items())
+        self._lines = self._live
+        return self.path.open("a", encoding="utf-8")
 
     def _write(self, entries: list[dict[str, object]]) -> None:
-        if entries:
-            self._log.write("".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in entries))
-            self._log.flush()
+        if not entries:
+            return
+        self._log.write("".join(_line(entry) for entry in entries))
+        self._log.flush()
+        self._lines += len(entries)
+        dead = self._lines - self._live
+        if dead >= self.compact_min_dead and dead > self.compact_ratio * self._live:
+            compacted = self._compact()  # on error the old log stays whole, and open
+            self._log.close()
+            self._log = compacted
+            logger.info("compacted %s: %d dead lines dropped, %d kept", self.path, dead, self._live)
 
     def add_events(self, events: Mapping[str, Sequence[UserEvent]]) -> int:
         with self._lock:
             new: list[dict[str, object]] = []
             for user_id, user_events in events.items():
-                stored = self._events.setdefault(user_id, {})
                 for event in user_events:
-                    if event.event_id not in stored:
-                        stored[event.event_id] = event
-                        new.append({"user_id": user_id, "event": asdict(event)})
+                    if self._add(user_id, event):
+                        new.append({"user_id": user_id, "event": event.record()})
             self._write(new)
             return len(new)
 
@@ -152,12 +238,32 @@ class LocalUserState:
     def put_vectors(self, version: str, vectors: Mapping[str, StoredVector]) -> None:
         with self._lock:
             for user_id, stored in vectors.items():
-                self._vectors[(version, user_id)] = stored
+                self._put(user_id, version, stored)
             self._write([_vector_entry(user_id, version, stored) for user_id, stored in vectors.items()])
 
     def vectors(self, version: str, user_ids: Sequence[str]) -> dict[str, StoredVector]:
         with self._lock:
-            return {u: self._vectors[(version, u)] for u in user_ids if (version, u) in self._vectors}
+            found = ((u, self._vectors.get(u, {}).get(version)) for u in user_ids)
+            return {u: stored for u, stored in found if stored is not None}
+
+    def users(self, batch: int = 1000) -> Iterator[list[str]]:
+        with self._lock:
+            user_ids = list(self._events.keys() | self._vectors.keys())
+        for start in range(0, len(user_ids), batch):
+            yield user_ids[start : start + batch]
+
+    def prune(self, version: str, events: Mapping[str, Collection[str]]) -> int:
+        with self._lock:
+            dropped = 0
+            entries: list[dict[str, object]] = []
+            for user_id, event_ids in events.items():
+                stale = any(v != version for v in self._vectors.get(user_id, {}))
+                if not (stale or any(e in self._events.get(user_id, {}) for e in event_ids)):
+                    continue  # nothing of this user to drop: no record
+                dropped += self._prune(user_id, version, event_ids)
+                entries.append({"user_id": user_id, "pruned": sorted(event_ids), "version": version})
+            self._write(entries)
+            return dropped
 
     def ping(self) -> None:
         if self._log.closed:
@@ -197,7 +303,7 @@ class RedisUserState:
         pipe = self.client.pipeline(transaction=False)
         for user_id, user_events in events.items():
             for event in user_events:
-                pipe.hsetnx(self._key(user_id), _EVENT + event.event_id.encode(), json.dumps(asdict(event)))
+                pipe.hsetnx(self._key(user_id), _EVENT + event.event_id.encode(), json.dumps(event.record()))
         with self._reaching():
             return sum(int(added) for added in pipe.execute())
 
@@ -236,6 +342,37 @@ class RedisUserState:
                 (count,) = _COUNT.unpack_from(value)
                 out[user_id] = StoredVector(np.frombuffer(value[_COUNT.size :], dtype="<f4").copy(), count)
         return out
+
+    def users(self, batch: int = 1000) -> Iterator[list[str]]:
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self.prefix) + b"*"  # the prefix taken literally
+        found: list[str] = []
+        with self._reaching():
+            for key in self.client.scan_iter(match=pattern, count=batch):
+                found.append(key[len(self.prefix) :].decode())
+                if len(found) == batch:
+                    yield found
+                    found = []
+        if found:
+            yield found
+
+    def prune(self, version: str, events: Mapping[str, Collection[str]]) -> int:
+        user_ids = list(events)
+        pipe = self.client.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hkeys(self._key(user_id))
+        with self._reaching():
+            fields_by_user = pipe.execute()
+        keep = _VECTOR + version.encode()
+        dropped = 0
+        for user_id, fields in zip(user_ids, fields_by_user, strict=True):
+            listed = {_EVENT + event_id.encode() for event_id in events[user_id]}
+            drop = [f for f in fields if f in listed or (f.startswith(_VECTOR) and f != keep)]
+            if drop:
+                pipe.hdel(self._key(user_id), *drop)
+                dropped += sum(f.startswith(_EVENT) for f in drop)
+        with self._reaching():
+            pipe.execute()
+        return dropped
 
     def ping(self) -> None:
         with self._reaching():
