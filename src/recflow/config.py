@@ -29,6 +29,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 SPLIT_METHODS = ("auto", "global_time", "per_user", "random")
 ModelKind = Literal["popularity", "item_knn", "ease", "als", "als_ranker"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("popularity", "item_knn", "ease", "als", "als_ranker")
+KnnWeighting = Literal["bm25", "cosine", "count"]
 
 T = TypeVar("T")
 
@@ -193,6 +194,7 @@ class SelectionSettings(_Section):
     ease_lambdas: tuple[Positive, ...] = (10.0, 50.0, 200.0, 1000.0)
     ease_max_items: NonNegativeInt = 10_000  # EASE's dense item x item matrix: 400 MB of float32 at 10k items
     knn_neighbours: Count = 100
+    knn_weightings: tuple[KnnWeighting, ...] = ("bm25", "cosine", "count")  # item-kNN's co-occurrence weighting
     min_users: Count = 50  # tuning and selecting users per protocol below which its folds are not used (warning)
     max_users: Count = 5000  # judged users per fold (a fixed random sample above it)
     sample_users: NonNegativeInt = 100_000  # users whose events the choices are made on (0: all users)
@@ -201,7 +203,7 @@ class SelectionSettings(_Section):
     bootstrap: Count = 1000  # resamples for the 95% intervals
     seed: Int = 0
 
-    @pydantic.field_validator("models", "half_lives_days", "popularity_windows_days")
+    @pydantic.field_validator("models", "half_lives_days", "popularity_windows_days", "knn_weightings")
     @classmethod
     def _not_empty(cls, values: tuple[Any, ...]) -> tuple[Any, ...]:
         if not values:

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 from recflow.config import ALSSettings, TuneSettings
 from recflow.model.candidates import (
+    KNN_WEIGHTINGS,
     SOURCE_ALS,
     SOURCE_ITEM_ITEM,
     SOURCE_POPULAR,
@@ -73,10 +74,19 @@ def test_a_warm_start_of_another_shape_falls_back_to_a_full_fit() -> None:
     assert fit_als(matrix, PARAMS, warm_start=start, iterations=2).iterations == PARAMS.iterations
 
 
-def test_item_knn_stays_in_block() -> None:
+@pytest.mark.parametrize("weighting", list(KNN_WEIGHTINGS))
+def test_item_knn_stays_in_block(weighting: str) -> None:
     matrix, held_out = block_matrix()
-    items, _ = item_knn(matrix, neighbours=10).recommend(np.arange(matrix.shape[0]), 1)
+    items, _ = item_knn(matrix, neighbours=10, weighting=weighting).recommend(np.arange(matrix.shape[0]), 1)
     assert np.all(items[:, 0] // ITEMS_PER_BLOCK == held_out // ITEMS_PER_BLOCK)
+
+
+def test_count_weighting_is_the_confidence_weighted_co_occurrence() -> None:
+    rows = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 2, 1, 0], [0, 0, 0, 1]], dtype=np.float32))
+    got = knn_similarity(rows, neighbours=4, weighting="count").toarray()
+    expected = (rows.T @ rows).toarray()
+    np.fill_diagonal(expected, 0)
+    np.testing.assert_allclose(np.where(np.eye(4, dtype=bool), 0, got), expected)
 
 
 def scoring_model(matrix: sp.csr_matrix, item_item: object = None, n_popular: int = 0, n_item_item: int = 0) -> object:

@@ -8,7 +8,9 @@ the data has structure, and popularity must serve where it has none.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -175,6 +177,19 @@ def test_a_ranker_that_learned_nothing_is_switched_off(tmp_path: Path, monkeypat
     assert "the ranker did not beat its candidates" in report
 
 
+def test_the_served_ranker_is_refitted_on_every_judged_user(tmp_path: Path) -> None:
+    """Once the two-stage model is chosen, its ranker learns from the selecting users too (they were held out only
+    to make the choice), with the chosen settings: more queries than the ranker that was compared."""
+    history, holdout = split_last(taste_groups())
+    settings = settings_for(tmp_path, selection={"models": ["als_ranker"]})
+    kind, _ = run(tmp_path, history, holdout, settings)
+    assert kind == "als_ranker"
+    ranker = json.loads((settings.paths.models / "train_report.json").read_text())["ranker"]
+    compared = ranker["train_queries"] + ranker["validation_queries"]
+    refit = ranker["refit_on_all_fold_users"]
+    assert refit["train_queries"] + refit["validation_queries"] > 1.4 * compared
+
+
 def test_answers_as_of_a_moment_never_see_a_later_event(tmp_path: Path) -> None:
     """Known answer for `recommend --as-of`: deleting every event after the moment from the model's history changes
     nothing in the answers as of that moment; and an item the user first had after it may be recommended."""
@@ -199,3 +214,18 @@ def test_answers_as_of_a_moment_never_see_a_later_event(tmp_path: Path) -> None:
             answer["items"]
         )
     assert later_items, "items first had after the moment are candidates as of it"
+
+
+def test_the_gap_to_the_best_is_paired_and_weighs_protocols_equally() -> None:
+    """Known answers for the one-standard-error rule's arithmetic: per-user differences, their mean and standard
+    error; a protocol with two folds counts as much as a protocol with one."""
+    one = [SimpleNamespace(protocol="user_last")]
+    gap, se = selection._paired_gap([np.array([1.0, 1, 1, 1])], [np.array([0.0, 1, 0, 1])], one)  # type: ignore[arg-type]
+    assert gap == pytest.approx(0.5) and se == pytest.approx(np.sqrt(1 / 12))
+    same = [np.array([0.3, 0.1, 0.7])]
+    assert selection._paired_gap(same, same, one) == (0.0, 0.0)  # type: ignore[arg-type]
+    three = [SimpleNamespace(protocol="global_time")] * 2 + [SimpleNamespace(protocol="user_last")]
+    best = [np.ones(4), np.ones(4), np.ones(4)]
+    other = [np.zeros(4), np.ones(4), np.ones(4)]  # behind by 1 in one of the two global folds only
+    gap, _ = selection._paired_gap(best, other, three)  # type: ignore[arg-type]
+    assert gap == pytest.approx(0.25)  # (mean of 1 and 0) / 2 protocols

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
-from implicit.nearest_neighbours import BM25Recommender
+from implicit.nearest_neighbours import BM25Recommender, CosineRecommender, ItemItemRecommender
 from implicit.utils import ParameterWarning
 
 from recflow.config import ALSSettings
@@ -138,9 +138,9 @@ def _drop_seen(
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
-def knn_similarity(history: sp.csr_matrix, neighbours: int = 100) -> sp.csr_matrix:
-    """Items x items BM25 item-kNN similarity (implicit's): a user's item scores are row @ similarity."""
-    return item_knn(history, neighbours).model.similarity.tocsr().astype(np.float32)
+def knn_similarity(history: sp.csr_matrix, neighbours: int = 100, weighting: str = "bm25") -> sp.csr_matrix:
+    """Items x items item-kNN similarity (implicit's): a user's item scores are row @ similarity."""
+    return item_knn(history, neighbours, weighting).model.similarity.tocsr().astype(np.float32)
 
 
 def ease_weights(history: sp.csr_matrix, regularization: float) -> np.ndarray:
@@ -156,13 +156,18 @@ def ease_weights(history: sp.csr_matrix, regularization: float) -> np.ndarray:
     return np.asarray(weights, dtype=np.float32)
 
 
-def item_knn(history: sp.csr_matrix, neighbours: int = 100) -> ImplicitCandidates:
-    """The item-kNN baseline: implicit's BM25-weighted item-item recommender."""
-    model = BM25Recommender(K=neighbours)
+# implicit's item-item recommenders by how they weigh co-occurrence: BM25-weighted, cosine, or the plain count of
+# users (sessions) that had both items, weighted by confidence
+KNN_WEIGHTINGS = {"bm25": BM25Recommender, "cosine": CosineRecommender, "count": ItemItemRecommender}
+
+
+def item_knn(history: sp.csr_matrix, neighbours: int = 100, weighting: str = "bm25") -> ImplicitCandidates:
+    """The item-kNN baseline: one of implicit's item-item recommenders (KNN_WEIGHTINGS)."""
+    model = KNN_WEIGHTINGS[weighting](K=neighbours)
     with warnings.catch_warnings():
         # implicit's own bm25_weight hands its kNN a COO matrix and then warns about converting it
         warnings.filterwarnings("ignore", message="Method expects CSR input", category=ParameterWarning)
-        model.fit(history, show_progress=False)
+        model.fit(history.astype(np.float64), show_progress=False)  # implicit's plain kNN takes doubles only
     return ImplicitCandidates(model, history)
 
 

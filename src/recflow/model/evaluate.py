@@ -156,7 +156,8 @@ def score_bundle(
     depth = max(conf.k, conf.recall_k, *conf.curve_ks)
     n_catalogue = int((np.asarray(bundle.history.getnnz(axis=0)) > 0).sum())
     served_item_item = bundle.item_item
-    item_item = {KIND_ITEM_KNN: lambda: knn_similarity(bundle.history, settings.selection.knn_neighbours)}
+    weighting = str(bundle.info.get("knn_weighting", "bm25"))
+    item_item = {KIND_ITEM_KNN: lambda: knn_similarity(bundle.history, settings.selection.knn_neighbours, weighting)}
     if bundle.history.shape[1] <= settings.selection.ease_max_items:
         lam = float(bundle.info.get("ease_lambda", settings.selection.ease_lambdas[-1]))
         item_item[KIND_EASE] = lambda: ease_weights(bundle.history, lam)

@@ -4,10 +4,12 @@ Folds: the training events are cut again, as the held-out data will be cut (data
 global time and by each user's last events when timestamps carry information, at random per user when they
 do not. Each fold's judged users are split in two, once: *tune* users choose the decay, ALS's parameters, the
 popularity window, EASE's regularisation, and train the ranker; *select* users, which nothing was fitted or
-tuned on, then choose the model kind that is served: popularity, item-kNN, EASE, ALS or ALS + ranker. Every
-model is scored by `model.scoring` through a bundle, the same function `recommend` and the service call,
-as of each fold's moment (the end of its history). Budgets are counted in trials, so a slower machine makes
-the same choices.
+tuned on, then choose the model kind that is served: popularity, item-kNN, EASE, ALS or ALS + ranker, by the
+one-standard-error rule (the simplest kind within one standard error of the best, so that a more complex model
+serves only when validation can tell it from a simpler one). A chosen ranker is then refitted on every judged
+user of the folds. Every model is scored by `model.scoring` through a bundle, the same function `recommend` and
+the service call, as of each fold's moment (the end of its history). Budgets are counted in trials, so a slower
+machine makes the same choices.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Choices:
     popularity_window_days: float  # 0: all time
     item_item: str | None  # "ease" or "item_knn": the item-item model (served, or a source of the two-stage)
     ease_lambda: float
+    knn_weighting: str = "bm25"  # item-kNN's weighting of co-occurrence (candidates.KNN_WEIGHTINGS)
 
 
 @dataclass(eq=False)
@@ -205,7 +208,7 @@ def fit_bundle(
         iterations = settings.als.refit_iterations if warm_start is not None else None
         als_model = fit_als(matrix, choices.als, warm_start=warm_start, iterations=iterations)
     if item_item is None and choices.item_item is not None:
-        item_item = _item_item(choices.item_item, matrix, choices.ease_lambda, settings)
+        item_item = _item_item(choices, matrix, settings)
     ref = np.full(history.n_users, moment, dtype=np.float64)
     bundle = ModelBundle(
         user_ids=history.user_ids,
@@ -227,14 +230,18 @@ def fit_bundle(
         n_item_item=settings.candidates.item_item if item_item is not None else 0,
         events=history,
     )
-    bundle.info.update(ease_lambda=choices.ease_lambda, popularity_window_days=choices.popularity_window_days)
+    bundle.info.update(
+        ease_lambda=choices.ease_lambda,
+        knn_weighting=choices.knn_weighting,
+        popularity_window_days=choices.popularity_window_days,
+    )
     return bundle, als_model
 
 
-def _item_item(name: str, matrix: sp.csr_matrix, ease_lambda: float, settings: Settings) -> sp.csr_matrix | np.ndarray:
-    if name == KIND_EASE:
-        return ease_weights(matrix, ease_lambda)
-    return knn_similarity(matrix, settings.selection.knn_neighbours)
+def _item_item(choices: Choices, matrix: sp.csr_matrix, settings: Settings) -> sp.csr_matrix | np.ndarray:
+    if choices.item_item == KIND_EASE:
+        return ease_weights(matrix, choices.ease_lambda)
+    return knn_similarity(matrix, settings.selection.knn_neighbours, choices.knn_weighting)
 
 
 def _ndcg(bundle: ModelBundle, truth: GroundTruth, kind: str) -> np.ndarray:
@@ -309,10 +316,17 @@ def select(
     item_item_fits: dict[str, list[sp.csr_matrix | np.ndarray]] = {}
     item_item_scores: dict[str, float] = {}
     ease_lambda = conf.ease_lambdas[0] if conf.ease_lambdas else 0.0
+    knn_weighting = conf.knn_weightings[0]
     if KIND_ITEM_KNN in enabled or KIND_TWO_STAGE in enabled:
-        fits = [knn_similarity(m, conf.knn_neighbours) for m in matrices]
-        item_item_fits[KIND_ITEM_KNN] = fits
-        item_item_scores[KIND_ITEM_KNN] = _item_item_score(bundles, fits, tune_truths(), KIND_ITEM_KNN, folds)
+        weighting_trials = []
+        for weighting in conf.knn_weightings:
+            fits = [knn_similarity(m, conf.knn_neighbours, weighting) for m in matrices]
+            value = _item_item_score(bundles, fits, tune_truths(), KIND_ITEM_KNN, folds)
+            weighting_trials.append({"weighting": weighting, "ndcg@10": round(value, 5)})
+            if KIND_ITEM_KNN not in item_item_scores or value > item_item_scores[KIND_ITEM_KNN]:
+                item_item_fits[KIND_ITEM_KNN], item_item_scores[KIND_ITEM_KNN] = fits, value
+                knn_weighting = weighting
+        trials["knn_weighting"] = weighting_trials
     if KIND_EASE in enabled and history.n_items <= conf.ease_max_items and conf.ease_lambdas:
         best_fits: list[sp.csr_matrix | np.ndarray] = []
         best = -1.0
@@ -328,7 +342,7 @@ def select(
     elif KIND_EASE in enabled:
         warnings.append(f"EASE skipped: {history.n_items} items > selection.ease_max_items={conf.ease_max_items}")
     item_item = max(item_item_scores, key=lambda name: item_item_scores[name]) if item_item_scores else None
-    choices = replace(choices, item_item=item_item, ease_lambda=ease_lambda)
+    choices = replace(choices, item_item=item_item, ease_lambda=ease_lambda, knn_weighting=knn_weighting)
 
     # 4. the ranker, trained on the tuning users' candidates of every fold (item-item candidates included)
     ranker_fit: RankerFit | None = None
@@ -379,10 +393,27 @@ def select(
             "per_fold": [round(float(v.mean()), 5) for v in values],
         }
     ranked = sorted(models, key=lambda kind: (-models[kind]["ndcg@10"], SIMPLICITY.index(kind)))
-    served = ranked[0]
-    decided = f"{served}: highest validation NDCG@10 ({models[served]['ndcg@10']:.4f})"
-    if len(ranked) > 1:
-        decided += f", next {ranked[1]} {models[ranked[1]]['ndcg@10']:.4f}"
+    leader = ranked[0]
+    for kind in models:  # how far each kind is behind the best, in standard errors of the paired difference
+        gap, se = _paired_gap(per_kind[leader], per_kind[kind], folds)
+        models[kind].update(gap_to_best=round(gap, 5), gap_se=round(se, 5))
+    # the one-standard-error rule: the simplest kind whose shortfall is within one standard error of the best, so a
+    # more complex model serves only when validation can tell it apart from the simpler one
+    served = next(
+        kind for kind in SIMPLICITY if kind in models and models[kind]["gap_to_best"] <= models[kind]["gap_se"]
+    )
+    if served == leader:
+        decided = f"{served}: highest validation NDCG@10 ({models[served]['ndcg@10']:.4f})"
+        if len(ranked) > 1:
+            runner = ranked[1]
+            decided += f", next {runner} {models[runner]['ndcg@10']:.4f} (behind by {models[runner]['gap_to_best']:.4f}"
+            decided += f", standard error {models[runner]['gap_se']:.4f})"
+    else:
+        decided = (
+            f"{served}: the simplest model within one standard error of the best ({leader} "
+            f"{models[leader]['ndcg@10']:.4f}; {served} {models[served]['ndcg@10']:.4f}, behind by "
+            f"{models[served]['gap_to_best']:.4f}, standard error {models[served]['gap_se']:.4f})"
+        )
     if KIND_TWO_STAGE in enabled and served != KIND_TWO_STAGE and KIND_TWO_STAGE in models:
         decided += "; the ranker did not beat its candidates and is switched off"
     if served == KIND_POPULARITY:
@@ -390,6 +421,18 @@ def select(
     choices = replace(choices, kind=served)
     if served != KIND_TWO_STAGE:
         ranker_fit = None
+    elif ranker_info is not None:
+        # chosen: the served ranker learns from every judged user of the folds, tune and select (a refit after the
+        # choice, as ALS is refitted on all the data); its own early stopping keeps the iterations honest
+        say("refit ranker")
+        for index, bundle in enumerate(bundles):
+            bundle.item_item = None if item_item is None else item_item_fits[item_item][index]
+        refit, refit_info = _train_ranker(folds, bundles, settings, weights, everyone=True)
+        if refit is not None:
+            ranker_fit = refit
+            ranker_info["refit_on_all_fold_users"] = {
+                k: refit_info[k] for k in ("rows", "best_iteration", "train_queries", "validation_queries")
+            }
     if served in ITEM_ITEM_KINDS:
         choices = replace(choices, item_item=served)
     elif served != KIND_TWO_STAGE:
@@ -423,6 +466,22 @@ def _protocol_mean(values: list[float], folds: list[Fold]) -> float:
     return float(np.mean([np.mean(v) for v in by_protocol.values()]))
 
 
+def _paired_gap(best: list[np.ndarray], other: list[np.ndarray], folds: list[Fold]) -> tuple[float, float]:
+    """How far `other` is behind `best` (protocol mean of the fold means of the per-user differences) and the
+    standard error of that difference (the same users judge both, so the difference is paired)."""
+    diffs = [b - o for b, o in zip(best, other, strict=True)]
+    gap = _protocol_mean([d.mean() for d in diffs], folds)
+    protocols = sorted({f.protocol for f in folds})
+    variance = 0.0
+    for protocol in protocols:
+        mine = [d for d, f in zip(diffs, folds, strict=True) if f.protocol == protocol]
+        # the protocol's mean of fold means weighs each fold 1/len(mine); the protocols weigh 1/len(protocols)
+        for d in mine:
+            if len(d) > 1:
+                variance += float(np.var(d, ddof=1)) / len(d) / (len(mine) * len(protocols)) ** 2
+    return gap, float(np.sqrt(variance))
+
+
 def _moment(fold: Fold) -> float:
     return float(fold.window.ref_time.max())
 
@@ -447,15 +506,16 @@ def _item_item_score(
 
 
 def _train_ranker(
-    folds: list[Fold], bundles: list[ModelBundle], settings: Settings, weights: np.ndarray
+    folds: list[Fold], bundles: list[ModelBundle], settings: Settings, weights: np.ndarray, *, everyone: bool = False
 ) -> tuple[RankerFit | None, dict[str, Any]]:
-    """LambdaRank on the tuning users' two-stage candidates, features as of each fold's moment."""
+    """LambdaRank on the tuning users' (`everyone`: all judged users') two-stage candidates, features as of each
+    fold's moment."""
     grades = action_grades(weights)
     parts = []
     recall = []
     offset = 0
     for fold, bundle in zip(folds, bundles, strict=True):
-        truth = fold.part(fold.tune_rows)
+        truth = fold.truth if everyone else fold.part(fold.tune_rows)
         users = truth.users[: settings.ranker.max_train_users]
         candidates = bundle.candidate_set(users)
         width = candidates.items.shape[1]
