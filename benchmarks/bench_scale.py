@@ -3,7 +3,10 @@
 Each stage runs as its own `recflow` process (as DVC runs it), timed with its peak memory. Then the ALS
 stage (confidence matrix + fit) is compared with a bare implicit `fit` on the same matrix, in the same run.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_scale.py [--events 10000000] [--repeats 3] [--tune]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_scale.py [--events 10000000] [--repeats 3] [--sample-users N]
+
+The train stage runs as params.yaml says (model selection on validation folds, ALS tuning, backtest and deployable
+fits); `--sample-users` and `--no-tune` limit the selection (selection.sample_users, als.tune.enabled) and say so.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -79,12 +83,19 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=500_000)
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tune", action="store_true", help="keep ALS tuning on (params.yaml budget)")
+    parser.add_argument("--sample-users", type=int, help="selection.sample_users (default: params.yaml's)")
+    parser.add_argument("--no-tune", action="store_true", help="ALS tuning off (als.tune.enabled false)")
     args = parser.parse_args()
     print(machine())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["generate"].update(events=args.events, users=args.users, items=args.items)
-    params["als"]["tune"]["enabled"] = args.tune
+    if args.no_tune:
+        params["als"]["tune"]["enabled"] = False
+    if args.sample_users is not None:
+        params["selection"]["sample_users"] = args.sample_users
+    limits = f"selection.sample_users {params['selection']['sample_users']:,}, ALS tuning " + (
+        "on" if params["als"]["tune"]["enabled"] else "off"
+    )
     stages = ("generate", "ingest", "features", "train")
     results: dict[str, list[tuple[float, float]]] = {s: [] for s in stages}
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +106,7 @@ def main() -> int:
                 subprocess.run(["rm", "-rf", str(work / path)], check=True)
             for stage in stages:
                 results[stage].append(run_stage(work, stage))
+        report = json.loads((work / "models" / "train_report.json").read_text())
         stage_s, bare_s, nnz = als_versus_bare(work, args.repeats)
 
     rows = [
@@ -104,9 +116,15 @@ def main() -> int:
     batch = [results["features"][i][0] + results["train"][i][0] for i in range(args.repeats)]
     rows.append(["features + train", *_summary(batch), ""])
     print_table(
-        f"{args.events:,} events, {args.users:,} users, {args.items:,} items; tuning {'on' if args.tune else 'off'}",
+        f"{args.events:,} events, {args.users:,} users, {args.items:,} items; {limits}",
         ["stage", "median s", "runs s", "peak RSS GB"],
         rows,
+    )
+    print(f"served kind {report['kind']}: {report['decided']}")
+    print_table(
+        "the train stage's parts (last run)",
+        ["part", "s"],
+        [[part, f"{seconds:.1f}"] for part, seconds in report["seconds"].items()],
     )
     ratio = statistics.median(stage_s) / statistics.median(bare_s)
     print_table(
