@@ -89,6 +89,7 @@ class DriftResult:
     checked_at: str
     html_path: Path | None = None
     json_path: Path | None = None
+    evidently_path: Path | None = None  # Evidently's snapshot of the drifted columns (None: none drifted)
     evidently: Any = field(default=None, repr=False)  # Evidently's report of the drifted columns (None: none)
 
     @property
@@ -112,6 +113,7 @@ class DriftResult:
             "datasets": [dataclasses.asdict(d) for d in self.datasets],
             "skipped": self.skipped,
             "html": None if self.html_path is None else str(self.html_path),
+            "evidently": None if self.evidently_path is None else str(self.evidently_path),
         }
 
 
