@@ -322,8 +322,7 @@ class RegistrySettings(_Section):
 class DriftCheck(_Section):
     """How one data set of the drift check is judged (recflow.ops.drift): a column drifts when it is significant
     against its permutation null (drift.alpha) and its distance (Jensen-Shannon for categories, Wasserstein over the
-    pooled std for numbers and the ranks of ordered categories) is at least `min_effect`, a floor that matters only
-    for large windows."""
+    pooled std for numbers) is at least `min_effect`, a floor that matters only for large windows."""
 
     min_effect: NonNegative = 0.0
     per_column_min_effect: dict[str, NonNegative] = field(default_factory=dict)  # column -> floor (overrides)
