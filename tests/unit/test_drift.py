@@ -190,22 +190,3 @@ def test_every_user_weighs_the_same_so_two_heavy_users_cannot_hide_what_the_othe
 def test_numbers_are_summarised_with_every_user_weighing_the_same() -> None:
     values = pd.Series([1.0] * 9 + [10.0], index=pd.Index(["heavy"] * 9 + ["light"]))
     assert summarize(values, values)[0] == "mean 5.5, median 1, p90 10"
-
-
-def test_ordered_categories_are_tested_along_their_order() -> None:
-    order = ["pop01", "pop02", "pop03", "new"]
-
-    def window(moved_to: str, *, ordered: bool, offset: int) -> pd.DataFrame:
-        labels = ["pop01"] * 60 + [moved_to or "pop01"] * 20 + ["pop03"] * 20
-        values = pd.Categorical(labels, categories=order, ordered=ordered)
-        return pd.DataFrame({"item_popularity": values}, index=pd.Index([str(offset + i) for i in range(100)]))
-
-    def score(moved_to: str, *, ordered: bool) -> tuple[str, float]:
-        reference, current = window("", ordered=ordered, offset=0), window(moved_to, ordered=ordered, offset=1000)
-        (column,) = permutation_test(reference, current, alpha=0.01, min_effect={}, permutations=200, bins=16, seed=0)
-        return column.kind, column.score
-
-    # a fifth of the events moved from pop01 to its neighbour, or to new items: unordered, the same distance
-    assert score("pop02", ordered=False)[1] == score("new", ordered=False)[1]
-    assert score("pop02", ordered=True)[0] == "ordinal"
-    assert score("new", ordered=True)[1] > 2 * score("pop02", ordered=True)[1]

@@ -9,8 +9,7 @@ Three data sets per window, each row belonging to one user (the frames' index):
 
 - events (one row per event): the action, the item's popularity bucket (its share of the events in the
   `lookback_days` before the window: pop01 = the items that drew the first 1/buckets of those events, ...,
-  "new" = an item without events there; ordered, so it is tested along that order), whether the item is new, whether
-  the user is new (no events there);
+  "new" = an item without events there), whether the item is new, whether the user is new (no events there);
 - users (one row per active user): events and distinct items per user in the window;
 - candidates (one row per user and candidate): the ranker's features and score for the candidates of active
   users, computed with the trained bundle's own functions (recflow.model.ranker.build_context / candidate_features)
@@ -44,7 +43,7 @@ import pyarrow.compute as pc
 from recflow.config import Settings
 from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID
 from recflow.errors import EmptyDataError, ModelNotFoundError
-from recflow.ops.drift_stats import CATEGORICAL, ORDINAL, ColumnDrift, permutation_test
+from recflow.ops.drift_stats import ColumnDrift, permutation_test
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +175,12 @@ def event_frames(
         before = events[(ts >= s - lookback_ms) & (ts < s)]
         bucket = _popularity_buckets(before[ITEM_ID], conf.popularity_buckets)
         item_bucket = inside[ITEM_ID].map(bucket).astype(object).fillna(NEW)
-        order = [f"pop{i + 1:02d}" for i in range(conf.popularity_buckets)] + [NEW]  # most popular first, new last
         seen_users = set(before[USER_ID].unique())
         frames[EVENTS].append(
             pd.DataFrame(
                 {
                     "action": inside[ACTION].astype(str).to_numpy(),
-                    "item_popularity": pd.Categorical(item_bucket.to_numpy(), categories=order, ordered=True),
+                    "item_popularity": item_bucket.to_numpy(),
                     "new_item": np.where(item_bucket.to_numpy() == NEW, "yes", "no"),
                     "new_user": np.where(inside[USER_ID].isin(seen_users).to_numpy(), "no", "yes"),
                 },
@@ -304,13 +302,10 @@ def evidently_detail(
     windows: tuple[dict[str, pd.Series], dict[str, pd.Series]] = ({}, {})
     for name, column in flagged:
         for position, frame in enumerate(frames[name]):
-            values = _sample(frame[[column.column]], settings)[column.column]
-            if column.kind == ORDINAL:  # Evidently's Wasserstein of the ranks, as the test's
-                values = values.cat.codes.astype(np.float64).where(values.notna())
-            windows[position][f"{name}.{column.column}"] = values
+            windows[position][f"{name}.{column.column}"] = _sample(frame[[column.column]], settings)[column.column]
     reference, current = (pd.DataFrame(w) for w in windows)
     names = [f"{name}.{c.column}" for name, c in flagged]
-    categorical = [f"{name}.{c.column}" for name, c in flagged if c.kind == CATEGORICAL]
+    categorical = [f"{name}.{c.column}" for name, c in flagged if c.kind == "categorical"]
     definition = DataDefinition(
         numerical_columns=[n for n in names if n not in categorical], categorical_columns=categorical
     )
@@ -327,7 +322,7 @@ def evidently_detail(
 def _evidently_threshold(column: ColumnDrift, reference: pd.Series, current: pd.Series) -> float:
     """The critical distance in Evidently's units: its Wasserstein is divided by the reference's std, ours by the
     pooled one's."""
-    if column.kind == CATEGORICAL:
+    if column.kind == "categorical":
         return column.critical
     pooled = pd.concat([reference, current]).std(ddof=0)
     return column.critical * max(float(pooled), 1e-3) / max(float(reference.std(ddof=0)), 1e-3)

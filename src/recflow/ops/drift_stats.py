@@ -19,11 +19,7 @@ Distances (the same as Evidently's methods of these names, on a sample that weig
 report agrees):
 - categorical columns: Jensen-Shannon distance (natural log) between the two windows' category shares;
 - numerical columns: Wasserstein distance between the two windows' values divided by the pooled standard deviation,
-  computed on the distinct values, or on `bins` pooled quantile bins (at the bin's mean value) when there are more;
-- ordered categories (pandas' ordered Categorical, such as the popularity buckets pop01 < ... < pop10 < new): the
-  same Wasserstein distance over their ranks. A shift along the order (towards the tail, or to new items) is what
-  moves; Jensen-Shannon would count in full the jitter between neighbouring buckets that comes from the sampling of
-  the lookback the buckets were cut from, which the user permutation of the two windows cannot see.
+  computed on the distinct values, or on `bins` pooled quantile bins (at the bin's mean value) when there are more.
 
 One family per data set: a column is significant when its p-value, adjusted for the data set's other columns by
 the min-p permutation method (Westfall and Young: the same permutations for every column, so correlated columns
@@ -39,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-CATEGORICAL, ORDINAL, NUMERICAL = "categorical", "ordinal", "numerical"
-METHODS = {CATEGORICAL: "jensenshannon", ORDINAL: "wasserstein", NUMERICAL: "wasserstein"}
+CATEGORICAL, NUMERICAL = "categorical", "numerical"
+METHODS = {CATEGORICAL: "jensenshannon", NUMERICAL: "wasserstein"}
 _CHUNK = 256  # permutations per matrix product (memory: chunk x blocks floats)
 
 
@@ -49,8 +45,8 @@ class ColumnDrift:
     """One column's verdict and how much it moved."""
 
     column: str
-    kind: str  # categorical, ordinal or numerical
-    method: str  # jensenshannon or wasserstein (normalised by the pooled std; of the ranks for ordinal columns)
+    kind: str  # categorical or numerical
+    method: str  # jensenshannon or wasserstein (normalised by the pooled std)
     score: float  # the distance between the windows
     null_median: float  # the distance two random groups of the same sizes typically have
     critical: float  # the distance the column needed to drift: max(permutation critical value, min_effect)
@@ -125,9 +121,6 @@ def _encode(reference: pd.Series, current: pd.Series, bins: int) -> tuple[np.nda
     """Codes of the pooled values (-1: missing, left out), the positions of the codes (numerical: the value, or the
     bin's mean value when there are more than `bins` distinct values; categorical: 0..k-1) and the column's kind."""
     pooled = pd.concat([reference, current], ignore_index=True)
-    if isinstance(pooled.dtype, pd.CategoricalDtype) and pooled.dtype.ordered:
-        ranks = np.arange(len(pooled.cat.categories), dtype=np.float64)
-        return pooled.cat.codes.to_numpy(dtype=np.int64), ranks, ORDINAL
     if _is_categorical(pooled):
         codes, uniques = pd.factorize(pooled.astype(str).where(pooled.notna()), sort=True)
         return codes, np.arange(len(uniques), dtype=np.float64), CATEGORICAL
