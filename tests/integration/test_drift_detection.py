@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from evidently.core.report import Snapshot
 
 from recflow.config import GenerateSettings, Settings, load_settings
 from recflow.events.synth import DriftSpec, generate_events
@@ -84,9 +85,12 @@ def test_the_report_pair_is_written_and_old_pairs_are_pruned(tmp_path: Path) -> 
         assert result.html_path is not None and result.json_path is not None
         stems.append(result.json_path.stem)
     assert stems[0] == "drift-20240101T000000000Z"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{s}.{x}" for s in stems[1:] for x in ("html", "json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{s}.{x}" for s in stems[1:] for x in ("html", "json", "evidently.json")
+    )
     summary = json.loads(result.json_path.read_text())
     assert summary["html"] == str(result.html_path) and summary["skipped"] == {"candidates": "no trained model"}
+    assert summary["evidently"] == str(result.evidently_path)
     assert summary["status"] == "drift" and summary["sizes"]["current"]["users"] > 100
     assert {d["name"] for d in summary["datasets"]} == {"events", "users"}
     page = result.html_path.read_text()
@@ -95,8 +99,14 @@ def test_the_report_pair_is_written_and_old_pairs_are_pruned(tmp_path: Path) -> 
         page.index("Drift check: <span class='drift'>DRIFT") < page.index("<h2>Windows") < page.index("Drifted columns")
     )
     assert f"{windows.current_start:%Y-%m-%d %H:%M}" in page and "reference_start" not in page  # dates, not JSON
-    assert page.count("<iframe") == 1 and all(f"{name}.{c.column}" in page for name, c in result.flagged())
-    assert result.html_path.stat().st_size < 5_000_000  # one Evidently report; 3.5 MB of it is Evidently's script
+    assert result.evidently_path is not None and result.evidently_path.name in page
+    assert "<script" not in page and result.html_path.stat().st_size < 50_000  # no Evidently script inline
+    # Evidently's detail of exactly the drifted columns, as a snapshot Evidently reads back and renders
+    snapshot = Snapshot.load(result.evidently_path)
+    assert sorted(m["config"]["column"] for m in snapshot.dict()["metrics"]) == sorted(
+        f"{name}.{c.column}" for name, c in result.flagged()
+    )
+    assert result.evidently_path.stat().st_size < 1_000_000
 
 
 def test_a_check_without_drift_writes_a_small_page(tmp_path: Path) -> None:
@@ -111,4 +121,5 @@ def test_a_check_without_drift_writes_a_small_page(tmp_path: Path) -> None:
     )
     write_report(result, tmp_path, keep=2)
     assert result.html_path is not None and "Drift check: <span class=''>NO DRIFT" in result.html_path.read_text()
-    assert result.html_path.stat().st_size < 20_000
+    assert result.html_path.stat().st_size < 20_000 and result.evidently_path is None
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".html", ".json"]

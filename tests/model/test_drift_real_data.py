@@ -11,7 +11,7 @@ import pytest
 
 from recflow.config import Settings, load_settings
 from recflow.ops import drift_calibration as dc
-from recflow.ops.drift import DRIFT, NO_DRIFT, NOT_ENOUGH_DATA, drift_windows, event_frames, judge
+from recflow.ops.drift import DRIFT, NOT_ENOUGH_DATA, drift_windows, event_frames, judge
 
 from ..conftest import REPO
 
@@ -39,9 +39,10 @@ def month_split(ratings: pd.DataFrame, seed: int, settings: Settings = SHIPPED) 
     return dc.no_drift_case(ratings, first + (30 + 10 * seed) * DAY_MS, 28, 7, settings, rng)
 
 
-def test_random_user_groups_of_one_month_do_not_drift(ratings: pd.DataFrame) -> None:
-    verdicts = [verdict(month_split(ratings, seed)) for seed in range(8)]
-    assert {status for status, _ in verdicts} <= {NO_DRIFT, NOT_ENOUGH_DATA}, verdicts
+def test_random_user_groups_of_one_month_drift_at_most_once_in_twenty(ratings: pd.DataFrame) -> None:
+    # the target; the check's rate is about 4% (README), so 20 splits allow one
+    verdicts = [verdict(month_split(ratings, seed)) for seed in range(20)]
+    assert sum(status == DRIFT for status, _ in verdicts) <= 1, verdicts
 
 
 @pytest.mark.parametrize(("kind", "size"), [("new_items", 0.1), ("popularity", 0.3), ("action_mix", 0.4)])
@@ -55,9 +56,12 @@ def test_planted_drifts_of_the_stated_sizes_are_flagged_by_their_column(
         assert status == DRIFT and column[kind] in columns, (seed, columns)
 
 
-def test_five_months_later_drifts_by_new_items_and_popularity(ratings: pd.DataFrame) -> None:
-    first = int(ratings["ts"].min())
-    case = dc.later_case(ratings, first, first + 150 * DAY_MS, 28, 7, SHIPPED, np.random.default_rng(0))
+# day 0: the first month; days 15, 26 and 34: months whose reference week's new-item share was held by a few heavy
+# raters, so that with events pooled (before every user weighed the same) the five-months-later week was not flagged
+@pytest.mark.parametrize("day", [0, 15, 26, 34])
+def test_five_months_later_drifts_by_new_items_and_popularity(ratings: pd.DataFrame, day: int) -> None:
+    start = int(ratings["ts"].min()) + day * DAY_MS
+    case = dc.later_case(ratings, start, start + 150 * DAY_MS, 28, 7, SHIPPED, np.random.default_rng(day))
     frames = event_frames(case.events, drift_windows(case.end, case.settings), case.settings)
     status, reasons, datasets = judge(frames, case.settings)
     moved = {c.column: c for d in datasets for c in d.columns if d.name == "events"}

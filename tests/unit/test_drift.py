@@ -24,7 +24,7 @@ from recflow.ops.drift import (
     event_frames,
     judge,
 )
-from recflow.ops.drift_stats import permutation_test
+from recflow.ops.drift_stats import permutation_test, summarize
 
 from ..factories import drift_frame
 
@@ -163,3 +163,30 @@ def test_windows_with_too_few_users_get_not_enough_data_with_their_sizes_never_d
     assert "holds 10 users" in reasons[0] and "drift.min_users" in reasons[0]
     status, reasons, _ = judge(frames, Settings().replace("drift", min_users=5, min_events=10, permutations=300))
     assert status == DRIFT and reasons[0].startswith("events: action jensenshannon")
+
+
+def shares_window(light_share: float, heavy_share: float, *, offset: int) -> pd.DataFrame:
+    """40 light users with 20 events each and 2 heavy users with 400 each; `light_share` / `heavy_share` of each
+    user's events are on new items."""
+    rows = []
+    for user, (events, share) in enumerate([(20, light_share)] * 40 + [(400, heavy_share)] * 2):
+        new = round(events * share)
+        rows += [(str(user + offset), "yes" if i < new else "no") for i in range(events)]
+    frame = pd.DataFrame(rows, columns=[USER_ID, "new_item"])
+    return frame.set_index(USER_ID)
+
+
+def test_every_user_weighs_the_same_so_two_heavy_users_cannot_hide_what_the_others_moved() -> None:
+    # regression: with the events pooled, ml-100k's five-months-later week was missed when a few heavy raters held
+    # the reference week's new-item share; here pooled shares are equal (22.5% in both windows), the users' are not
+    reference = shares_window(0.05, 0.4, offset=0)
+    current = shares_window(0.2, 0.25, offset=1000)
+    assert (reference["new_item"] == "yes").mean() == (current["new_item"] == "yes").mean() == 0.225
+    (column,) = permutation_test(reference, current, alpha=0.01, min_effect={}, permutations=500, bins=16, seed=0)
+    assert column.drifted and column.p_value < 0.01
+    assert column.reference == "yes 6.7%, no 93.3%" and column.current == "yes 20.2%, no 79.8%"
+
+
+def test_numbers_are_summarised_with_every_user_weighing_the_same() -> None:
+    values = pd.Series([1.0] * 9 + [10.0], index=pd.Index(["heavy"] * 9 + ["light"]))
+    assert summarize(values, values)[0] == "mean 5.5, median 1, p90 10"

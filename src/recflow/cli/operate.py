@@ -164,6 +164,8 @@ def drift_check(
         out.print(reason)
     out.print(f"verdict: {'DRIFT, retrain' if result.drifted else result.status}")
     out.print(f"report: {result.html_path}\nsummary: {result.json_path}")
+    if result.evidently_path is not None:
+        out.print(f"Evidently's snapshot of the drifted columns: {result.evidently_path}")
     if fail_on_drift and result.drifted:
         raise typer.Exit(1)
 

@@ -15,11 +15,12 @@ Three data sets per window, each row belonging to one user (the frames' index):
   users, computed with the trained bundle's own functions (recflow.model.ranker.build_context / candidate_features)
   from the `lookback_days` of events before the window's end. Skipped, with the reason, when no bundle exists.
 
-Each column is tested against a null distribution made by dealing the two windows' users at random into two
-groups of the windows' sizes (recflow.ops.drift_stats), so the verdict holds for a window of 40 users as for one
-of 40,000; a column drifts when it is significant (min-p adjusted p-value below `alpha`, split over the data sets)
-and moved at least its data set's `min_effect`. Windows with fewer than `min_users` users or `min_events` events
-get the verdict "not enough data" with their sizes. Evidently renders the flagged columns (drift_report).
+Each column's distribution in a window weighs every active user the same, and it is tested against a null
+distribution made by dealing the two windows' users at random into two groups of the windows' sizes
+(recflow.ops.drift_stats), so the verdict holds for a window of 40 users as for one of 40,000; a column drifts when
+it is significant (min-p adjusted p-value below `alpha`, split over the data sets) and moved at least its data set's
+`min_effect`. Windows with fewer than `min_users` users or `min_events` events get the verdict "not enough data"
+with their sizes. Evidently's ValueDrift describes the flagged columns (evidently_detail; drift_report saves it).
 
 Every aggregate is defined the same way relative to its own window, so two windows of one distribution give
 the same distributions; windows of equal length (the default) keep even the length-dependent ones (new items,
@@ -88,6 +89,7 @@ class DriftResult:
     checked_at: str
     html_path: Path | None = None
     json_path: Path | None = None
+    evidently_path: Path | None = None  # Evidently's snapshot of the drifted columns (None: none drifted)
     evidently: Any = field(default=None, repr=False)  # Evidently's report of the drifted columns (None: none)
 
     @property
@@ -111,6 +113,7 @@ class DriftResult:
             "datasets": [dataclasses.asdict(d) for d in self.datasets],
             "skipped": self.skipped,
             "html": None if self.html_path is None else str(self.html_path),
+            "evidently": None if self.evidently_path is None else str(self.evidently_path),
         }
 
 
@@ -287,8 +290,9 @@ def evidently_detail(
     frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], datasets: list[DatasetDrift], settings: Settings
 ) -> Any | None:
     """One Evidently report of ValueDrift for the drifted columns only (named `<data set>.<column>`, each on at most
-    `max_rows` seeded rows per window, shorter columns padded with missing values, which Evidently leaves out), with
-    the same distance and the threshold this check needed. None when no column drifted."""
+    `max_rows` seeded rows per window that weigh every user the same, as the test does; shorter columns padded with
+    missing values, which Evidently leaves out), with the same distance and the threshold this check needed. None
+    when no column drifted."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
@@ -325,9 +329,15 @@ def _evidently_threshold(column: ColumnDrift, reference: pd.Series, current: pd.
 
 
 def _sample(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
-    if len(frame) <= settings.drift.max_rows:
-        return frame.reset_index(drop=True)
-    return frame.sample(settings.drift.max_rows, random_state=settings.drift.seed).reset_index(drop=True)
+    """At most `max_rows` rows in which every user weighs the same, as in the test (recflow.ops.drift_stats): the same
+    number of rows drawn from each user's rows (with replacement), then a uniform sample of those when there are
+    more users than `max_rows`."""
+    conf = settings.drift
+    per_user = max(conf.max_rows // max(frame.index.nunique(), 1), 1)
+    balanced = frame.groupby(level=0, sort=False).sample(per_user, replace=True, random_state=conf.seed)
+    if len(balanced) > conf.max_rows:
+        balanced = balanced.sample(conf.max_rows, random_state=conf.seed)
+    return balanced.reset_index(drop=True)
 
 
 def window_sizes(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, dict[str, int]]:

@@ -8,7 +8,15 @@ unit that is drawn is the user (more exactly the user's rows in one window, a "b
 column's distance is the distance between two windows made by dealing the pooled blocks at random into groups of
 the two windows' sizes, so it widens by itself when a window holds few users, and it narrows when it holds many.
 
-Distances (the same as Evidently's methods of these names, so its report agrees):
+Every user weighs the same: a column's distribution in a window is the average of its users' own distributions (a
+user with 300 events in the week counts as much as one with 3), the statistic that matches the unit the null
+resamples. Pooling the events instead lets the few heaviest users of a small window decide the window's shares, and
+their taste is exactly the noise the null then has to allow for: on ml-100k weeks of 33-59 users, the current week
+taken five months later (new releases in the average user's ratings) is missed in 5 of 40 weeks with pooled events
+and in none with users weighted equally, at the same false-alarm rate (benchmarks/bench_drift_real.py).
+
+Distances (the same as Evidently's methods of these names, on a sample that weighs users the same way, so its
+report agrees):
 - categorical columns: Jensen-Shannon distance (natural log) between the two windows' category shares;
 - numerical columns: Wasserstein distance between the two windows' values divided by the pooled standard deviation,
   computed on the distinct values, or on `bins` pooled quantile bins (at the bin's mean value) when there are more.
@@ -68,7 +76,8 @@ def permutation_test(
     units = np.concatenate([ref_units, cur_units + n_ref])
     columns = list(reference.columns)
     encoded = [_encode(reference[c], current[c], bins) for c in columns]
-    # per column, a blocks x categories (or bins) count matrix; all columns side by side, one product per chunk
+    # per column, a blocks x categories (or bins) matrix of each user's shares; all columns side by side, one product
+    # per chunk
     counts = np.hstack([_block_counts(units, codes, n_ref + n_cur, len(pos)) for codes, pos, _ in encoded])
     offsets = np.cumsum([0] + [len(pos) for _, pos, _ in encoded])
     total = counts.sum(axis=0)
@@ -134,9 +143,13 @@ def _is_categorical(values: pd.Series) -> bool:
 
 
 def _block_counts(units: np.ndarray, codes: np.ndarray, n_blocks: int, width: int) -> np.ndarray:
+    """Each block's (user's) distribution over the codes: its counts divided by its rows with a value, so every user
+    weighs 1 (a user without a value in this column weighs 0)."""
     keep = codes >= 0
     flat = np.bincount(units[keep] * width + codes[keep], minlength=n_blocks * width)
-    return flat.reshape(n_blocks, width).astype(np.float64)
+    counts = flat.reshape(n_blocks, width).astype(np.float64)
+    counts /= np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    return counts
 
 
 def _distance(
@@ -183,19 +196,32 @@ def _rank(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def summarize(reference: pd.Series, current: pd.Series, *, top: int = 3) -> tuple[str, str]:
-    """A column in each window, readable: the shares of the `top` categories that moved most, or mean / median /
-    p90 of the numbers."""
+    """A column in each window, readable and weighted as the test weighs it (every user the same; the index names
+    the user): the shares of the `top` categories that moved most, or mean / median / p90 of the numbers."""
     if _is_categorical(reference) or _is_categorical(current):
-        ref = reference.astype(str).value_counts(normalize=True)
-        cur = current.astype(str).value_counts(normalize=True)
+        ref, cur = _shares(reference), _shares(current)
         moved = ref.sub(cur, fill_value=0.0).abs().sort_values(ascending=False, kind="stable").index[:top]
         return tuple(", ".join(f"{k} {s.get(k, 0.0):.1%}" for k in moved) for s in (ref, cur))  # type: ignore[return-value]
     return _numbers(reference), _numbers(current)
 
 
+def _shares(values: pd.Series) -> pd.Series:
+    """Category -> the average over users of the user's share of it."""
+    if values.empty:
+        return pd.Series(dtype=np.float64)
+    return pd.crosstab(values.index, values.astype(str).to_numpy(), normalize="index").mean()
+
+
 def _numbers(values: pd.Series) -> str:
     numbers = values.to_numpy(dtype=np.float64)
-    numbers = numbers[np.isfinite(numbers)]
-    if len(numbers) == 0:
+    present = np.isfinite(numbers)
+    if not present.any():
         return "no values"
-    return f"mean {numbers.mean():.3g}, median {np.median(numbers):.3g}, p90 {np.quantile(numbers, 0.9):.3g}"
+    numbers = numbers[present]
+    users = pd.factorize(values.index[present])[0]
+    weights = 1.0 / np.bincount(users)[users]  # each user's values weigh 1 in all
+    order = np.argsort(numbers, kind="stable")
+    cumulative = np.cumsum(weights[order]) / weights.sum()
+    median, p90 = (numbers[order][np.searchsorted(cumulative, q)] for q in (0.5, 0.9))
+    mean = float(np.average(numbers, weights=weights))
+    return f"mean {mean:.3g}, median {median:.3g}, p90 {p90:.3g}"
