@@ -5,9 +5,10 @@ drifts of stated sizes, and a real change (MovieLens five months later).
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_drift_real.py --splits 40 --planted 10  # quick
 
 Reads the development sets from ../shared/data at run time (skips a set that is absent; never copies them):
-- ml-100k: a random 28-day span of ratings, its users dealt into four groups laid into four 7-day slots
-  (lookback, lookback, reference week, current week) - recflow.ops.drift_calibration;
-- YooChoose clicks: a random 4-day span of sessions, dealt into four 1-day slots.
+- ml-100k: a random 35-day span of ratings, its users dealt into five groups laid into five 7-day slots
+  (the reference week's two-week lookback, the week before the reference week - with the one before it the current
+  week's lookback -, the reference week, the current week) - recflow.ops.drift_calibration;
+- YooChoose clicks: a random 5-day span of sessions, dealt into five 1-day slots.
 Each no-drift split is judged by recflow.ops.drift.judge with params.yaml `drift` (windows resized to the slots);
 the planted drifts change the current slot of the first `--planted` splits. Writes
 benchmarks/out/drift_real/{calibration.csv,summary.md,calibration.png} (git-ignored).
@@ -31,8 +32,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "out" / "drift_real"
 DAY_MS = 86_400_000
 SETS = {  # name -> (reader, file, span days, slot days)
-    "ml-100k": (dc.read_movielens, DATA / "ml-100k", 28.0, 7.0),
-    "yoochoose": (dc.read_yoochoose, DATA / "yoochoose-clicks-100k" / "yoochoose-clicks-100k_train_full.txt", 4.0, 1.0),
+    "ml-100k": (dc.read_movielens, DATA / "ml-100k", 35.0, 7.0),
+    "yoochoose": (dc.read_yoochoose, DATA / "yoochoose-clicks-100k" / "yoochoose-clicks-100k_train_full.txt", 5.0, 1.0),
 }
 SIZES = {"new_items": (0.05, 0.1, 0.2), "popularity": (0.1, 0.2, 0.3), "action_mix": (0.1, 0.2, 0.3)}
 MIN_USERS_TARGET = 40  # the target: false alarms over splits with >= 40 users per window
@@ -42,7 +43,7 @@ def judged(case: dc.Case) -> dict[str, object]:
     windows = drift_windows(case.end, case.settings)
     frames = event_frames(case.events, windows, case.settings)
     status, _, datasets = judge(frames, case.settings)
-    users = min(len(frames["users"][0]), len(frames["users"][1]))
+    users = min(len(frames["users"].reference), len(frames["users"].current))
     flagged = sorted({f"{d.name}.{c.column}" for d in datasets for c in d.columns if c.drifted})
     return {"status": status, "min_users": users, "flagged": " ".join(flagged)}
 

@@ -37,7 +37,7 @@ from ..factories import drift_frame
 HELD_OUT_SEEDS = range(6)
 SHIPPED = load_settings(REPO / "params.yaml")
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
-DAYS, DRIFT_DAY = 35, 28  # lookback 14 + reference 7 + current 7 days; the current window is the last 7
+DAYS, DRIFT_DAY = 35, 28  # lookback 14 + gap 7 + reference 7 + current 7 days; the current window is the last 7
 
 
 def flagged(events: pd.DataFrame, settings: Settings) -> tuple[bool, list[str]]:

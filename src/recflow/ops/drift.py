@@ -2,14 +2,19 @@
 
 Windows, cut back from the store's last event (the data's "now"), lengths in params.yaml `drift`:
 
-    [ lookback | reference window ][ current window ]
-                      each window also looks back `lookback_days` before its own start (or end, see below)
+    [ reference's lookback ][ gap ][ reference window ][ current window ]
+                           [ current's lookback        ]
+
+Each window's new items and users and its popularity buckets are read against its own lookback: the `lookback_days`
+that end one reference window (`reference_days`) before it starts. So the current window's lookback ends where the
+reference window starts, the two windows stand the same distance from their lookbacks, and neither lookback holds
+either window's events: dealing the two windows' users at random (the null, below) leaves both lookbacks as they are.
 
 Three data sets per window, each row belonging to one user (the frames' index):
 
-- events (one row per event): the action, the item's popularity bucket (its share of the events in the
-  `lookback_days` before the window: pop01 = the items that drew the first 1/buckets of those events, ...,
-  "new" = an item without events there), whether the item is new, whether the user is new (no events there);
+- events (one row per event): the action, the item's popularity bucket (its share of the events in the window's
+  lookback: pop01 = the items that drew the first 1/buckets of those events, ..., "new" = an item without events
+  there), whether the item is new, whether the user is new (no events there);
 - users (one row per active user): events and distinct items per user in the window;
 - candidates (one row per user and candidate): the ranker's features and score for the candidates of active
   users, computed with the trained bundle's own functions (recflow.model.ranker.build_context / candidate_features)
@@ -17,7 +22,10 @@ Three data sets per window, each row belonging to one user (the frames' index):
 
 Each column's distribution in a window weighs every active user the same, and it is tested against a null
 distribution made by dealing the two windows' users at random into two groups of the windows' sizes
-(recflow.ops.drift_stats), so the verdict holds for a window of 40 users as for one of 40,000; a column drifts when
+(recflow.ops.drift_stats), so the verdict holds for a window of 40 users as for one of 40,000. A user dealt to the other
+window is read against that window's lookback (FramePair.reference_as_current / current_as_reference): the two
+lookbacks differ by sampling alone (which items their users happened to rate), and the null must hold that difference
+as the observed distance does, or it flags it. A column drifts when
 it is significant (min-p adjusted p-value below `alpha`, split over the data sets) and moved at least its data set's
 `min_effect`. Windows with fewer than `min_users` users or `min_events` events get the verdict "not enough data"
 with their sizes. Evidently's ValueDrift describes the flagged columns (evidently_detail; drift_report saves it).
@@ -63,6 +71,27 @@ class DriftWindows:
 
     def as_dict(self) -> dict[str, str]:
         return {k: v.isoformat(timespec="seconds") for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class FramePair:
+    """One data set's rows in the reference and the current window (each frame's index names the user of its rows).
+
+    For columns read against a window's own lookback (events: item_popularity, new_item, new_user), the same rows as
+    the other window reads them: the null deals rows between the windows with the value of the window they land in.
+    None: every column reads the same in both windows."""
+
+    reference: pd.DataFrame
+    current: pd.DataFrame
+    reference_as_current: pd.DataFrame | None = None  # the reference rows read against the current window's lookback
+    current_as_reference: pd.DataFrame | None = None  # the current rows read against the reference window's lookback
+
+    def window(self, label: str) -> pd.DataFrame:
+        """The "reference" or the "current" frame."""
+        return {"reference": self.reference, "current": self.current}[label]
+
+
+Frames = dict[str, FramePair]  # data set -> its rows in the two windows
 
 
 @dataclass(frozen=True)
@@ -122,7 +151,8 @@ def drift_windows(last_event: datetime, settings: Settings) -> DriftWindows:
     end = last_event + timedelta(milliseconds=1)
     current_start = end - timedelta(days=conf.current_days)
     reference_start = current_start - timedelta(days=conf.reference_days)
-    return DriftWindows(reference_start - timedelta(days=conf.lookback_days), reference_start, current_start, end)
+    lookback_start = reference_start - timedelta(days=conf.reference_days + conf.lookback_days)
+    return DriftWindows(lookback_start, reference_start, current_start, end)
 
 
 def load_events(store: Path, settings: Settings, *, end: datetime | None = None) -> tuple[pd.DataFrame, DriftWindows]:
@@ -139,9 +169,10 @@ def load_events(store: Path, settings: Settings, *, end: datetime | None = None)
         days = (windows.end - first).total_seconds() / 86_400
         conf = settings.drift
         raise EmptyDataError(
-            f"the store spans {days:.1f} days, the drift check needs lookback + reference + current = "
-            f"{conf.lookback_days:g} + {conf.reference_days:g} + {conf.current_days:g} days "
-            "(params.yaml drift.*_days): shorten them or wait for more events"
+            f"the store spans {days:.1f} days, the drift check needs lookback + gap + reference + current = "
+            f"{conf.lookback_days:g} + {conf.reference_days:g} + {conf.reference_days:g} + {conf.current_days:g} days "
+            "(params.yaml drift.*_days; the gap between the reference window and its lookback is one reference "
+            "window): shorten them or wait for more events"
         )
     table = scan_store(
         store, columns=[USER_ID, ITEM_ID, ACTION, TIMESTAMP], start=windows.lookback_start, end=windows.end
@@ -160,37 +191,50 @@ def load_events(store: Path, settings: Settings, *, end: datetime | None = None)
     return frame.sort_values("ts", kind="stable", ignore_index=True), windows
 
 
-def event_frames(
-    events: pd.DataFrame, windows: DriftWindows, settings: Settings
-) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """{events, users} -> (reference frame, current frame) of the per-event and per-user aggregates; each frame's
-    index is the user of its rows."""
+def event_frames(events: pd.DataFrame, windows: DriftWindows, settings: Settings) -> Frames:
+    """{events, users} -> the per-event and per-user aggregates of the two windows; each frame's index is the user of
+    its rows. The events' lookback columns are also read against the other window's lookback (FramePair)."""
     conf = settings.drift
-    lookback_ms = round(conf.lookback_days * _DAY_MS)
-    frames: dict[str, list[pd.DataFrame]] = {EVENTS: [], USERS: []}
+    lookback_ms, gap_ms = round(conf.lookback_days * _DAY_MS), round(conf.reference_days * _DAY_MS)
+    ts = events["ts"].to_numpy()
+    inside, lookbacks, users = [], [], []
     for start, stop in ((windows.reference_start, windows.current_start), (windows.current_start, windows.end)):
         s, e = _ms(start), _ms(stop)
-        ts = events["ts"].to_numpy()
-        inside = events[(ts >= s) & (ts < e)]
-        before = events[(ts >= s - lookback_ms) & (ts < s)]
-        bucket = _popularity_buckets(before[ITEM_ID], conf.popularity_buckets)
-        item_bucket = inside[ITEM_ID].map(bucket).astype(object).fillna(NEW)
-        seen_users = set(before[USER_ID].unique())
-        frames[EVENTS].append(
-            pd.DataFrame(
-                {
-                    "action": inside[ACTION].astype(str).to_numpy(),
-                    "item_popularity": item_bucket.to_numpy(),
-                    "new_item": np.where(item_bucket.to_numpy() == NEW, "yes", "no"),
-                    "new_user": np.where(inside[USER_ID].isin(seen_users).to_numpy(), "no", "yes"),
-                },
-                index=pd.Index(inside[USER_ID].astype(str).to_numpy(), name=USER_ID),
-            )
+        rows = events[(ts >= s) & (ts < e)]
+        before = events[(ts >= s - gap_ms - lookback_ms) & (ts < s - gap_ms)]
+        inside.append(rows)
+        lookbacks.append(
+            (_popularity_buckets(before[ITEM_ID], conf.popularity_buckets), set(before[USER_ID].astype(str).unique()))
         )
-        per_user = inside.groupby(USER_ID, observed=True).agg(events=(ITEM_ID, "size"), items=(ITEM_ID, "nunique"))
+        per_user = rows.groupby(USER_ID, observed=True).agg(events=(ITEM_ID, "size"), items=(ITEM_ID, "nunique"))
         per_user.index = per_user.index.astype(str)
-        frames[USERS].append(per_user.astype(np.float64))
-    return {name: (ref, cur) for name, (ref, cur) in frames.items()}
+        users.append(per_user.astype(np.float64))
+    (ref, cur), (ref_lookback, cur_lookback) = inside, lookbacks
+    return {
+        EVENTS: FramePair(
+            reference=_read(ref, *ref_lookback).assign(action=ref[ACTION].astype(str).to_numpy())[_EVENT_COLUMNS],
+            current=_read(cur, *cur_lookback).assign(action=cur[ACTION].astype(str).to_numpy())[_EVENT_COLUMNS],
+            reference_as_current=_read(ref, *cur_lookback),
+            current_as_reference=_read(cur, *ref_lookback),
+        ),
+        USERS: FramePair(users[0], users[1]),
+    }
+
+
+_EVENT_COLUMNS = ["action", "item_popularity", "new_item", "new_user"]
+
+
+def _read(rows: pd.DataFrame, bucket: dict[str, str], seen_users: set[str]) -> pd.DataFrame:
+    """The events' columns read against one lookback (its items' popularity buckets, its users), indexed by user."""
+    item_bucket = rows[ITEM_ID].astype(str).map(bucket).fillna(NEW).to_numpy()
+    return pd.DataFrame(
+        {
+            "item_popularity": item_bucket,
+            "new_item": np.where(item_bucket == NEW, "yes", "no"),
+            "new_user": np.where(rows[USER_ID].astype(str).isin(seen_users).to_numpy(), "no", "yes"),
+        },
+        index=pd.Index(rows[USER_ID].astype(str).to_numpy(), name=USER_ID),
+    )
 
 
 def _popularity_buckets(items: pd.Series, buckets: int) -> dict[str, str]:
@@ -204,9 +248,7 @@ def _popularity_buckets(items: pd.Series, buckets: int) -> dict[str, str]:
     return dict(zip(counts.index.astype(str), (f"pop{i + 1:02d}" for i in index), strict=True))
 
 
-def candidate_frames(
-    bundle_dir: Path, events: pd.DataFrame, windows: DriftWindows, settings: Settings
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def candidate_frames(bundle_dir: Path, events: pd.DataFrame, windows: DriftWindows, settings: Settings) -> FramePair:
     """The ranker's features and score for the candidates of each window's active users (reference, current),
     indexed by the user.
 
@@ -259,16 +301,17 @@ def candidate_frames(
         if bundle.ranker is not None:
             frame[SCORE] = bundle.ranker.predict(X, num_iteration=bundle.ranker.best_iteration or None)
         out.append(frame)
-    return out[0], out[1]
+    return FramePair(out[0], out[1])
 
 
-def compare(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Settings) -> list[DatasetDrift]:
-    """Test every column of each (reference, current) pair against its permutation null (recflow.ops.drift_stats).
+def compare(frames: Frames, settings: Settings) -> list[DatasetDrift]:
+    """Test every column of each data set's two windows against its permutation null (recflow.ops.drift_stats).
     The check's false-alarm rate `alpha` is split evenly over the data sets."""
     conf = settings.drift
     alpha = conf.alpha / max(len(frames), 1)
     results = []
-    for name, (reference, current) in frames.items():
+    for name, pair in frames.items():
+        reference, current = pair.reference, pair.current
         check = getattr(conf, name)
         floors = {c: check.per_column_min_effect.get(c, check.min_effect) for c in reference.columns}
         columns = permutation_test(
@@ -279,6 +322,8 @@ def compare(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Sett
             permutations=conf.permutations,
             bins=conf.bins,
             seed=conf.seed,
+            reference_as_current=pair.reference_as_current,
+            current_as_reference=pair.current_as_reference,
         )
         drifted = any(c.drifted for c in columns)
         users = (reference.index.nunique(), current.index.nunique())
@@ -286,9 +331,7 @@ def compare(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Sett
     return results
 
 
-def evidently_detail(
-    frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], datasets: list[DatasetDrift], settings: Settings
-) -> Any | None:
+def evidently_detail(frames: Frames, datasets: list[DatasetDrift], settings: Settings) -> Any | None:
     """One Evidently report of ValueDrift for the drifted columns only (named `<data set>.<column>`, each on at most
     `max_rows` seeded rows per window that weigh every user the same, as the test does; shorter columns padded with
     missing values, which Evidently leaves out), with the same distance and the threshold this check needed. None
@@ -301,7 +344,7 @@ def evidently_detail(
         return None
     windows: tuple[dict[str, pd.Series], dict[str, pd.Series]] = ({}, {})
     for name, column in flagged:
-        for position, frame in enumerate(frames[name]):
+        for position, frame in enumerate((frames[name].reference, frames[name].current)):
             windows[position][f"{name}.{column.column}"] = _sample(frame[[column.column]], settings)[column.column]
     reference, current = (pd.DataFrame(w) for w in windows)
     names = [f"{name}.{c.column}" for name, c in flagged]
@@ -340,11 +383,11 @@ def _sample(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     return balanced.reset_index(drop=True)
 
 
-def window_sizes(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, dict[str, int]]:
+def window_sizes(frames: Frames) -> dict[str, dict[str, int]]:
     """Active users and events of each window."""
     return {
-        label: {"users": len(frames[USERS][position]), "events": len(frames[EVENTS][position])}
-        for position, label in enumerate(("reference", "current"))
+        label: {"users": len(frames[USERS].window(label)), "events": len(frames[EVENTS].window(label))}
+        for label in ("reference", "current")
     }
 
 
@@ -360,11 +403,11 @@ def too_small(sizes: dict[str, dict[str, int]], settings: Settings) -> list[str]
     ]
 
 
-def aggregates(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, dict[str, float]]:
+def aggregates(frames: Frames) -> dict[str, dict[str, float]]:
     """Readable per-window numbers for the summary: action mix, new-item and new-user shares, activity."""
     out = {}
-    for position, label in enumerate(("reference", "current")):
-        ev, us = frames[EVENTS][position], frames[USERS][position]
+    for label in ("reference", "current"):
+        ev, us = frames[EVENTS].window(label), frames[USERS].window(label)
         mix = ev["action"].value_counts(normalize=True)
         out[label] = {
             "events": float(len(ev)),
@@ -393,9 +436,7 @@ def verdict(datasets: list[DatasetDrift]) -> list[str]:
     ]
 
 
-def judge(
-    frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], settings: Settings
-) -> tuple[str, list[str], list[DatasetDrift]]:
+def judge(frames: Frames, settings: Settings) -> tuple[str, list[str], list[DatasetDrift]]:
     """The verdict on compared frames: (status, reasons, data sets); "not enough data" when a window is too small."""
     reasons = too_small(window_sizes(frames), settings)
     if reasons:

@@ -1,12 +1,13 @@
 """Windows for calibrating the drift check on real events: splits that differ only by sampling, planted drifts of
 stated sizes, and a real change (benchmarks/bench_drift_real.py and tests/model/test_drift_real_data.py use them).
 
-A no-drift case takes the events of one span of real time (a month of MovieLens ratings, a few days of YooChoose
-clicks), deals its users at random into four groups and lays each group's events, time order kept and the span
-squeezed, into one slot of four consecutive slots: two slots of lookback, the reference window, the current window.
-Nothing then differs between the windows but which users fell where. A planted drift changes the current window
-only, by a stated amount: a share of its events moved to brand-new items, or to unpopular items, or to another
-action.
+A no-drift case takes the events of one span of real time (five weeks of MovieLens ratings, a few days of YooChoose
+clicks), deals its users at random into five groups and lays each group's events, time order kept and the span
+squeezed, into one slot of five consecutive slots: the reference window's lookback (two slots), the slot between it
+and the reference window (the current window's lookback is this slot and the one before), the reference window, the
+current window. Nothing then differs between the windows, or between their lookbacks, but which users fell where.
+A planted drift changes the current window only, by a stated amount: a share of its events moved to brand-new items,
+or to unpopular items, or to another action.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 from recflow.config import Settings
 from recflow.constants import ACTION, ITEM_ID, TIMESTAMP, USER_ID
 
-SLOTS = 4  # lookback (two slots), reference, current
+SLOTS = 5  # the reference window's lookback (two slots), the slot before the reference window, reference, current
 _DAY_MS = 86_400_000
 
 
@@ -67,8 +68,8 @@ def later_case(
     settings: Settings,
     rng: np.random.Generator,
 ) -> Case:
-    """As no_drift_case for the lookback and reference slots, but the current slot holds a random quarter of the
-    users active in the span starting at `later_ms` (their events of that later span): a real change of time."""
+    """As no_drift_case for the lookback and reference slots, but the current slot holds a random fifth (1/SLOTS) of
+    the users active in the span starting at `later_ms` (their events of that later span): a real change of time."""
     base = no_drift_case(events, start_ms, span_days, slot_days, settings, rng)
     kept = base.events[base.events["ts"] < start_ms + (SLOTS - 1) * round(slot_days * _DAY_MS)]
     later = events[(events["ts"] >= later_ms) & (events["ts"] < later_ms + round(span_days * _DAY_MS))]

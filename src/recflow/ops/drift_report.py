@@ -64,11 +64,12 @@ _STYLE = (
 def _render_html(result: DriftResult) -> str:
     esc = html.escape
     w = result.windows
-    lookback = (w.reference_start - w.lookback_start).total_seconds() / 86_400
+    gap = (w.current_start - w.reference_start).total_seconds() / 86_400  # each lookback ends a reference window early
+    lookback = (w.reference_start - w.lookback_start).total_seconds() / 86_400 - gap
     window_rows = "".join(
         f"<tr><td>{label}</td><td>{start:%Y-%m-%d %H:%M}</td><td>{stop:%Y-%m-%d %H:%M}</td>"
         f"<td>{result.sizes[label]['users']:,}</td><td>{result.sizes[label]['events']:,}</td>"
-        f"<td>{lookback:g} days</td></tr>"
+        f"<td>{lookback:g} days, ending {gap:g} days before it</td></tr>"
         for label, start, stop in (
             ("reference", w.reference_start, w.current_start),
             ("current", w.current_start, w.end),
@@ -113,7 +114,7 @@ def _render_html(result: DriftResult) -> str:
         f"{esc(result.status.upper())}</span></h1>"
         f"<ul>{''.join(f'<li>{esc(r)}</li>' for r in result.reasons)}</ul>"
         "<h2>Windows (UTC)</h2><table><tr><th>window</th><th>from</th><th>until</th><th>active users</th>"
-        f"<th>events</th><th>lookback before it</th></tr>{window_rows}</table>"
+        f"<th>events</th><th>its lookback (new items and users, popularity)</th></tr>{window_rows}</table>"
         + (
             f"<h2>Drifted columns</h2><table><tr><th>data set</th>{column_head}<th>random splits: median</th>"
             f"<th>p (adjusted)</th><th>reference</th><th>current</th><th>Evidently's score</th></tr>{flagged}</table>"
