@@ -23,7 +23,9 @@ import yaml
 
 from ..conftest import write_small_project
 
-DAYS, DRIFT_DAY = 37, 30  # 30 days of one distribution, then 7 drifted days (the generator's drift option)
+# 36 days of one distribution (the drift check reads lookback 14 + gap 7 + reference 7 + current 7 = 35 days), then
+# 7 drifted days (the generator's drift option); ~800 events a day
+DAYS, DRIFT_DAY, EVENTS = 43, 36, 35_000
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,7 +52,7 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A DVC project (no git) with the small params, 30 days of events in the inbox and 7 drifted days kept
+    """A DVC project (no git) with the small params, 36 days of events in the inbox and 7 drifted days kept
     aside in late.parquet; the working directory is the project, as for a deployment."""
     from recflow.config import load_settings
     from recflow.events.fileio import write_events
@@ -61,7 +63,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         root,
         als={"tune": {"enabled": False}},
         ranker={"n_estimators": 40},
-        generate={"days": DAYS, "events": 30_000},
+        generate={"days": DAYS, "events": EVENTS},
     )
     settings = load_settings(root / "params.yaml")
     table = generate_events(settings.generate, drift=DriftSpec(start_fraction=DRIFT_DAY / DAYS))

@@ -20,7 +20,7 @@ from recflow.store.eventstore import ingest_table
 
 from ..conftest import REPO
 
-DAYS, DRIFT_DAY = 35, 28
+DAYS, DRIFT_DAY = 36, 29  # the check reads lookback 14 + gap 7 + reference 7 + current 7 days; a day to spare
 
 
 @pytest.mark.parametrize("drift", [False, True], ids=["same-distribution", "injected-drift"])
