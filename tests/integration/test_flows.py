@@ -160,9 +160,22 @@ def test_a_crash_in_the_middle_of_train_leaves_the_previous_model_in_place(
     assert bundle_module.ModelBundle.load(bundle_dir).user_factors.shape[0] > 0  # the previous bundle, whole
 
 
-def test_drift_flow_writes_the_report_pair_and_finds_no_drift_in_one_distribution(project: Path) -> None:
+@pytest.fixture
+def trained(project: Path) -> Path:
+    """The project after the ingest and train flows: no-ops when the tests above ran them, so that the drift tests
+    also run on their own (`pytest -k drift` used to find an empty store)."""
+    from flows.ingest import ingest
+    from flows.train import train
+
+    ingest(project=str(project))
+    train(project=str(project))
+    return project
+
+
+def test_drift_flow_writes_the_report_pair_and_finds_no_drift_in_one_distribution(trained: Path) -> None:
     from flows.drift import drift
 
+    project = trained
     result = drift(project=str(project))
     assert result["drifted"] is False, result["reasons"]
     assert {d["name"] for d in result["datasets"]} == {"events", "users", "candidates"}
@@ -172,9 +185,10 @@ def test_drift_flow_writes_the_report_pair_and_finds_no_drift_in_one_distributio
     assert "drift-summary" in artifact_keys()
 
 
-def test_pipeline_ingests_drifted_events_retrains_and_says_why(project: Path) -> None:
+def test_pipeline_ingests_drifted_events_retrains_and_says_why(trained: Path) -> None:
     from flows.pipeline import pipeline
 
+    project = trained
     late = pq.read_metadata(project / "late.parquet").num_rows
     (project / "late.parquet").rename(project / "data/inbox/late.parquet")
     before = datetime.now(UTC)
