@@ -338,7 +338,8 @@ class DriftSettings(_Section):
 
     current_days: Positive = 7.0  # the current window: the last days of the store
     reference_days: Positive = 7.0  # the reference window: the days before the current one
-    lookback_days: Positive = 14.0  # history before each window: new items/users, popularity buckets, ranker context
+    lookback_days: Positive = 14.0  # history ending reference_days before each window (new items/users, popularity
+    # buckets), and before each window's end (the ranker's context)
     popularity_buckets: Count = 10  # items bucketed by their share of the lookback's events
     min_users: Count = 30  # fewer active users in either window: the verdict is "not enough data"
     min_events: Count = 200  # fewer events in either window: the verdict is "not enough data"

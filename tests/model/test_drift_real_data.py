@@ -43,7 +43,7 @@ def month_split(ratings: pd.DataFrame, seed: int, settings: Settings = SHIPPED) 
 
 
 def test_random_user_groups_of_five_weeks_drift_at_most_once_in_twenty(ratings: pd.DataFrame) -> None:
-    # the target; the check's rate is about 4% (README), so 20 splits allow one
+    # the target; the check's rate is about 2% (README), so 20 splits allow one
     verdicts = [verdict(month_split(ratings, seed)) for seed in range(20)]
     assert sum(status == DRIFT for status, _ in verdicts) <= 1, verdicts
 

@@ -22,13 +22,13 @@ Three data sets per window, each row belonging to one user (the frames' index):
 
 Each column's distribution in a window weighs every active user the same, and it is tested against a null
 distribution made by dealing the two windows' users at random into two groups of the windows' sizes
-(recflow.ops.drift_stats), so the verdict holds for a window of 40 users as for one of 40,000. A user dealt to the other
-window is read against that window's lookback (FramePair.reference_as_current / current_as_reference): the two
+(recflow.ops.drift_stats), so the verdict holds for a window of 40 users as for one of 40,000. A user dealt to the
+other window is read against that window's lookback (FramePair.reference_as_current / current_as_reference): two
 lookbacks differ by sampling alone (which items their users happened to rate), and the null must hold that difference
-as the observed distance does, or it flags it. A column drifts when
-it is significant (min-p adjusted p-value below `alpha`, split over the data sets) and moved at least its data set's
-`min_effect`. Windows with fewer than `min_users` users or `min_events` events get the verdict "not enough data"
-with their sizes. Evidently's ValueDrift describes the flagged columns (evidently_detail; drift_report saves it).
+as the observed distance does, or it flags it. A column drifts when it is significant (min-p adjusted p-value below
+`alpha`, split over the data sets) and moved at least its data set's `min_effect`. Windows with fewer than
+`min_users` users or `min_events` events get the verdict "not enough data" with their sizes. Evidently's ValueDrift
+describes the flagged columns (evidently_detail; drift_report saves it).
 
 Every aggregate is defined the same way relative to its own window, so two windows of one distribution give
 the same distributions; windows of equal length (the default) keep even the length-dependent ones (new items,
