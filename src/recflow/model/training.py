@@ -1,11 +1,12 @@
 """The train stage: choose and fit the served model on validation folds, write the backtest and deployable bundles.
 
-1. Selection (selection.py): validation folds cut inside the training part (everything before the features
-   stage's TEST window) choose the decay, ALS's parameters, the popularity window, the item-item model, the
-   ranker, and the model kind that is served: the one with the best NDCG@10 on users nothing was tuned on.
+1. Selection (selection.py): validation folds cut inside the data before the features stage's TEST window
+   choose the decay, ALS's parameters, the popularity window, the item-item model, the ranker, and the model
+   kind that is served: the one with the best NDCG@10 on users nothing was tuned on.
 2. Backtest bundle: the choices fitted on everything before TEST, as of the TEST window's moment; `evaluate`
-   scores it on TEST, which nothing above has seen.
-3. Deployable bundle: the choices refitted on all events, as of their end; the ranker is the one trained in 1.
+   scores it on TEST, which no choice saw.
+3. Deployable bundle: the same choices and ranker refitted on all events, as of their end. So what `evaluate`
+   and the promotion gate measure is the configuration that serves, and selection runs once.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ class TrainReport:
     trials: dict[str, list[dict[str, Any]]]
     ranker: dict[str, Any] | None
     profile: dict[str, Any]
-    backtest: dict[str, Any]  # what the same procedure chose on the data before the test window
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -83,33 +83,30 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     weights = action_weights(settings, inter.actions)
     profile = _profile(meta, inter)
 
-    # The whole procedure (selection, then fit) runs twice: on everything before the test window for the backtest
-    # that `evaluate` scores, and on all events for the deployable bundle. So the evaluated model was chosen the
-    # way the served one is, and no choice behind the evaluated figure saw the test window.
+    # One selection, on everything before the test window: the backtest that `evaluate` scores and the deployable
+    # bundle are the same choices (and ranker) fitted on that part and on all events.
     test = window(inter, SPLIT_TEST, method, cuts)
     trained_at = datetime.now(UTC).isoformat(timespec="seconds")
     training_id = uuid.uuid4().hex  # one id in both bundles, the report and (by evaluate) metrics.json
     everything = window(inter, PRODUCTION, method, cuts)
-    outcomes = {}
+    with _timed(seconds, "select", progress):
+        choices, ranker_fit, selection = select(test.history, profile, settings, weights, progress)
+    warm_start = selection.als_start if settings.als.refit_iterations else None
     for directory, win in ((BACKTEST_DIR, test), (BUNDLE_DIR, everything)):
-        with _timed(seconds, f"select {directory}", progress):
-            chosen, ranker, chosen_by = select(win.history, profile, settings, weights, progress)
         with _timed(seconds, f"fit {directory}", progress):
-            fitted, _ = fit_bundle(
+            fitted, warm = fit_bundle(
                 win.history,
                 float(win.ref_time.max()),
-                chosen,
+                choices,
                 settings,
                 weights,
-                ranker=ranker,
-                warm_start=chosen_by.als_start if settings.als.refit_iterations else None,
+                ranker=ranker_fit,
+                warm_start=warm_start,
             )
-            fitted.info.update(window=directory, trained_at=trained_at, kind=chosen.kind, decided=chosen_by.decided,
+            fitted.info.update(window=directory, trained_at=trained_at, kind=choices.kind, decided=selection.decided,
                                training_id=training_id)  # fmt: skip
             save_bundle_atomically(fitted, models / directory)
-        outcomes[directory] = (chosen, ranker, chosen_by)
-    test_choices, _, test_selection = outcomes[BACKTEST_DIR]
-    choices, ranker_fit, selection = outcomes[BUNDLE_DIR]
+        warm_start = warm if settings.als.refit_iterations else None  # the deployable starts from the backtest
 
     report = TrainReport(
         kind=choices.kind,
@@ -121,7 +118,6 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         trials=selection.trials,
         ranker=selection.ranker if ranker_fit is not None or selection.ranker else None,
         profile=profile.as_dict(),
-        backtest={"kind": test_choices.kind, "decided": test_selection.decided, "choices": test_selection.choices},
         seconds=seconds,
     )
     _write_report(report, models)
