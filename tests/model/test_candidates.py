@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from recflow.config import ALSSettings, TuneSettings
-from recflow.model import scoring
+from recflow.model import candidates, scoring
 from recflow.model.candidates import (
     KNN_WEIGHTINGS,
     SOURCE_ALS,
@@ -200,6 +200,20 @@ def _truth(matrix: sp.csr_matrix, held_out: np.ndarray) -> GroundTruth:
         users=np.arange(matrix.shape[0]),
         relevant=sp.csr_matrix((np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape),
     )
+
+
+def test_tuning_scores_given_fits_without_fitting_them_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The selection's decay trials already fitted the starting parameters: the ALS search scores those fits."""
+    matrix, held_out = block_matrix()
+    given = fit_als(matrix, PARAMS)
+    settings = ALSSettings(**{**PARAMS.__dict__, "tune": TuneSettings(enabled=False)})
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a given fit was fitted again")
+
+    monkeypatch.setattr(candidates, "fit_als", refuse)
+    tuned = tune_als([(matrix, _truth(matrix, held_out))], settings, fitted={PARAMS: [given]})
+    assert tuned.models == [given] and len(tuned.trials) == 1
 
 
 def test_tuning_keeps_the_best_trial_and_respects_pinning() -> None:
