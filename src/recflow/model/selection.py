@@ -100,6 +100,9 @@ class SelectionReport:
     trials: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ranker: dict[str, Any] | None = None
     als_start: AlternatingLeastSquares | None = None  # a fold's fit with the chosen parameters (warm start)
+    # every protocol of the profile judged selection.max_users users: more data would not give the choice more
+    # users, only later ones
+    full: bool = False
 
 
 PROTOCOL_METHODS = {PROTOCOL_GLOBAL: "global_time", PROTOCOL_USER: "per_user"}
@@ -458,6 +461,10 @@ def select(
         trials=trials,
         ranker=ranker_info,
         als_start=tuned.models[0],
+        full=all(
+            sum(len(f.truth.users) for f in folds if f.protocol == protocol) >= conf.max_users
+            for protocol in profile.protocols
+        ),
     )
     return choices, ranker_fit, report
 

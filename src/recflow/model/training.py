@@ -5,8 +5,10 @@
    kind that is served: the one with the best NDCG@10 on users nothing was tuned on.
 2. Backtest bundle: the choices fitted on everything before TEST, as of the TEST window's moment; `evaluate`
    scores it on TEST, which no choice saw.
-3. Deployable bundle: the same choices and ranker refitted on all events, as of their end. So what `evaluate`
-   and the promotion gate measure is the configuration that serves, and selection runs once.
+3. Deployable bundle: fitted on all events, as of their end, with the choices of a second selection on all
+   events when that can judge more users than the first (small data: the TEST window holds users and times the
+   folds need); when the first selection's folds were already full (`selection.max_users` per protocol), the
+   deployable takes its choices and ranker, so selection runs once and `evaluate` measures exactly what serves.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class TrainReport:
     trials: dict[str, list[dict[str, Any]]]
     ranker: dict[str, Any] | None
     profile: dict[str, Any]
+    backtest: dict[str, Any]  # what selection chose on the data before the test window, and whether it serves
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -83,30 +86,37 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     weights = action_weights(settings, inter.actions)
     profile = _profile(meta, inter)
 
-    # One selection, on everything before the test window: the backtest that `evaluate` scores and the deployable
-    # bundle are the same choices (and ranker) fitted on that part and on all events.
     test = window(inter, SPLIT_TEST, method, cuts)
     trained_at = datetime.now(UTC).isoformat(timespec="seconds")
     training_id = uuid.uuid4().hex  # one id in both bundles, the report and (by evaluate) metrics.json
     everything = window(inter, PRODUCTION, method, cuts)
-    with _timed(seconds, "select", progress):
-        choices, ranker_fit, selection = select(test.history, profile, settings, weights, progress)
-    warm_start = selection.als_start if settings.als.refit_iterations else None
+    with _timed(seconds, f"select {BACKTEST_DIR}", progress):
+        outcomes = {BACKTEST_DIR: select(test.history, profile, settings, weights, progress)}
+    outcomes[BUNDLE_DIR] = outcomes[BACKTEST_DIR]
+    if not outcomes[BACKTEST_DIR][2].full:  # all events give the choice more users: choose again on them
+        with _timed(seconds, f"select {BUNDLE_DIR}", progress):
+            outcomes[BUNDLE_DIR] = select(everything.history, profile, settings, weights, progress)
+    backtest_als = None
     for directory, win in ((BACKTEST_DIR, test), (BUNDLE_DIR, everything)):
+        chosen, ranker, chosen_by = outcomes[directory]
+        warm_start = chosen_by.als_start  # a fold's fit with the chosen parameters
+        if directory == BUNDLE_DIR and chosen_by is outcomes[BACKTEST_DIR][2]:
+            warm_start = backtest_als  # the same choices: start from the backtest's factors
         with _timed(seconds, f"fit {directory}", progress):
-            fitted, warm = fit_bundle(
+            fitted, backtest_als = fit_bundle(
                 win.history,
                 float(win.ref_time.max()),
-                choices,
+                chosen,
                 settings,
                 weights,
-                ranker=ranker_fit,
-                warm_start=warm_start,
+                ranker=ranker,
+                warm_start=warm_start if settings.als.refit_iterations else None,
             )
-            fitted.info.update(window=directory, trained_at=trained_at, kind=choices.kind, decided=selection.decided,
+            fitted.info.update(window=directory, trained_at=trained_at, kind=chosen.kind, decided=chosen_by.decided,
                                training_id=training_id)  # fmt: skip
             save_bundle_atomically(fitted, models / directory)
-        warm_start = warm if settings.als.refit_iterations else None  # the deployable starts from the backtest
+    test_choices, _, test_selection = outcomes[BACKTEST_DIR]
+    choices, ranker_fit, selection = outcomes[BUNDLE_DIR]
 
     report = TrainReport(
         kind=choices.kind,
@@ -118,6 +128,12 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         trials=selection.trials,
         ranker=selection.ranker if ranker_fit is not None or selection.ranker else None,
         profile=profile.as_dict(),
+        backtest={
+            "kind": test_choices.kind,
+            "decided": test_selection.decided,
+            "choices": test_selection.choices,
+            "deployable": "chosen again on all events" if selection is not test_selection else "the same choices",
+        },
         seconds=seconds,
     )
     _write_report(report, models)
