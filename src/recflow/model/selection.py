@@ -100,8 +100,8 @@ class SelectionReport:
     trials: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ranker: dict[str, Any] | None = None
     als_start: AlternatingLeastSquares | None = None  # a fold's fit with the chosen parameters (warm start)
-    # every protocol of the profile judged selection.max_users users: more data would not give the choice more
-    # users, only later ones
+    # the choice could not use more users: a sample of selection.sample_users was drawn, or every protocol of the
+    # profile judged selection.max_users users; more data would give it later users, not more
     full: bool = False
 
 
@@ -461,7 +461,8 @@ def select(
         trials=trials,
         ranker=ranker_info,
         als_start=tuned.models[0],
-        full=all(
+        full=bool(conf.sample_users and len(np.unique(history.user_idx)) > conf.sample_users)
+        or all(
             sum(len(f.truth.users) for f in folds if f.protocol == protocol) >= conf.max_users
             for protocol in profile.protocols
         ),

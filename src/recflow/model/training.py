@@ -7,8 +7,9 @@
    scores it on TEST, which no choice saw.
 3. Deployable bundle: fitted on all events, as of their end, with the choices of a second selection on all
    events when that can judge more users than the first (small data: the TEST window holds users and times the
-   folds need); when the first selection's folds were already full (`selection.max_users` per protocol), the
-   deployable takes its choices and ranker, so selection runs once and `evaluate` measures exactly what serves.
+   folds need); when the first selection could not use more users (its folds judged `selection.max_users` per
+   protocol, or it chose on a sample of `selection.sample_users`), the deployable takes its choices and ranker,
+   so selection runs once and `evaluate` measures exactly what serves.
 """
 
 from __future__ import annotations
