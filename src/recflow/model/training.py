@@ -31,6 +31,7 @@ from recflow.model.bundle import save_bundle_atomically
 from recflow.model.features import (
     PRODUCTION,
     SPLIT_TEST,
+    Window,
     action_weights,
     load_interactions,
     window,
@@ -87,23 +88,26 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     weights = action_weights(settings, inter.actions)
     profile = _profile(meta, inter)
 
-    test = window(inter, SPLIT_TEST, method, cuts)
     trained_at = datetime.now(UTC).isoformat(timespec="seconds")
     training_id = uuid.uuid4().hex  # one id in both bundles, the report and (by evaluate) metrics.json
-    everything = window(inter, PRODUCTION, method, cuts)
+
+    def window_of(directory: str) -> Window:  # made when needed: one window of 10M events alive at a time
+        return window(inter, SPLIT_TEST if directory == BACKTEST_DIR else PRODUCTION, method, cuts)
+
     with _timed(seconds, f"select {BACKTEST_DIR}", progress):
-        outcomes = {BACKTEST_DIR: select(test.history, profile, settings, weights, progress)}
+        outcomes = {BACKTEST_DIR: select(window_of(BACKTEST_DIR).history, profile, settings, weights, progress)}
     outcomes[BUNDLE_DIR] = outcomes[BACKTEST_DIR]
     if not outcomes[BACKTEST_DIR][2].full:  # all events give the choice more users: choose again on them
         with _timed(seconds, f"select {BUNDLE_DIR}", progress):
-            outcomes[BUNDLE_DIR] = select(everything.history, profile, settings, weights, progress)
+            outcomes[BUNDLE_DIR] = select(window_of(BUNDLE_DIR).history, profile, settings, weights, progress)
     backtest_als = None
-    for directory, win in ((BACKTEST_DIR, test), (BUNDLE_DIR, everything)):
+    for directory in (BACKTEST_DIR, BUNDLE_DIR):
         chosen, ranker, chosen_by = outcomes[directory]
         warm_start = chosen_by.als_start  # a fold's fit with the chosen parameters
         if directory == BUNDLE_DIR and chosen_by is outcomes[BACKTEST_DIR][2]:
             warm_start = backtest_als  # the same choices: start from the backtest's factors
         with _timed(seconds, f"fit {directory}", progress):
+            win = window_of(directory)
             fitted, backtest_als = fit_bundle(
                 win.history,
                 float(win.ref_time.max()),
@@ -116,6 +120,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
             fitted.info.update(window=directory, trained_at=trained_at, kind=chosen.kind, decided=chosen_by.decided,
                                training_id=training_id)  # fmt: skip
             save_bundle_atomically(fitted, models / directory)
+            del fitted, win
     test_choices, _, test_selection = outcomes[BACKTEST_DIR]
     choices, ranker_fit, selection = outcomes[BUNDLE_DIR]
 
