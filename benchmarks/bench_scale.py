@@ -4,9 +4,11 @@ Each stage runs as its own `recflow` process (as DVC runs it), timed with its pe
 stage (confidence matrix + fit) is compared with a bare implicit `fit` on the same matrix, in the same run.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_scale.py [--events 10000000] [--repeats 3] [--sample-users N]
+        [--no-tune] [--param SECTION.KEY=VALUE ...]
 
-The train stage runs as params.yaml says (model selection on validation folds, ALS tuning, backtest and deployable
-fits); `--sample-users` and `--no-tune` limit the selection (selection.sample_users, als.tune.enabled) and say so.
+The train stage runs as params.yaml says (one model selection on validation folds, ALS tuning, backtest and
+deployable fits); `--sample-users`, `--no-tune` and `--param` (any params.yaml value, YAML-parsed) limit the
+selection, and the table's title says how.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample-users", type=int, help="selection.sample_users (default: params.yaml's)")
     parser.add_argument("--no-tune", action="store_true", help="ALS tuning off (als.tune.enabled false)")
+    parser.add_argument("--param", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="set a params.yaml value, e.g. selection.half_lives_days=[30] (repeatable)")  # fmt: skip
     args = parser.parse_args()
     print(machine())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -93,9 +97,19 @@ def main() -> int:
         params["als"]["tune"]["enabled"] = False
     if args.sample_users is not None:
         params["selection"]["sample_users"] = args.sample_users
+    for item in args.param:
+        key, _, value = item.partition("=")
+        *sections, name = key.split(".")
+        target = params
+        for section in sections:
+            target = target[section]
+        if name not in target:
+            raise SystemExit(f"--param {item}: params.yaml has no {key}")
+        target[name] = yaml.safe_load(value)
     limits = f"selection.sample_users {params['selection']['sample_users']:,}, ALS tuning " + (
         "on" if params["als"]["tune"]["enabled"] else "off"
     )
+    limits += "".join(f", {item}" for item in args.param)
     stages = ("generate", "ingest", "features", "train")
     results: dict[str, list[tuple[float, float]]] = {s: [] for s in stages}
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from recflow.config import ALSSettings, TuneSettings
+from recflow.model import candidates, scoring
 from recflow.model.candidates import (
     KNN_WEIGHTINGS,
     SOURCE_ALS,
@@ -23,7 +24,14 @@ from recflow.model.candidates import (
     tune_als,
 )
 from recflow.model.metrics import PAD, GroundTruth
-from recflow.model.scoring import score_users, two_stage_candidates
+from recflow.model.scoring import (
+    _top,
+    candidates_of,
+    popular_order,
+    popular_top,
+    score_users,
+    two_stage_candidates,
+)
 
 N_BLOCKS, USERS_PER_BLOCK, ITEMS_PER_BLOCK = 3, 20, 8
 
@@ -92,11 +100,13 @@ def test_count_weighting_is_the_confidence_weighted_co_occurrence() -> None:
 def scoring_model(matrix: sp.csr_matrix, item_item: object = None, n_popular: int = 0, n_item_item: int = 0) -> object:
     """What model.scoring needs, from a block matrix: ALS factors, all-time popularity, item-item weights."""
     model = fit_als(matrix, PARAMS)
+    popularity = np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32)
     return SimpleNamespace(
         kind="als",
         item_factors=model.item_factors,
         user_factors=model.user_factors,
-        popularity=np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32),
+        popularity=popularity,
+        popular_order=popular_order(popularity),
         item_item=item_item,
         n_candidates=2,
         n_popular=n_popular,
@@ -144,9 +154,45 @@ def test_personal_models_recommend_the_held_out_in_block_item(kind: str) -> None
 
 def test_popularity_orders_by_summed_confidence() -> None:
     matrix = sp.csr_matrix(np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=np.float32))
-    model = SimpleNamespace(popularity=np.asarray(matrix.sum(axis=0)).ravel(), kind="popularity")
+    popularity = np.asarray(matrix.sum(axis=0)).ravel()
+    model = SimpleNamespace(popularity=popularity, popular_order=popular_order(popularity), kind="popularity")
     items, _ = score_users(model, matrix[[3, 0]], 3)
     assert items.tolist() == [[0, 1, 2], [1, 2, PAD]]
+
+
+@pytest.mark.parametrize("n", [1, 7, 60, 500])
+def test_popular_top_ranks_as_the_full_popularity_scores_do(n: int) -> None:
+    """The popular top-n walks the popular order instead of ranking a users x items block: same items, same
+    scores, whatever users had (a heavy user had most of the popular head) and were `seen` to have."""
+    rng = np.random.default_rng(3)
+    n_users, n_items = 40, 300
+    dense = (rng.random((n_users, n_items)) < rng.random((n_users, 1)) * 0.6).astype(np.float32)
+    dense[0, :250] = 1.0  # the heaviest user had almost everything
+    rows = sp.csr_matrix(dense)
+    popularity = rng.permutation(n_items).astype(np.float32)  # distinct: one right order
+    popularity[rng.choice(n_items, 20, replace=False)] = 0.0  # items without history are never returned
+    model = SimpleNamespace(popularity=popularity, popular_order=popular_order(popularity))
+    seen = [rng.choice(n_items, int(rng.integers(0, 30)), replace=False) for _ in range(n_users)]
+    full = np.broadcast_to(popularity, (n_users, n_items)).copy()
+    full[:, popularity <= 0] = -np.inf
+    full[dense > 0] = -np.inf
+    for i, items in enumerate(seen):
+        full[i, items] = -np.inf
+    want_items, want_scores = _top(full, n)
+    items, scores = popular_top(model, rows, seen, n)
+    assert np.array_equal(items, want_items) and np.array_equal(scores, want_scores)
+    assert items.shape == (n_users, min(n, n_items))
+
+
+def test_candidates_in_batches_equal_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates are built BATCH_USERS users at a time (memory); the result is the one-block result."""
+    matrix, _ = block_matrix()
+    model = scoring_model(matrix, knn_similarity(matrix, 10), n_popular=3, n_item_item=4)
+    whole = two_stage_candidates(model, matrix, model.user_factors)
+    monkeypatch.setattr(scoring, "BATCH_USERS", 7)
+    batched = candidates_of(model, matrix, model.user_factors)
+    for name in ("items", "scores", "sources", "item_item"):
+        assert np.array_equal(getattr(batched, name), getattr(whole, name), equal_nan=name != "items"), name
 
 
 def _truth(matrix: sp.csr_matrix, held_out: np.ndarray) -> GroundTruth:
@@ -154,6 +200,20 @@ def _truth(matrix: sp.csr_matrix, held_out: np.ndarray) -> GroundTruth:
         users=np.arange(matrix.shape[0]),
         relevant=sp.csr_matrix((np.ones(len(held_out)), (np.arange(len(held_out)), held_out)), shape=matrix.shape),
     )
+
+
+def test_tuning_scores_given_fits_without_fitting_them_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The selection's decay trials already fitted the starting parameters: the ALS search scores those fits."""
+    matrix, held_out = block_matrix()
+    given = fit_als(matrix, PARAMS)
+    settings = ALSSettings(**{**PARAMS.__dict__, "tune": TuneSettings(enabled=False)})
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a given fit was fitted again")
+
+    monkeypatch.setattr(candidates, "fit_als", refuse)
+    tuned = tune_als([(matrix, _truth(matrix, held_out))], settings, fitted={PARAMS: [given]})
+    assert tuned.models == [given] and len(tuned.trials) == 1
 
 
 def test_tuning_keeps_the_best_trial_and_respects_pinning() -> None:

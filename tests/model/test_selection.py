@@ -79,9 +79,13 @@ def taste_groups(seed: int = 3) -> pa.Table:
 
 def test_dense_taste_groups_serve_a_personal_model_that_beats_popularity(tmp_path: Path) -> None:
     history, holdout = split_last(taste_groups())
-    kind, metrics = run(tmp_path, history, holdout, settings_for(tmp_path))
+    settings = settings_for(tmp_path)
+    kind, metrics = run(tmp_path, history, holdout, settings)
     assert kind != "popularity"
     assert metrics[SERVED]["ndcg@10"] > 1.2 * metrics["popularity"]["ndcg@10"]
+    # 500 users judge fewer than selection.max_users: all events give the deployable's choice more, so it is redone
+    report = json.loads((settings.paths.models / "train_report.json").read_text())
+    assert report["backtest"]["deployable"] == "chosen again on all events" and "select bundle" in report["seconds"]
 
 
 def test_dormant_users_keep_their_history(tmp_path: Path) -> None:
@@ -177,17 +181,35 @@ def test_a_ranker_that_learned_nothing_is_switched_off(tmp_path: Path, monkeypat
     assert "the ranker did not beat its candidates" in report
 
 
-def test_the_served_ranker_is_refitted_on_every_judged_user(tmp_path: Path) -> None:
+def test_the_served_ranker_is_refitted_on_every_judged_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the two-stage model is chosen, its ranker learns from the selecting users too (they were held out only
-    to make the choice), with the chosen settings: more queries than the ranker that was compared."""
+    to make the choice), with the chosen settings: more queries than the ranker that was compared. Each judged
+    user's candidates are built once for the ranker (the refit reuses the tuning users' rows), and the backtest
+    that `evaluate` scores carries the very ranker and choices that serve when its folds were full (here 150
+    users, selection.max_users), so selection ran once."""
+    built: list[int] = []
+    candidate_set = ModelBundle.candidate_set
+
+    def counted(self: ModelBundle, users: np.ndarray) -> object:
+        built.append(len(users))
+        return candidate_set(self, users)
+
+    monkeypatch.setattr(ModelBundle, "candidate_set", counted)
     history, holdout = split_last(taste_groups())
-    settings = settings_for(tmp_path, selection={"models": ["als_ranker"]})
+    settings = settings_for(tmp_path, selection={"models": ["als_ranker"], "max_users": 150})
     kind, _ = run(tmp_path, history, holdout, settings)
     assert kind == "als_ranker"
-    ranker = json.loads((settings.paths.models / "train_report.json").read_text())["ranker"]
+    report = json.loads((settings.paths.models / "train_report.json").read_text())
+    ranker = report["ranker"]
     compared = ranker["train_queries"] + ranker["validation_queries"]
     refit = ranker["refit_on_all_fold_users"]
     assert refit["train_queries"] + refit["validation_queries"] > 1.4 * compared
+    assert sum(built) == sum(f["tune_users"] + f["select_users"] for f in report["folds"])
+    models = settings.paths.models
+    assert (models / "backtest" / "ranker.txt").read_text() == (models / BUNDLE_DIR / "ranker.txt").read_text()
+    infos = [json.loads((models / d / "bundle.json").read_text())["info"] for d in ("backtest", BUNDLE_DIR)]
+    assert infos[0]["kind"] == infos[1]["kind"] == kind and infos[0]["decided"] == infos[1]["decided"]
+    assert report["backtest"]["deployable"] == "the same choices" and "select bundle" not in report["seconds"]
 
 
 def test_answers_as_of_a_moment_never_see_a_later_event(tmp_path: Path) -> None:

@@ -206,6 +206,7 @@ def tune_als(
     *,
     k: int = 10,
     on_trial: Callable[[dict[str, float]], None] | None = None,
+    fitted: dict[ALSParams, list[AlternatingLeastSquares]] | None = None,
 ) -> TuneResult:
     """Coordinate search over alpha, regularization and factors, scored by the mean NDCG@k over validation
     folds (each a history matrix and the users it is judged on).
@@ -213,7 +214,8 @@ def tune_als(
     Starts from params.yaml (always scored), then sweeps each searched parameter over its grid keeping the best
     value, until the grid is exhausted or `max_trials` were run (and, only when `budget_seconds` is set, the next
     trial would end past it: a wall-clock budget makes the choice depend on the machine). With tuning disabled
-    the params.yaml values are used as they are (pinned).
+    the params.yaml values are used as they are (pinned). `fitted` holds fits already made on these folds'
+    matrices (one per fold, by parameters): they are scored, not fitted again.
     """
     start_params = ALSParams.from_settings(settings)
     tune = settings.tune
@@ -233,8 +235,9 @@ def tune_als(
         if params not in scored:
             began = time.perf_counter()
             models, values = [], []
-            for (history, _), (users, relevant) in zip(folds, judged, strict=True):
-                model = fit_als(history, params)
+            known = (fitted or {}).get(params)
+            for index, ((history, _), (users, relevant)) in enumerate(zip(folds, judged, strict=True)):
+                model = known[index] if known is not None else fit_als(history, params)
                 recs, _ = ImplicitCandidates(model, history).recommend(users, k)
                 values.append(
                     ranking_metrics(recs, relevant, k=k, recall_k=k, n_catalogue=history.shape[1])[f"ndcg@{k}"]

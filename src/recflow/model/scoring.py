@@ -49,6 +49,9 @@ class ScoringModel(Protocol):
     n_popular: int
     n_item_item: int
 
+    @property
+    def popular_order(self) -> np.ndarray: ...  # items with any history, most popular first (`popular_order`)
+
 
 def popular_order(popularity: np.ndarray) -> np.ndarray:
     """Items with any history, most popular first (stable: ties keep item order)."""
@@ -64,7 +67,7 @@ def _top(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     values = np.full((n_rows, n), -np.inf, dtype=np.float32)
     if n == 0 or n_rows == 0:
         return items, values
-    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+    part = np.argpartition(scores, n_items - n, axis=1)[:, n_items - n :]  # no negated copy of the block
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
     top = np.take_along_axis(part, order, axis=1)
@@ -86,6 +89,35 @@ def _masked(scores: np.ndarray, rows: sp.csr_matrix, cold: np.ndarray, seen: Seq
             if len(items):
                 scores[i, items] = -np.inf
     return scores
+
+
+def popular_top(
+    model: ScoringModel, mask_rows: sp.csr_matrix, seen: Sequence[np.ndarray] | None, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's n most popular items not had (rows non-zeros, `seen`), best first, as `_top` would rank the
+    popularity scores, without a users x items block: every user's top n lies within the first n + (items the
+    user had) of the popular order."""
+    order = model.popular_order
+    n_users = mask_rows.shape[0]
+    had = np.diff(mask_rows.indptr)
+    if seen is not None:
+        had = had + np.asarray([len(s) for s in seen], dtype=had.dtype)
+    head = order[: n + int(had.max(initial=0))]
+    excluded = mask_rows[:, head].toarray() != 0
+    if seen is not None:
+        position = np.full(len(model.popularity), -1, dtype=np.int64)
+        position[head] = np.arange(len(head))
+        for i, items in enumerate(seen):
+            hit = position[np.asarray(items, dtype=np.int64)]
+            excluded[i, hit[hit >= 0]] = True
+    first = np.argsort(excluded, axis=1, kind="stable")[:, :n]  # kept items first, in popular order
+    items = np.where(np.take_along_axis(excluded, first, axis=1), PAD, head[first])
+    width, n = items.shape[1], min(n, len(model.popularity))
+    out_items = np.full((n_users, n), PAD, dtype=np.int64)
+    out_scores = np.full((n_users, n), -np.inf, dtype=np.float32)
+    out_items[:, :width] = items
+    out_scores[:, :width] = np.where(items == PAD, -np.inf, model.popularity[np.where(items == PAD, 0, items)])
+    return out_items, out_scores
 
 
 def item_item_scores(model: ScoringModel, rows: sp.csr_matrix) -> np.ndarray:
@@ -132,16 +164,16 @@ def two_stage_candidates(
     rows_index = np.arange(n_users)[:, None]
     taken[rows_index, np.where(als_items == PAD, 0, als_items)] |= als_items != PAD
     ii = item_item_scores(model, rows) if model.item_item is not None else None
-    extra_sources: list[tuple[int, np.ndarray, int]] = [
-        (SOURCE_POPULAR, base_scores(model, KIND_POPULARITY, rows, None), model.n_popular)
-    ]
+    extra_sources: list[tuple[int, np.ndarray | None, int]] = [(SOURCE_POPULAR, None, model.n_popular)]
     if ii is not None:  # ranked as the item-item kinds rank (popularity breaks ties)
         extra_sources.append((SOURCE_ITEM_ITEM, ii + _popularity_tie(model), model.n_item_item))
     for bit, scores, n in extra_sources:
         if n <= 0:
             continue
-        ranked = _masked(scores, mask_rows, cold, seen)
-        top, _ = _top(ranked, n)
+        if scores is None:
+            top, _ = popular_top(model, mask_rows, seen, n)
+        else:
+            top, _ = _top(_masked(scores, mask_rows, cold, seen), n)
         valid = top != PAD
         already = taken[rows_index, np.where(valid, top, 0)] & valid
         for block, source in zip(blocks, sources, strict=True):  # mark items other sources already proposed
@@ -162,6 +194,21 @@ def two_stage_candidates(
         scores=np.where(items == PAD, -np.inf, als_raw).astype(np.float32),
         sources=np.hstack(sources),
         item_item=None if item_item is None else np.where(items == PAD, np.nan, item_item).astype(np.float32),
+    )
+
+
+def candidates_of(model: ScoringModel, rows: sp.csr_matrix, vectors: np.ndarray) -> CandidateSet:
+    """`two_stage_candidates` of many users, BATCH_USERS at a time (memory: one users x items block)."""
+    parts = [
+        two_stage_candidates(model, rows[start : start + BATCH_USERS], vectors[start : start + BATCH_USERS])
+        for start in range(0, max(rows.shape[0], 1), BATCH_USERS)
+    ]
+    item_item = [p.item_item for p in parts]
+    return CandidateSet(
+        items=np.vstack([p.items for p in parts]),
+        scores=np.vstack([p.scores for p in parts]),
+        sources=np.vstack([p.sources for p in parts]),
+        item_item=None if item_item[0] is None else np.vstack([x for x in item_item if x is not None]),
     )
 
 
@@ -195,6 +242,8 @@ def score_users(
             assert batch_vectors is not None and callable(rerank_fn)
             candidates = two_stage_candidates(model, batch_rows, batch_vectors, batch_seen, mask_rows)
             top, top_scores = rerank_fn(np.arange(batch.start, batch.stop), candidates, k)
+        elif kind == KIND_POPULARITY:
+            top, top_scores = popular_top(model, mask_rows, batch_seen, k)
         else:
             raw = base_scores(model, kind, batch_rows, batch_vectors)
             top, top_scores = _top(_masked(raw, mask_rows, cold, batch_seen), k)

@@ -100,6 +100,9 @@ class SelectionReport:
     trials: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ranker: dict[str, Any] | None = None
     als_start: AlternatingLeastSquares | None = None  # a fold's fit with the chosen parameters (warm start)
+    # the choice could not use more users: a sample of selection.sample_users was drawn, or every protocol of the
+    # profile judged selection.max_users users; more data would give it later users, not more
+    full: bool = False
 
 
 PROTOCOL_METHODS = {PROTOCOL_GLOBAL: "global_time", PROTOCOL_USER: "per_user"}
@@ -270,26 +273,30 @@ def select(
         return [f.part(f.tune_rows) for f in folds]
 
     # 1. decay, judged by ALS with the starting parameters on the tuning users
+    decay_fits: dict[float, list[AlternatingLeastSquares]] = {}  # the chosen decay's fits start the ALS search
     if settings.features.half_life_days is not None:
         half_life = float(settings.features.half_life_days)
     else:
         say("choose decay")
         scores = {}
         for candidate in conf.half_lives_days:
-            values = []
+            values, als_fits = [], []
             for fold, truth in zip(folds, tune_truths(), strict=True):
                 matrix = confidence_matrix(fold.window.history, weights, candidate)
-                bundle, _ = fit_bundle(fold.window.history, _moment(fold), _plain(KIND_ALS, candidate, start), settings,
-                                       weights, als_model=fit_als(matrix, start))  # fmt: skip
+                bundle, model = fit_bundle(fold.window.history, _moment(fold), _plain(KIND_ALS, candidate, start),
+                                           settings, weights, als_model=fit_als(matrix, start))  # fmt: skip
                 values.append(_ndcg(bundle, truth, KIND_ALS).mean())
+                als_fits.append(model)
             scores[candidate] = _protocol_mean(values, folds)
+            decay_fits[candidate] = als_fits
         half_life = max(scores, key=lambda c: (scores[c], -c))
         trials["half_life_days"] = [{"half_life_days": c, "ndcg@10": round(v, 5)} for c, v in scores.items()]
 
     # 2. ALS parameters (coordinate search, trials counted)
     say("tune ALS")
     matrices = [confidence_matrix(f.window.history, weights, half_life) for f in folds]
-    tuned = tune_als(list(zip(matrices, tune_truths(), strict=True)), settings.als, k=K)
+    known = {start: decay_fits[half_life]} if half_life in decay_fits else None
+    tuned = tune_als(list(zip(matrices, tune_truths(), strict=True)), settings.als, k=K, fitted=known)
     trials["als"] = tuned.trials
     choices = _plain(KIND_ALS, half_life, tuned.params)
 
@@ -303,14 +310,13 @@ def select(
     for days in conf.popularity_windows_days:
         values = []
         for fold, bundle, truth in zip(folds, bundles, tune_truths(), strict=True):
-            bundle.popularity = popularity_as_of(fold.window.history, weights, _moment(fold), days)
+            bundle.set_popularity(popularity_as_of(fold.window.history, weights, _moment(fold), days))
             values.append(_ndcg(bundle, truth, KIND_POPULARITY).mean())
         pop_scores[days] = _protocol_mean(values, folds)
     pop_days = max(pop_scores, key=lambda d: (pop_scores[d], -d))
     trials["popularity_window_days"] = [{"days": d, "ndcg@10": round(v, 5)} for d, v in pop_scores.items()]
     for fold, bundle in zip(folds, bundles, strict=True):
-        bundle.popularity = popularity_as_of(fold.window.history, weights, _moment(fold), pop_days)
-        bundle.__dict__.pop("popular_order", None)
+        bundle.set_popularity(popularity_as_of(fold.window.history, weights, _moment(fold), pop_days))
     choices = replace(choices, popularity_window_days=pop_days)
 
     item_item_fits: dict[str, list[sp.csr_matrix | np.ndarray]] = {}
@@ -347,13 +353,14 @@ def select(
     # 4. the ranker, trained on the tuning users' candidates of every fold (item-item candidates included)
     ranker_fit: RankerFit | None = None
     ranker_info: dict[str, Any] | None = None
+    ranker_rows: dict[int, RankerRows] = {}  # each fold's tuning users' rows, reused by the refit
     if KIND_TWO_STAGE in enabled and settings.ranker.enabled:
         say("train ranker")
         for index, bundle in enumerate(bundles):
             if item_item is not None:
                 bundle.item_item = item_item_fits[item_item][index]
                 bundle.n_item_item = settings.candidates.item_item
-        ranker_fit, ranker_info = _train_ranker(folds, bundles, settings, weights)
+        ranker_fit, ranker_info = _train_ranker(folds, bundles, settings, weights, ranker_rows)
         for bundle in bundles:
             bundle.ranker = None if ranker_fit is None else ranker_fit.booster
 
@@ -427,7 +434,7 @@ def select(
         say("refit ranker")
         for index, bundle in enumerate(bundles):
             bundle.item_item = None if item_item is None else item_item_fits[item_item][index]
-        refit, refit_info = _train_ranker(folds, bundles, settings, weights, everyone=True)
+        refit, refit_info = _train_ranker(folds, bundles, settings, weights, ranker_rows, everyone=True)
         if refit is not None:
             ranker_fit = refit
             ranker_info["refit_on_all_fold_users"] = {
@@ -454,6 +461,11 @@ def select(
         trials=trials,
         ranker=ranker_info,
         als_start=tuned.models[0],
+        full=bool(conf.sample_users and len(np.unique(history.user_idx)) > conf.sample_users)
+        or all(
+            sum(len(f.truth.users) for f in folds if f.protocol == protocol) >= conf.max_users
+            for protocol in profile.protocols
+        ),
     )
     return choices, ranker_fit, report
 
@@ -505,23 +517,45 @@ def _item_item_score(
     return _protocol_mean(values, folds)
 
 
+RankerRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]  # rows, X, labels, row_user, recall sum
+
+
+def _ranker_rows(fold: Fold, bundle: ModelBundle, rows: np.ndarray, grades: np.ndarray) -> RankerRows:
+    """The ranker's rows for judged users `rows` of a fold: their candidates' features and graded labels."""
+    users = fold.truth.users[rows]
+    candidates = bundle.candidate_set(users)
+    width = candidates.items.shape[1]
+    recall = recall_curve(candidates.items, fold.truth.relevant[rows], (width,))[width] * len(rows)
+    X, row_user, row_item = candidate_features(bundle.context, users, candidates)
+    return rows, X, grade_labels(fold.window.target, row_user, row_item, grades), row_user, recall
+
+
 def _train_ranker(
-    folds: list[Fold], bundles: list[ModelBundle], settings: Settings, weights: np.ndarray, *, everyone: bool = False
+    folds: list[Fold],
+    bundles: list[ModelBundle],
+    settings: Settings,
+    weights: np.ndarray,
+    built: dict[int, RankerRows],
+    *,
+    everyone: bool = False,
 ) -> tuple[RankerFit | None, dict[str, Any]]:
     """LambdaRank on the tuning users' (`everyone`: all judged users') two-stage candidates, features as of each
-    fold's moment."""
+    fold's moment. `built` keeps each fold's rows once made (a refit on everyone builds only the others')."""
     grades = action_grades(weights)
     parts = []
     recall = []
     offset = 0
-    for fold, bundle in zip(folds, bundles, strict=True):
-        truth = fold.truth if everyone else fold.part(fold.tune_rows)
-        users = truth.users[: settings.ranker.max_train_users]
-        candidates = bundle.candidate_set(users)
-        width = candidates.items.shape[1]
-        recall.append(recall_curve(candidates.items, truth.relevant[: len(users)], (width,))[width])
-        X, row_user, row_item = candidate_features(bundle.context, users, candidates)
-        labels = grade_labels(fold.window.target, row_user, row_item, grades)
+    for index, (fold, bundle) in enumerate(zip(folds, bundles, strict=True)):
+        wanted = (np.arange(len(fold.truth.users)) if everyone else fold.tune_rows)[: settings.ranker.max_train_users]
+        pieces = []
+        if index in built and np.isin(built[index][0], wanted).all():
+            pieces.append(built[index])
+            wanted = np.setdiff1d(wanted, built[index][0])
+        if len(wanted) or not pieces:
+            pieces.append(_ranker_rows(fold, bundle, wanted, grades))
+        built.setdefault(index, pieces[-1])
+        recall.append(sum(p[4] for p in pieces) / max(sum(len(p[0]) for p in pieces), 1))
+        X, labels, row_user = (np.concatenate([p[column] for p in pieces]) for column in (1, 2, 3))
         parts.append((X, labels, offset + row_user, np.full(len(X), fold.protocol, dtype=object)))
         offset += fold.window.history.n_users
     X, labels, query, protocol = (np.concatenate(column) for column in zip(*parts, strict=True))

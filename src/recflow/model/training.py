@@ -1,11 +1,15 @@
 """The train stage: choose and fit the served model on validation folds, write the backtest and deployable bundles.
 
-1. Selection (selection.py): validation folds cut inside the training part (everything before the features
-   stage's TEST window) choose the decay, ALS's parameters, the popularity window, the item-item model, the
-   ranker, and the model kind that is served: the one with the best NDCG@10 on users nothing was tuned on.
+1. Selection (selection.py): validation folds cut inside the data before the features stage's TEST window
+   choose the decay, ALS's parameters, the popularity window, the item-item model, the ranker, and the model
+   kind that is served: the one with the best NDCG@10 on users nothing was tuned on.
 2. Backtest bundle: the choices fitted on everything before TEST, as of the TEST window's moment; `evaluate`
-   scores it on TEST, which nothing above has seen.
-3. Deployable bundle: the choices refitted on all events, as of their end; the ranker is the one trained in 1.
+   scores it on TEST, which no choice saw.
+3. Deployable bundle: fitted on all events, as of their end, with the choices of a second selection on all
+   events when that can judge more users than the first (small data: the TEST window holds users and times the
+   folds need); when the first selection could not use more users (its folds judged `selection.max_users` per
+   protocol, or it chose on a sample of `selection.sample_users`), the deployable takes its choices and ranker,
+   so selection runs once and `evaluate` measures exactly what serves.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from recflow.model.bundle import save_bundle_atomically
 from recflow.model.features import (
     PRODUCTION,
     SPLIT_TEST,
+    Window,
     action_weights,
     load_interactions,
     window,
@@ -53,7 +58,7 @@ class TrainReport:
     trials: dict[str, list[dict[str, Any]]]
     ranker: dict[str, Any] | None
     profile: dict[str, Any]
-    backtest: dict[str, Any]  # what the same procedure chose on the data before the test window
+    backtest: dict[str, Any]  # what selection chose on the data before the test window, and whether it serves
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -83,31 +88,39 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     weights = action_weights(settings, inter.actions)
     profile = _profile(meta, inter)
 
-    # The whole procedure (selection, then fit) runs twice: on everything before the test window for the backtest
-    # that `evaluate` scores, and on all events for the deployable bundle. So the evaluated model was chosen the
-    # way the served one is, and no choice behind the evaluated figure saw the test window.
-    test = window(inter, SPLIT_TEST, method, cuts)
     trained_at = datetime.now(UTC).isoformat(timespec="seconds")
     training_id = uuid.uuid4().hex  # one id in both bundles, the report and (by evaluate) metrics.json
-    everything = window(inter, PRODUCTION, method, cuts)
-    outcomes = {}
-    for directory, win in ((BACKTEST_DIR, test), (BUNDLE_DIR, everything)):
-        with _timed(seconds, f"select {directory}", progress):
-            chosen, ranker, chosen_by = select(win.history, profile, settings, weights, progress)
+
+    def window_of(directory: str) -> Window:  # made when needed: one window of 10M events alive at a time
+        return window(inter, SPLIT_TEST if directory == BACKTEST_DIR else PRODUCTION, method, cuts)
+
+    with _timed(seconds, f"select {BACKTEST_DIR}", progress):
+        outcomes = {BACKTEST_DIR: select(window_of(BACKTEST_DIR).history, profile, settings, weights, progress)}
+    outcomes[BUNDLE_DIR] = outcomes[BACKTEST_DIR]
+    if not outcomes[BACKTEST_DIR][2].full:  # all events give the choice more users: choose again on them
+        with _timed(seconds, f"select {BUNDLE_DIR}", progress):
+            outcomes[BUNDLE_DIR] = select(window_of(BUNDLE_DIR).history, profile, settings, weights, progress)
+    backtest_als = None
+    for directory in (BACKTEST_DIR, BUNDLE_DIR):
+        chosen, ranker, chosen_by = outcomes[directory]
+        warm_start = chosen_by.als_start  # a fold's fit with the chosen parameters
+        if directory == BUNDLE_DIR and chosen_by is outcomes[BACKTEST_DIR][2]:
+            warm_start = backtest_als  # the same choices: start from the backtest's factors
         with _timed(seconds, f"fit {directory}", progress):
-            fitted, _ = fit_bundle(
+            win = window_of(directory)
+            fitted, backtest_als = fit_bundle(
                 win.history,
                 float(win.ref_time.max()),
                 chosen,
                 settings,
                 weights,
                 ranker=ranker,
-                warm_start=chosen_by.als_start if settings.als.refit_iterations else None,
+                warm_start=warm_start if settings.als.refit_iterations else None,
             )
             fitted.info.update(window=directory, trained_at=trained_at, kind=chosen.kind, decided=chosen_by.decided,
                                training_id=training_id)  # fmt: skip
             save_bundle_atomically(fitted, models / directory)
-        outcomes[directory] = (chosen, ranker, chosen_by)
+            del fitted, win
     test_choices, _, test_selection = outcomes[BACKTEST_DIR]
     choices, ranker_fit, selection = outcomes[BUNDLE_DIR]
 
@@ -121,7 +134,12 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         trials=selection.trials,
         ranker=selection.ranker if ranker_fit is not None or selection.ranker else None,
         profile=profile.as_dict(),
-        backtest={"kind": test_choices.kind, "decided": test_selection.decided, "choices": test_selection.choices},
+        backtest={
+            "kind": test_choices.kind,
+            "decided": test_selection.decided,
+            "choices": test_selection.choices,
+            "deployable": "chosen again on all events" if selection is not test_selection else "the same choices",
+        },
         seconds=seconds,
     )
     _write_report(report, models)
