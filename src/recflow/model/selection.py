@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -517,7 +517,14 @@ def _item_item_score(
     return _protocol_mean(values, folds)
 
 
-RankerRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]  # rows, X, labels, row_user, recall sum
+class RankerRows(NamedTuple):
+    """A fold's ranker rows for some of its judged users."""
+
+    rows: np.ndarray  # the users' rows of the fold's truth
+    X: np.ndarray
+    labels: np.ndarray
+    row_user: np.ndarray
+    recall_sum: float  # the candidates' recall summed over the users
 
 
 def _ranker_rows(fold: Fold, bundle: ModelBundle, rows: np.ndarray, grades: np.ndarray) -> RankerRows:
@@ -527,7 +534,7 @@ def _ranker_rows(fold: Fold, bundle: ModelBundle, rows: np.ndarray, grades: np.n
     width = candidates.items.shape[1]
     recall = recall_curve(candidates.items, fold.truth.relevant[rows], (width,))[width] * len(rows)
     X, row_user, row_item = candidate_features(bundle.context, users, candidates)
-    return rows, X, grade_labels(fold.window.target, row_user, row_item, grades), row_user, recall
+    return RankerRows(rows, X, grade_labels(fold.window.target, row_user, row_item, grades), row_user, recall)
 
 
 def _train_ranker(
@@ -548,14 +555,16 @@ def _train_ranker(
     for index, (fold, bundle) in enumerate(zip(folds, bundles, strict=True)):
         wanted = (np.arange(len(fold.truth.users)) if everyone else fold.tune_rows)[: settings.ranker.max_train_users]
         pieces = []
-        if index in built and np.isin(built[index][0], wanted).all():
+        if index in built and np.isin(built[index].rows, wanted).all():
             pieces.append(built[index])
-            wanted = np.setdiff1d(wanted, built[index][0])
+            wanted = np.setdiff1d(wanted, built[index].rows)
         if len(wanted) or not pieces:
             pieces.append(_ranker_rows(fold, bundle, wanted, grades))
         built.setdefault(index, pieces[-1])
-        recall.append(sum(p[4] for p in pieces) / max(sum(len(p[0]) for p in pieces), 1))
-        X, labels, row_user = (np.concatenate([p[column] for p in pieces]) for column in (1, 2, 3))
+        recall.append(sum(p.recall_sum for p in pieces) / max(sum(len(p.rows) for p in pieces), 1))
+        X = np.concatenate([p.X for p in pieces])
+        labels = np.concatenate([p.labels for p in pieces])
+        row_user = np.concatenate([p.row_user for p in pieces])
         parts.append((X, labels, offset + row_user, np.full(len(X), fold.protocol, dtype=object)))
         offset += fold.window.history.n_users
     X, labels, query, protocol = (np.concatenate(column) for column in zip(*parts, strict=True))

@@ -100,15 +100,15 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     if not outcomes[BACKTEST_DIR][2].full:  # all events give the choice more users: choose again on them
         with _timed(seconds, f"select {BUNDLE_DIR}", progress):
             outcomes[BUNDLE_DIR] = select(window_of(BUNDLE_DIR).history, profile, settings, weights, progress)
-    backtest_als = None
+    last_als = None  # the backtest's ALS fit, when the deployable repeats its choices
     for directory in (BACKTEST_DIR, BUNDLE_DIR):
         chosen, ranker, chosen_by = outcomes[directory]
         warm_start = chosen_by.als_start  # a fold's fit with the chosen parameters
         if directory == BUNDLE_DIR and chosen_by is outcomes[BACKTEST_DIR][2]:
-            warm_start = backtest_als  # the same choices: start from the backtest's factors
+            warm_start = last_als  # the same choices: start from the backtest's factors
         with _timed(seconds, f"fit {directory}", progress):
             win = window_of(directory)
-            fitted, backtest_als = fit_bundle(
+            fitted, last_als = fit_bundle(
                 win.history,
                 float(win.ref_time.max()),
                 chosen,
