@@ -192,7 +192,9 @@ class SelectionSettings(_Section):
     half_lives_days: tuple[NonNegative, ...] = (0.0, 30.0, 180.0)  # decay candidates; 0: no decay
     popularity_windows_days: tuple[NonNegative, ...] = (0.0, 1.0, 7.0, 30.0)  # 0: all time
     ease_lambdas: tuple[Positive, ...] = (10.0, 50.0, 200.0, 1000.0)
-    ease_max_items: NonNegativeInt = 10_000  # EASE's dense item x item matrix: 400 MB of float32 at 10k items
+    # EASE's dense items x items float32 matrices (one per validation fold, plus one being made) must fit in this
+    # many GB (1 GB: 15.8k items for one matrix); a larger catalogue skips EASE
+    ease_max_gb: NonNegative = 3.0
     knn_neighbours: Count = 100
     knn_weightings: tuple[KnnWeighting, ...] = ("bm25", "cosine", "count")  # item-kNN's co-occurrence weighting
     min_users: Count = 50  # tuning and selecting users per protocol below which its folds are not used (warning)

@@ -11,12 +11,14 @@ import scipy.sparse as sp
 from recflow.config import ALSSettings, TuneSettings
 from recflow.model import candidates, scoring
 from recflow.model.candidates import (
+    EASE_BLOCK,
     KNN_WEIGHTINGS,
     SOURCE_ALS,
     SOURCE_ITEM_ITEM,
     SOURCE_POPULAR,
     ALSParams,
     ImplicitCandidates,
+    ease_bytes,
     ease_weights,
     fit_als,
     item_knn,
@@ -275,3 +277,21 @@ def test_tuning_does_not_start_a_trial_past_its_budget() -> None:
     settings = base.__class__(**{**base.__dict__, "tune": TuneSettings(budget_seconds=0.0, max_trials=16)})
     tuned = tune_als([(matrix, truth)], settings)
     assert len(tuned.trials) == 1 and tuned.params == ALSParams.from_settings(base)
+
+
+@pytest.mark.parametrize("n_items", [7, EASE_BLOCK + 300])  # one Gram block, and blocks with a ragged last one
+def test_ease_weights_match_the_closed_form_in_float64(n_items: int) -> None:
+    """The in-place float32 Cholesky inverse gives Steck's B = I - P diag(1/diag P), P = (X'X + lambda I)^-1, of
+    the binarised history (confidences > 1 count as 1), with a zero diagonal, in both triangles."""
+    rng = np.random.default_rng(3)
+    history = sp.random(400, n_items, density=0.02, format="csr", random_state=rng, dtype=np.float32) * 3
+    binary = (history > 0).astype(np.float64)
+    gram = (binary.T @ binary).toarray() + 25.0 * np.eye(n_items)
+    inverse = np.linalg.inv(gram)
+    expected = -inverse / np.diag(inverse)
+    np.fill_diagonal(expected, 0.0)
+    weights = ease_weights(history, 25.0)
+    assert weights.dtype == np.float32 and weights.shape == (n_items, n_items)
+    assert np.abs(weights - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1e-12)
+    assert np.all(np.diag(weights) == 0.0)
+    assert ease_bytes(n_items) == weights.nbytes

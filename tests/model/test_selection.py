@@ -86,6 +86,24 @@ def test_dense_taste_groups_serve_a_personal_model_that_beats_popularity(tmp_pat
     # 500 users judge fewer than selection.max_users: all events give the deployable's choice more, so it is redone
     report = json.loads((settings.paths.models / "train_report.json").read_text())
     assert report["backtest"]["deployable"] == "chosen again on all events" and "select bundle" in report["seconds"]
+    assert "ease" in report["validation"]  # 200 items: EASE's matrices are well inside selection.ease_max_gb
+
+
+def test_ease_is_skipped_when_its_matrices_exceed_the_memory_budget(tmp_path: Path) -> None:
+    """One fold (no usable time) of 199 items: EASE needs two 199 x 199 float32 matrices, 316,808 bytes."""
+    table = taste_groups(7)
+    one_time = pa.array(np.full(table.num_rows, table["timestamp"].cast(pa.int64()).to_numpy().max()), pa.int64())
+    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
+                             one_time.cast(table["timestamp"].type))  # fmt: skip
+    settings = settings_for(tmp_path, selection={"ease_max_gb": 0.00031})
+    write_events(table, tmp_path / "train.parquet")
+    ingest_files([tmp_path / "train.parquet"], store=settings.paths.store, rejected=settings.paths.rejected,
+                 settings=settings.events)  # fmt: skip
+    build_features(settings.paths.store, settings.paths.features, settings)
+    report = train(settings.paths.features, settings.paths.models, settings)
+    assert "ease" not in report.validation and report.kind != "ease"
+    skipped = [w for w in report.warnings if w.startswith("EASE skipped")]
+    assert len(skipped) == 1 and "GB for 2 item x item matrices > selection.ease_max_gb=0.00031" in skipped[0]
 
 
 def test_dormant_users_keep_their_history(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ the one thread each entry point set at start-up (`recflow.threads`); nothing her
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -19,6 +20,8 @@ import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.nearest_neighbours import BM25Recommender, CosineRecommender, ItemItemRecommender
 from implicit.utils import ParameterWarning
+from scipy.linalg import lapack
+from threadpoolctl import threadpool_limits
 
 from recflow.config import ALSSettings
 from recflow.model.metrics import PAD, GroundTruth, ranking_metrics
@@ -26,6 +29,7 @@ from recflow.model.metrics import PAD, GroundTruth, ranking_metrics
 logger = logging.getLogger(__name__)
 
 BATCH_USERS = 2048
+EASE_BLOCK = 1024  # item columns of the Gram matrix built (and mirrored) at once
 FILTERED_SCORE = -1e30  # implicit pads filtered items with about -3.4e38
 
 
@@ -145,15 +149,40 @@ def knn_similarity(history: sp.csr_matrix, neighbours: int = 100, weighting: str
 
 def ease_weights(history: sp.csr_matrix, regularization: float) -> np.ndarray:
     """EASE (Steck 2019): B = I - P diag(1/diag(P)), P = (X'X + lambda I)^-1, on the binarised history;
-    a user's item scores are row @ B. Dense items x items: callers check the catalogue fits."""
-    binary = history.copy().astype(np.float64)
+    a user's item scores are row @ B. Dense items x items float32, computed in place: the Gram matrix is built a
+    block of columns at a time and inverted by LAPACK's Cholesky (X'X + lambda I is positive definite), so the
+    peak is one items x items matrix (`ease_bytes`) and the inverse costs a quarter of a float64 `inv`."""
+    binary = history.astype(np.float32, copy=True)
     binary.data[:] = 1.0
-    gram = np.asarray((binary.T @ binary).todense())
-    gram[np.diag_indices_from(gram)] += regularization
-    inverse = np.linalg.inv(gram)
-    weights = -inverse / np.diag(inverse)
-    weights[np.diag_indices_from(weights)] = 0.0
-    return np.asarray(weights, dtype=np.float32)
+    n = binary.shape[1]
+    gram = np.empty((n, n), dtype=np.float32)
+    left, right = binary.T.tocsr(), binary.tocsc()
+    for start in range(0, n, EASE_BLOCK):  # a block's sparse product stays small however dense X'X is
+        gram[:, start : start + EASE_BLOCK] = (left @ right[:, start : start + EASE_BLOCK]).toarray()
+    gram[np.diag_indices(n)] += regularization
+    # X'X is symmetric, so its C-ordered array is also the Fortran-ordered one that LAPACK overwrites in place. The
+    # process runs BLAS on one thread (recflow.threads); this one long call takes every core the process may use
+    with threadpool_limits(len(os.sched_getaffinity(0)), "blas"):
+        factor, info = lapack.spotrf(gram.T, lower=False, overwrite_a=True, clean=False)
+        if info == 0:
+            factor, info = lapack.spotri(factor, lower=False, overwrite_c=True)
+    if info != 0:
+        raise ValueError(f"EASE: X'X + {regularization:g} I is not positive definite (LAPACK info {info})")
+    inverse = factor.T  # the upper triangle of the Fortran view: the lower one of `gram`, the other is stale
+    for start in range(0, n, EASE_BLOCK):  # mirror the lower triangle into the upper, a block at a time
+        stop = min(start + EASE_BLOCK, n)
+        inverse[start:stop, stop:] = inverse[stop:, start:stop].T
+        block = inverse[start:stop, start:stop]
+        block[np.triu_indices(stop - start, 1)] = block.T[np.triu_indices(stop - start, 1)]
+    diagonal = np.diag(inverse).copy()
+    inverse /= -diagonal  # column j divided by -P_jj
+    inverse[np.diag_indices(n)] = 0.0
+    return np.asarray(inverse, dtype=np.float32)
+
+
+def ease_bytes(n_items: int) -> int:
+    """Memory of one EASE weight matrix (float32 items x items), the most `ease_weights` holds at once."""
+    return 4 * n_items * n_items
 
 
 # implicit's item-item recommenders by how they weigh co-occurrence: BM25-weighted, cosine, or the plain count of

@@ -30,7 +30,7 @@ from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import InputFileError
 from recflow.files import atomic_path
 from recflow.model.bundle import ModelBundle
-from recflow.model.candidates import ease_weights, knn_similarity
+from recflow.model.candidates import ease_bytes, ease_weights, knn_similarity
 from recflow.model.features import SPLIT_TEST, Interactions, Window, load_interactions, window
 from recflow.model.metrics import (
     GroundTruth,
@@ -158,7 +158,7 @@ def score_bundle(
     served_item_item = bundle.item_item
     weighting = str(bundle.info.get("knn_weighting", "bm25"))
     item_item = {KIND_ITEM_KNN: lambda: knn_similarity(bundle.history, settings.selection.knn_neighbours, weighting)}
-    if bundle.history.shape[1] <= settings.selection.ease_max_items:
+    if 2 * ease_bytes(bundle.history.shape[1]) <= settings.selection.ease_max_gb * 1e9:  # the served one + EASE
         lam = float(bundle.info.get("ease_lambda", settings.selection.ease_lambdas[-1]))
         item_item[KIND_EASE] = lambda: ease_weights(bundle.history, lam)
     kinds = [KIND_POPULARITY, KIND_ITEM_KNN, KIND_EASE, KIND_ALS]

@@ -26,7 +26,7 @@ from implicit.cpu.als import AlternatingLeastSquares
 from recflow.config import Settings, SplitSettings
 from recflow.errors import EmptyDataError
 from recflow.model.bundle import ModelBundle
-from recflow.model.candidates import ALSParams, ease_weights, fit_als, knn_similarity, tune_als
+from recflow.model.candidates import ALSParams, ease_bytes, ease_weights, fit_als, knn_similarity, tune_als
 from recflow.model.features import (
     SECONDS_PER_DAY,
     SPLIT_TEST,
@@ -333,20 +333,25 @@ def select(
                 item_item_fits[KIND_ITEM_KNN], item_item_scores[KIND_ITEM_KNN] = fits, value
                 knn_weighting = weighting
         trials["knn_weighting"] = weighting_trials
-    if KIND_EASE in enabled and history.n_items <= conf.ease_max_items and conf.ease_lambdas:
-        best_fits: list[sp.csr_matrix | np.ndarray] = []
-        best = -1.0
-        lambda_trials = []
-        for lam in conf.ease_lambdas:
-            fits = [ease_weights(m, lam) for m in matrices]
-            value = _item_item_score(bundles, fits, tune_truths(), KIND_EASE, folds)
-            lambda_trials.append({"lambda": lam, "ndcg@10": round(value, 5)})
-            if value > best:
-                best, best_fits, ease_lambda = value, fits, lam
-        trials["ease_lambda"] = lambda_trials
-        item_item_fits[KIND_EASE], item_item_scores[KIND_EASE] = best_fits, best
+    ease_gb = (len(folds) + 1) * ease_bytes(history.n_items) / 1e9  # one matrix per fold + one being made
+    if KIND_EASE in enabled and ease_gb <= conf.ease_max_gb and conf.ease_lambdas:
+        lambda_scores = {}
+        for lam in conf.ease_lambdas:  # one trial matrix alive at a time: the chosen lambda's are made again
+            values = []
+            for bundle, matrix, truth in zip(bundles, matrices, tune_truths(), strict=True):
+                bundle.item_item = ease_weights(matrix, lam)
+                values.append(_ndcg(bundle, truth, KIND_EASE).mean())
+                bundle.item_item = None
+            lambda_scores[lam] = _protocol_mean(values, folds)
+        ease_lambda = max(lambda_scores, key=lambda lam: lambda_scores[lam])
+        trials["ease_lambda"] = [{"lambda": lam, "ndcg@10": round(v, 5)} for lam, v in lambda_scores.items()]
+        item_item_fits[KIND_EASE] = [ease_weights(m, ease_lambda) for m in matrices]
+        item_item_scores[KIND_EASE] = lambda_scores[ease_lambda]
     elif KIND_EASE in enabled:
-        warnings.append(f"EASE skipped: {history.n_items} items > selection.ease_max_items={conf.ease_max_items}")
+        warnings.append(
+            f"EASE skipped: {history.n_items:,} items need {ease_gb:.3g} GB for {len(folds) + 1} item x item matrices "
+            f"> selection.ease_max_gb={conf.ease_max_gb:g}"
+        )
     item_item = max(item_item_scores, key=lambda name: item_item_scores[name]) if item_item_scores else None
     choices = replace(choices, item_item=item_item, ease_lambda=ease_lambda, knn_weighting=knn_weighting)
 
