@@ -269,37 +269,3 @@ def test_the_gap_to_the_best_is_paired_and_weighs_protocols_equally() -> None:
     other = [np.zeros(4), np.ones(4), np.ones(4)]  # behind by 1 in one of the two global folds only
     gap, _ = selection._paired_gap(best, other, three)  # type: ignore[arg-type]
     assert gap == pytest.approx(0.25)  # (mean of 1 and 0) / 2 protocols
-
-
-def _models(**kinds: tuple[float, float, float]) -> dict[str, dict[str, float]]:
-    """kind=(gap to the best, its standard error, coverage@10)."""
-    return {
-        k: {"ndcg@10": 0.3 - g, "gap_to_best": g, "gap_se": se, "coverage@10": c} for k, (g, se, c) in kinds.items()
-    }
-
-
-@pytest.mark.parametrize(
-    ("models", "served", "why"),
-    [
-        # only the best is within one standard error: it serves, whatever its coverage
-        (_models(als=(0.02, 0.01, 0.3), als_ranker=(0.0, 0.0, 0.1)), "als_ranker", "highest validation NDCG@10"),
-        # popularity within one standard error of the best: nothing beat it, popularity serves
-        (_models(popularity=(0.001, 0.01, 0.01), als=(0.0, 0.0, 0.3)), "popularity", "the simplest model within"),
-        # the simplest tied kind shows as much of the catalogue as ALS: it serves
-        (_models(ease=(0.001, 0.01, 0.25), als=(0.02, 0.01, 0.2), als_ranker=(0.0, 0.0, 0.3)), "ease", "simplest"),
-        # the simplest tied kind shows less than ALS, a more complex tied one does not
-        (_models(ease=(0.001, 0.01, 0.15), als=(0.02, 0.01, 0.2), als_ranker=(0.0, 0.0, 0.22)), "als_ranker",
-         "the simplest whose coverage@10 (0.220) is not below ALS's (0.200)"),
-        # none of the tied kinds reaches ALS's coverage: the one that shows most of the catalogue
-        (_models(item_knn=(0.0, 0.0, 0.05), ease=(0.001, 0.01, 0.17), als=(0.02, 0.01, 0.21),
-                 als_ranker=(0.0005, 0.01, 0.2)), "als_ranker", "the one showing most of the catalogue"),
-        # ALS not among the kinds: no floor, the simplest tied kind
-        (_models(ease=(0.001, 0.01, 0.15), als_ranker=(0.0, 0.0, 0.3)), "ease", "the simplest model within"),
-    ],
-)  # fmt: skip
-def test_the_served_kind_is_the_simplest_tied_one_that_shows_as_much_as_als(
-    models: dict[str, dict[str, float]], served: str, why: str
-) -> None:
-    ranked = sorted(models, key=lambda kind: -models[kind]["ndcg@10"])
-    kind, decided = selection._served_kind(models, ranked)
-    assert kind == served and decided.startswith(f"{served}: ") and why in decided

@@ -409,7 +409,23 @@ def select(
     for kind in models:  # how far each kind is behind the best, in standard errors of the paired difference
         gap, se = _paired_gap(per_kind[leader], per_kind[kind], folds)
         models[kind].update(gap_to_best=round(gap, 5), gap_se=round(se, 5))
-    served, decided = _served_kind(models, ranked)
+    # the one-standard-error rule: the simplest kind whose shortfall is within one standard error of the best, so a
+    # more complex model serves only when validation can tell it apart from the simpler one
+    served = next(
+        kind for kind in SIMPLICITY if kind in models and models[kind]["gap_to_best"] <= models[kind]["gap_se"]
+    )
+    if served == leader:
+        decided = f"{served}: highest validation NDCG@10 ({models[served]['ndcg@10']:.4f})"
+        if len(ranked) > 1:
+            runner = ranked[1]
+            decided += f", next {runner} {models[runner]['ndcg@10']:.4f} (behind by {models[runner]['gap_to_best']:.4f}"
+            decided += f", standard error {models[runner]['gap_se']:.4f})"
+    else:
+        decided = (
+            f"{served}: the simplest model within one standard error of the best ({leader} "
+            f"{models[leader]['ndcg@10']:.4f}; {served} {models[served]['ndcg@10']:.4f}, behind by "
+            f"{models[served]['gap_to_best']:.4f}, standard error {models[served]['gap_se']:.4f})"
+        )
     if KIND_TWO_STAGE in enabled and served != KIND_TWO_STAGE and KIND_TWO_STAGE in models:
         decided += "; the ranker did not beat its candidates and is switched off"
     if served == KIND_POPULARITY:
@@ -457,49 +473,6 @@ def select(
         ),
     )
     return choices, ranker_fit, report
-
-
-def _served_kind(models: dict[str, dict[str, Any]], ranked: list[str]) -> tuple[str, str]:
-    """The served kind and why. The one-standard-error rule: the kinds whose shortfall to the best is within one
-    standard error of it are the ones validation cannot tell apart; among them the simplest serves, so a more
-    complex model serves only when validation can tell it from a simpler one. Popularity among them serves (nothing
-    beat it). Otherwise coverage decides between them: the simplest whose coverage@10 is not below ALS alone's (a
-    model that shows less of the catalogue than its candidate stage for no measurable gain is not served), or, when
-    none reaches it, the one that shows the most."""
-    leader = ranked[0]
-    tied = [kind for kind in SIMPLICITY if kind in models and models[kind]["gap_to_best"] <= models[kind]["gap_se"]]
-    floor = models[KIND_ALS]["coverage@10"] if KIND_ALS in models else 0.0
-    covering = [kind for kind in tied if models[kind]["coverage@10"] >= floor]
-    if KIND_POPULARITY in tied or not tied[1:]:
-        served = tied[0]
-    elif covering:
-        served = covering[0]
-    else:
-        served = max(tied, key=lambda kind: (models[kind]["coverage@10"], -SIMPLICITY.index(kind)))
-    if served == leader and len(tied) == 1:
-        decided = f"{served}: highest validation NDCG@10 ({models[served]['ndcg@10']:.4f})"
-        if len(ranked) > 1:
-            runner = ranked[1]
-            decided += f", next {runner} {models[runner]['ndcg@10']:.4f} (behind by {models[runner]['gap_to_best']:.4f}"
-            decided += f", standard error {models[runner]['gap_se']:.4f})"
-        return served, decided
-    if served == tied[0]:
-        decided = f"{served}: the simplest model within one standard error of the best"
-    else:
-        decided = f"{served}: of the models within one standard error of the best, " + (
-            f"the simplest whose coverage@10 ({models[served]['coverage@10']:.3f}) is not below ALS's ({floor:.3f})"
-            if covering
-            else f"the one showing most of the catalogue (coverage@10 {models[served]['coverage@10']:.3f}; ALS "
-            f"{floor:.3f})"
-        )
-    others = ", ".join(
-        f"{kind} {models[kind]['ndcg@10']:.4f} (behind by {models[kind]['gap_to_best']:.4f}, standard error "
-        f"{models[kind]['gap_se']:.4f}, coverage@10 {models[kind]['coverage@10']:.3f})"
-        for kind in tied
-        if kind != leader
-    )
-    decided += f" ({leader} {models[leader]['ndcg@10']:.4f}, coverage@10 {models[leader]['coverage@10']:.3f}; {others})"
-    return served, decided
 
 
 def _protocol_mean(values: list[float], folds: list[Fold]) -> float:
