@@ -22,9 +22,9 @@ from recflow.events.synth import generate_events
 from recflow.model import selection
 from recflow.model.bundle import ModelBundle
 from recflow.model.evaluate import SERVED, evaluate_holdout
-from recflow.model.features import build_features
+from recflow.model.features import build_features, load_interactions
 from recflow.model.recommend import recommend_as_of
-from recflow.model.training import BUNDLE_DIR, train
+from recflow.model.training import BUNDLE_DIR, _profile, train
 from recflow.store.eventstore import ingest_files
 
 from ..conftest import REPO
@@ -269,3 +269,30 @@ def test_the_gap_to_the_best_is_paired_and_weighs_protocols_equally() -> None:
     other = [np.zeros(4), np.ones(4), np.ones(4)]  # behind by 1 in one of the two global folds only
     gap, _ = selection._paired_gap(best, other, three)  # type: ignore[arg-type]
     assert gap == pytest.approx(0.25)  # (mean of 1 and 0) / 2 protocols
+
+
+def test_above_sample_users_the_choice_is_made_once_on_a_sample_as_narrow_as_it(tmp_path: Path) -> None:
+    """500 users, selection.sample_users 200: the folds hold the 200 sampled users only (re-indexed), the deployable
+    takes the choices of the one selection, and the served model still beats popularity on held-out events."""
+    history, holdout = split_last(taste_groups())
+    settings = settings_for(tmp_path, selection={"sample_users": 200})
+    kind, metrics = run(tmp_path, history, holdout, settings)
+    report = json.loads((settings.paths.models / "train_report.json").read_text())
+    assert any(w.startswith("choices made on a random sample of 200 of 500 users") for w in report["warnings"])
+    assert report["backtest"]["deployable"] == "the same choices" and "select bundle" not in report["seconds"]
+    assert kind != "popularity" and metrics[SERVED]["ndcg@10"] > 1.2 * metrics["popularity"]["ndcg@10"]
+    inter, meta = load_interactions(settings.paths.features)
+    folds, _, sampled = selection.make_folds(inter, _profile(meta, inter), settings)
+    assert sampled is not None and len(sampled) == 200 and np.all(np.diff(sampled) > 0)
+    assert all(f.window.history.n_users == 200 for f in folds)
+    assert set(np.concatenate([f.window.history.user_ids for f in folds])) == set(inter.user_ids[sampled])
+
+
+def test_a_sample_fit_is_widened_to_every_user_for_the_warm_start() -> None:
+    factors = {"user_factors": np.ones((2, 2), np.float32), "item_factors": np.eye(3, 2, dtype=np.float32)}
+    model = SimpleNamespace(factors=2, regularization=0.1, alpha=1.0, iterations=3, random_state=0, **factors)
+    wide = selection._widened(model, np.array([1, 3]), 5)  # type: ignore[arg-type]
+    assert wide.user_factors.shape == (5, 2) and wide.user_factors.dtype == np.float32
+    assert np.all(wide.user_factors[[1, 3]] == 1) and np.all(wide.user_factors[[0, 2, 4]] == 0)
+    assert wide.item_factors is model.item_factors and (wide.factors, wide.iterations) == (2, 3)
+    assert selection._widened(model, None, 5) is model  # type: ignore[arg-type]

@@ -112,3 +112,17 @@ def test_interactions_round_trip(tmp_path) -> None:
         np.testing.assert_array_equal(getattr(loaded, name), getattr(inter, name))
     assert list(loaded.user_ids) == list(inter.user_ids)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_of_users_keeps_those_users_events_reindexed_and_every_item() -> None:
+    inter = encode_events(
+        event_table([("a", "x", "view", 0), ("b", "y", "click", 5), ("c", "x", "purchase", 7), ("b", "z", "view", 9)]),
+        ACTIONS,
+    )
+    b, c = (int(np.flatnonzero(inter.user_ids == u)[0]) for u in ("b", "c"))
+    sample = inter.of_users(np.sort(np.array([b, c])))
+    assert sample.n_users == 2 and sample.n_items == inter.n_items
+    assert list(sample.user_ids[sample.user_idx]) == ["b", "c", "b"]  # in time order, as the data was
+    assert list(sample.item_ids[sample.item_idx]) == ["y", "x", "z"]
+    assert list((sample.ts - inter.ts[0]) // 86_400) == [5, 7, 9]  # days after "a"'s event, the first
+    assert [sample.actions[a] for a in sample.action_idx] == ["click", "purchase", "view"]

@@ -81,6 +81,24 @@ class Interactions:
             self.actions,
         )
 
+    def of_users(self, users: np.ndarray) -> Interactions:
+        """The events of `users` (sorted user indices), re-indexed 0..len(users)-1: a sample as small as it is,
+        not as wide as the data it was drawn from (`user_ids` are the sample's, item indices unchanged)."""
+        position = np.full(self.n_users, -1, dtype=np.int64)
+        position[users] = np.arange(len(users))
+        mine = position[self.user_idx]
+        keep = mine >= 0
+        return Interactions(
+            mine[keep].astype(self.user_idx.dtype),
+            self.item_idx[keep],
+            self.action_idx[keep],
+            self.ts[keep],
+            self.split[keep],
+            self.user_ids[users],
+            self.item_ids,
+            self.actions,
+        )
+
     def before(self, split: int) -> Interactions:
         """History for a window: every event in an earlier split."""
         return self.where(self.split < split)

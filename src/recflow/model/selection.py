@@ -108,21 +108,26 @@ class SelectionReport:
 PROTOCOL_METHODS = {PROTOCOL_GLOBAL: "global_time", PROTOCOL_USER: "per_user"}
 
 
-def make_folds(history: Interactions, profile: DataProfile, settings: Settings) -> tuple[list[Fold], list[str]]:
+def make_folds(
+    history: Interactions, profile: DataProfile, settings: Settings
+) -> tuple[list[Fold], list[str], np.ndarray | None]:
     """One validation fold per protocol of the profile, cut inside `history`; folds with fewer than
-    `selection.min_users` judged users are dropped (with a warning), unless none has that many."""
+    `selection.min_users` judged users are dropped (with a warning), unless none has that many. Above
+    `selection.sample_users` users the folds hold a sample's users only, re-indexed: the third value maps the
+    folds' user indices back to `history`'s (None: the same indices)."""
     conf = settings.selection
     fraction = settings.features.split.validation_fraction
     rng = np.random.default_rng(conf.seed)
     folds: list[Fold] = []
     warnings: list[str] = []
     active = np.unique(history.user_idx)
+    sampled = None
     if conf.sample_users and len(active) > conf.sample_users:
         # large data: the choices are made on a fixed random sample of users (all their events, every item), so
-        # selection costs what `sample_users` users cost whatever the size of the store
-        sample = np.zeros(history.n_users, dtype=bool)
-        sample[rng.choice(active, conf.sample_users, replace=False)] = True
-        history = history.where(sample[history.user_idx])
+        # selection costs what `sample_users` users cost whatever the size of the store (its ALS fits, contexts
+        # and scores are as wide as the sample, not as the store's users)
+        sampled = np.sort(rng.choice(active, conf.sample_users, replace=False))
+        history = history.of_users(sampled)
         warnings.append(f"choices made on a random sample of {conf.sample_users:,} of {len(active):,} users")
     for protocol in profile.protocols:
         method = PROTOCOL_METHODS.get(protocol, "random")
@@ -170,13 +175,13 @@ def make_folds(history: Interactions, profile: DataProfile, settings: Settings) 
             f"selection.min_users={conf.min_users}: not used"
         )
     if enough:
-        return enough, warnings
+        return enough, warnings, sampled
     largest = max(folds, key=lambda f: len(f.truth.users))
     warnings.append(
         f"validation has only {len(largest.truth.users)} users (< {conf.min_users} per half): the choices below are "
         "unreliable; add events, or lower selection.min_users knowingly"
     )
-    return [largest], warnings
+    return [largest], warnings, sampled
 
 
 def popularity_as_of(history: Interactions, weights: np.ndarray, moment: float, window_days: float) -> np.ndarray:
@@ -264,7 +269,7 @@ def select(
     """Choose the decay, ALS parameters, popularity window, item-item model, ranker and the served kind."""
     conf = settings.selection
     say = progress or (lambda _name: None)
-    folds, warnings = make_folds(history, profile, settings)
+    folds, warnings, sampled = make_folds(history, profile, settings)
     trials: dict[str, list[dict[str, Any]]] = {}
     start = ALSParams.from_settings(settings.als)
     enabled: set[str] = set(conf.models)
@@ -465,7 +470,7 @@ def select(
         warnings=warnings,
         trials=trials,
         ranker=ranker_info,
-        als_start=tuned.models[0],
+        als_start=_widened(tuned.models[0], sampled, history.n_users),
         full=bool(conf.sample_users and len(np.unique(history.user_idx)) > conf.sample_users)
         or all(
             sum(len(f.truth.users) for f in folds if f.protocol == protocol) >= conf.max_users
@@ -473,6 +478,19 @@ def select(
         ),
     )
     return choices, ranker_fit, report
+
+
+def _widened(model: AlternatingLeastSquares, sampled: np.ndarray | None, n_users: int) -> AlternatingLeastSquares:
+    """A fold's ALS fit as wide as the data's users, to warm-start fits on all of it: a sampled user's factors at
+    the user's own index, zeros elsewhere (what a fit on the sample's events gives a user without any)."""
+    if sampled is None:
+        return model
+    wide = AlternatingLeastSquares(factors=model.factors, regularization=model.regularization, alpha=model.alpha,
+                                   iterations=model.iterations, random_state=model.random_state)  # fmt: skip
+    wide.user_factors = np.zeros((n_users, model.user_factors.shape[1]), dtype=model.user_factors.dtype)
+    wide.user_factors[sampled] = model.user_factors
+    wide.item_factors = model.item_factors
+    return wide
 
 
 def _protocol_mean(values: list[float], folds: list[Fold]) -> float:
