@@ -431,7 +431,13 @@ def _explain(exc: ValidationError, section: type, key: str) -> str:
             owner = owner.__pydantic_fields__[part].annotation  # type: ignore[attr-defined]
         known = ", ".join(sorted(owner.__pydantic_fields__))  # type: ignore[attr-defined]
         sentences.append(f"unknown key {', '.join(keys)}; the keys of {_key(key, *parent) or 'the file'} are {known}")
+        sentences += [f"{old} is now {RENAMED[old]}" for old in keys if old in RENAMED]
     return "; ".join(sentences)
+
+
+RENAMED = {  # keys of earlier releases -> what replaced them, named when a params.yaml still has the old key
+    "selection.ease_max_items": "selection.ease_max_gb, EASE's memory budget in GB (1 GB: one matrix of 15.8k items)",
+}
 
 
 def _key(*parts: str) -> str:

@@ -59,6 +59,13 @@ def test_every_unknown_key_is_named_with_the_keys_that_exist(tmp_path: Path) -> 
     assert "unknown key rankr; the keys of the file are als, candidates," in message
 
 
+def test_a_renamed_key_says_what_replaced_it(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("selection:\n  ease_max_items: 10000\n")
+    with pytest.raises(ConfigError, match=r"selection\.ease_max_items is now selection\.ease_max_gb, EASE's memory"):
+        load_settings(params)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
