@@ -170,6 +170,7 @@ def deploy_candidate(project: str, params: str) -> dict[str, Any]:
         "metric": decision.metric,
         "candidate_score": decision.candidate_score,
         "production_score": decision.production_score,
+        "standard_error": decision.standard_error,
         "candidate_metrics": decision.candidate.metrics,
         "production_metrics": None if decision.previous is None else decision.previous.metrics,
     }

@@ -313,7 +313,8 @@ class RegistrySettings(_Section):
 
     home: Path = Path(".bentoml")  # BentoML home (model store, bentos), relative to the project folder
     model_name: str = "recflow"  # BentoML model name of the deployable versions
-    # promote when candidate NDCG@k >= production's - tolerance, on the same test window
+    # promote unless production's NDCG@k is ahead by more than this and by more than one standard error of the
+    # paired per-user difference, both scored on the same, current test window (ops/gate.py)
     tolerance: NonNegative = 0.005
 
     @pydantic.field_validator("model_name")

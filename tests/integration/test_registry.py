@@ -148,7 +148,10 @@ def test_gate_refuses_a_worse_model_and_rollback_restores_the_previous_one(
     assert not refused.promoted
     assert refused.candidate.model == "als" and refused.previous == good
     assert refused.candidate_score is not None and refused.production_score is not None
-    assert refused.candidate_score < refused.production_score - store.registry.tolerance
+    assert refused.standard_error is not None and refused.standard_error > 0
+    allowance = max(store.registry.tolerance, refused.standard_error)
+    assert refused.candidate_score < refused.production_score - allowance  # worse by more than the window's noise
+    assert f"paired standard error {refused.standard_error:.4f}" in refused.reason
     assert "refused" in refused.reason and f"production stays {good.version}" in refused.reason
     assert registry.production(store, root) == good
     # scored on the same window as `recflow evaluate`: both scores equal the offline ones
@@ -178,6 +181,7 @@ def test_gate_refuses_a_worse_model_and_rollback_restores_the_previous_one(
         ("promote", "dave"),
     ]
     assert records[1]["version"] == refused.candidate.version and records[1]["production_before"] == good.version
+    assert records[1]["standard_error"] == refused.standard_error and records[0]["standard_error"] is None
     assert records[1]["candidate_metrics"]["ndcg@10"] < records[1]["production_metrics"]["ndcg@10"]
     assert records[1]["candidate_score"] == pytest.approx(refused.candidate_score)
 
@@ -292,7 +296,9 @@ def test_gate_compares_with_an_older_version_on_the_current_window(tmp_path: Pat
     # the same world, three weeks apart: the older model still finds relevant items on the new window (with a
     # wrong id mapping it would score about nothing)
     assert decision.production_score > 0.5 * decision.candidate_score
-    assert decision.promoted == (decision.candidate_score >= decision.production_score - settings.registry.tolerance)
+    assert decision.standard_error is not None
+    allowance = max(settings.registry.tolerance, decision.standard_error)
+    assert decision.promoted == (decision.candidate_score >= decision.production_score - allowance)
 
 
 def test_deploy_refuses_outputs_of_different_trainings_and_names_the_stale_one(

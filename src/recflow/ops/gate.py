@@ -18,6 +18,11 @@ the current window is mapped into each bundle's index by external id:
 Both bundles are then scored by the same code as `recflow evaluate` (`ModelBundle.recommend`, then
 `metrics.ranking_metrics`): a bundle whose id maps equal the current features' scores exactly as in
 `models/metrics.json` when every test user is known to all bundles.
+
+The rule is the train stage's (selection.py): the same users judge both, so the difference is paired, and a
+shortfall within one standard error of that difference is one the window cannot tell from none. The candidate is
+promoted unless production is ahead by more than one standard error and by more than `registry.tolerance` (which
+decides on windows so large that the standard error is smaller).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from recflow.errors import EmptyDataError
 from recflow.model.bundle import ModelBundle
 from recflow.model.evaluate import sample_users, test_window
 from recflow.model.features import action_weights, confidence_matrix
-from recflow.model.metrics import PAD, GroundTruth, ground_truth, ranking_metrics
+from recflow.model.metrics import PAD, GroundTruth, ground_truth, ndcg_per_user, ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class WindowScores:
     """Offline metrics of each bundle (in the order given) on the same users of the current test window."""
 
     metrics: list[dict[str, float]]
+    ndcg: list[np.ndarray]  # NDCG@k of each scored user, per bundle (the same users in the same order)
     users: int  # test users scored (known to every bundle)
     test_users: int  # test users in the current window (warm, with an item new to them)
 
@@ -54,11 +60,12 @@ class WindowScores:
 class Verdict:
     """The gate's answer for one candidate against production, both scored on the current test window."""
 
-    passed: bool  # candidate >= production - tolerance
+    passed: bool  # candidate >= production - max(tolerance, standard_error)
     metric: str
     candidate: float
     production: float
     users: int
+    standard_error: float  # of the paired per-user difference production - candidate
 
 
 def gate_metric(settings: Settings) -> str:
@@ -68,17 +75,27 @@ def gate_metric(settings: Settings) -> str:
 
 def judge(candidate_backtest: Path, production_backtest: Path, features: Path, settings: Settings) -> Verdict:
     """Score both backtest bundles on the test window of `features`; the candidate passes when its metric is at
-    least production's minus `registry.tolerance`."""
+    least production's minus the larger of `registry.tolerance` and one standard error of the paired difference."""
     bundles = [ModelBundle.load(candidate_backtest), ModelBundle.load(production_backtest)]
     scores = score_on_current_window(bundles, features, settings)
     metric = gate_metric(settings)
     candidate, production = scores.metrics[0][metric], scores.metrics[1][metric]
-    passed = candidate >= production - settings.registry.tolerance
-    return Verdict(passed=passed, metric=metric, candidate=candidate, production=production, users=scores.users)
+    error = paired_standard_error(scores.ndcg[1], scores.ndcg[0])
+    passed = candidate >= production - max(settings.registry.tolerance, error)
+    return Verdict(passed=passed, metric=metric, candidate=candidate, production=production, users=scores.users,
+                   standard_error=error)  # fmt: skip
+
+
+def paired_standard_error(first: np.ndarray, second: np.ndarray) -> float:
+    """The standard error of the mean of `first - second`, users paired (0 for fewer than two users)."""
+    difference = np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)
+    if len(difference) < 2:
+        return 0.0
+    return float(np.std(difference, ddof=1) / np.sqrt(len(difference)))
 
 
 def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, settings: Settings) -> WindowScores:
-    """Score every bundle's two-stage model (ALS alone when it has no ranker) on the test window of `features`."""
+    """Score every bundle's served model on the test window of `features`, on the users every bundle knows."""
     inter, test = test_window(features)
     weights = action_weights(settings, inter.actions)
     history = confidence_matrix(test.history, weights, None)
@@ -96,7 +113,7 @@ def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, sett
     users, relevant = sample.users, sample.relevant
     depth = max(conf.k, conf.recall_k)
     n_catalogue = int((np.asarray(history.getnnz(axis=0)) > 0).sum())
-    scores = []
+    scores, per_user = [], []
     for bundle, user_map in zip(bundles, user_maps, strict=True):
         item_map = _index_map(inter.item_ids, bundle.item_ids)  # current item -> bundle item (-1: unknown)
         if _same_ids(bundle, inter.user_ids, inter.item_ids):
@@ -110,8 +127,9 @@ def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, sett
             back[item_map[known_items]] = known_items
             recs = back[bundle_recs]
         scores.append(ranking_metrics(recs, relevant, k=conf.k, recall_k=conf.recall_k, n_catalogue=n_catalogue))
+        per_user.append(ndcg_per_user(recs, relevant, conf.k))
         logger.info("gate: %s", scores[-1])
-    return WindowScores(metrics=scores, users=len(users), test_users=len(truth.users))
+    return WindowScores(metrics=scores, ndcg=per_user, users=len(users), test_users=len(truth.users))
 
 
 def _index_map(current_ids: np.ndarray, bundle_ids: np.ndarray) -> np.ndarray:

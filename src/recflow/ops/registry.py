@@ -90,6 +90,7 @@ class Decision:
     production_score: float | None
     tolerance: float
     users: int  # test users both versions were scored on
+    standard_error: float | None  # of the paired per-user difference (None when nothing was compared)
     user: str
     at: datetime
 
@@ -229,7 +230,8 @@ def load_production_bundle(settings: Settings, root: Path = Path(".")) -> tuple[
 def deploy(settings: Settings, *, root: Path = Path("."), user: str | None = None, force: bool = False) -> Decision:
     """Save the trained bundle (`paths.models`/bundle) as a candidate version and promote it to production if it
     passes the gate: its NDCG@k on the current test window is at least production's (re-scored on the same
-    window) minus `registry.tolerance`. `force` promotes regardless (the scores are still recorded).
+    window) minus the larger of `registry.tolerance` and one standard error of the paired per-user difference
+    (gate.py). `force` promotes regardless (the scores are still recorded).
 
     The gate runs outside the store's lock, so a rollback never waits for it; if production changes while it
     runs, nothing is promoted and the error says to deploy again."""
@@ -257,7 +259,8 @@ def deploy(settings: Settings, *, root: Path = Path("."), user: str | None = Non
         else:
             scores = (
                 f"{metric} {verdict.candidate:.4f} vs production {previous.version} {verdict.production:.4f} "
-                f"on the current test window ({verdict.users} users), tolerance {tolerance}"
+                f"on the current test window ({verdict.users} users; paired standard error "
+                f"{verdict.standard_error:.4f}, tolerance {tolerance})"
             )
             if verdict.passed:
                 promoted, reason = True, f"passed the gate: {scores}"
@@ -275,6 +278,7 @@ def deploy(settings: Settings, *, root: Path = Path("."), user: str | None = Non
         production_score=verdict.production if verdict else None,
         tolerance=tolerance,
         users=verdict.users if verdict else 0,
+        standard_error=verdict.standard_error if verdict else None,
         user=user or _os_user(),
         at=datetime.now(UTC),
     )
@@ -470,6 +474,7 @@ def _decision_record(decision: Decision) -> dict[str, Any]:
         "candidate_score": decision.candidate_score,
         "production_score": decision.production_score,
         "tolerance": decision.tolerance,
+        "standard_error": decision.standard_error,
         "users": decision.users,
         "candidate_metrics": decision.candidate.metrics,
         "production_metrics": decision.previous.metrics if decision.previous else None,
