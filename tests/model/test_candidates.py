@@ -295,3 +295,27 @@ def test_ease_weights_match_the_closed_form_in_float64(n_items: int) -> None:
     assert np.abs(weights - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1e-12)
     assert np.all(np.diag(weights) == 0.0)
     assert ease_bytes(n_items) == weights.nbytes
+
+
+def test_als_top_is_the_top_of_the_masked_als_scores() -> None:
+    """implicit's top-k gives what `_top` over the masked users x items ALS block gives: the same items in the same
+    order, items had (row non-zeros, `seen`) and items without history left out, PAD where fewer remain."""
+    rng = np.random.default_rng(5)
+    n_users, n_items = 40, 300
+    popularity = rng.random(n_items).astype(np.float32)
+    popularity[rng.choice(n_items, 30, replace=False)] = 0.0  # no history: never returned
+    model = SimpleNamespace(item_factors=rng.standard_normal((n_items, 8)).astype(np.float32), popularity=popularity)
+    vectors = rng.standard_normal((n_users, 8)).astype(np.float32)
+    rows = sp.random(n_users, n_items, density=0.05, format="csr", random_state=rng, dtype=np.float32)
+    seen = [rng.choice(n_items, 3, replace=False) for _ in range(n_users)]
+    expected = scoring._top(scoring._masked(vectors @ model.item_factors.T, rows, popularity <= 0, seen), 20)
+    items, scores = scoring.als_top(model, vectors, rows, seen, 20)
+    assert np.array_equal(items, expected[0]) and np.allclose(scores, expected[1], rtol=1e-5)
+    few = scoring.als_top(model, vectors[:2], rows[:2], None, n_items)  # more asked than items left: padding
+    allowed = (
+        n_items
+        - 30
+        - np.diff(rows[:2].indptr)
+        + np.array([np.isin(rows[i].indices, np.flatnonzero(popularity <= 0)).sum() for i in range(2)])
+    )
+    assert np.array_equal((few[0] != PAD).sum(axis=1), allowed) and np.all(np.isinf(few[1][few[0] == PAD]))

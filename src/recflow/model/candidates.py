@@ -85,7 +85,7 @@ def fit_als(
     return model
 
 
-def _clean(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def clean_topk(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Turn implicit's padding (filtered items, N past the catalogue) into PAD / -inf."""
     ids = np.asarray(ids, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float32)
@@ -119,7 +119,7 @@ class ImplicitCandidates:
             # never ask past the catalogue: implicit pads that with item 0 and score 0
             asked = min(n + extra, self.history.shape[1])
             ids, scores = self.model.recommend(batch, history, N=asked, filter_items=filter_items)
-            ids, scores = _clean(ids.reshape(len(batch), -1), scores.reshape(len(batch), -1))
+            ids, scores = clean_topk(ids.reshape(len(batch), -1), scores.reshape(len(batch), -1))
             if self.post_filter:
                 ids, scores = _drop_seen(ids, scores, history, self.cold)
             width = min(n, ids.shape[1])
