@@ -297,9 +297,11 @@ def test_ease_weights_match_the_closed_form_in_float64(n_items: int) -> None:
     assert ease_bytes(n_items) == weights.nbytes
 
 
-def test_als_top_is_the_top_of_the_masked_als_scores() -> None:
+@pytest.mark.parametrize("block_cells", [0, scoring.ALS_BLOCK_CELLS])  # implicit's top-k, then numpy's block
+def test_als_top_is_the_top_of_the_masked_als_scores(block_cells: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """implicit's top-k gives what `_top` over the masked users x items ALS block gives: the same items in the same
     order, items had (row non-zeros, `seen`) and items without history left out, PAD where fewer remain."""
+    monkeypatch.setattr(scoring, "ALS_BLOCK_CELLS", block_cells)
     rng = np.random.default_rng(5)
     n_users, n_items = 40, 300
     popularity = rng.random(n_items).astype(np.float32)
