@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_small_project(root)
     result = run(root, "demo")
     assert "offline evaluation" in result.stdout
+    said = " ".join(result.stdout.split())  # rich wraps lines at the terminal's width
+    chosen = r"chosen: decay (half-life [\d.]+ days|none), popularity (last [\d.]+ days|all time), item-item"
+    assert re.search(chosen, said)
     return root
 
 

@@ -255,10 +255,9 @@ def print_train(report: object) -> None:
     out.print(table)
     choices = report.choices
     als = ", ".join(f"{k}={v}" for k, v in choices["als"].items() if k != "random_state")
-    out.print(
-        f"chosen: decay half-life {choices['half_life_days'] or 'none'} days, popularity window "
-        f"{choices['popularity_window_days'] or 'all time'} days, item-item {choices['item_item']}, ALS {als}"
-    )
+    decay = f"half-life {choices['half_life_days']:g} days" if choices["half_life_days"] else "none"
+    window = f"last {choices['popularity_window_days']:g} days" if choices["popularity_window_days"] else "all time"
+    out.print(f"chosen: decay {decay}, popularity {window}, item-item {choices['item_item']}, ALS {als}")
     out.print(f"[bold]serving {report.kind}[/bold]: {report.decided}")
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
