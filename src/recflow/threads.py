@@ -5,7 +5,9 @@ implicit's ALS runs its own threads, and the fold-in's small solves and the scor
 microseconds each: an OpenBLAS thread pool beside them makes both several times slower, and implicit warns about it
 (`implicit.utils.check_blas_config`, when an `AlternatingLeastSquares` is created). So recflow runs BLAS on one
 thread, set at start-up and never per call: entering `threadpoolctl.threadpool_limits` costs 1.4 ms with
-threadpoolctl 3.6 and 5.3 ms with 3.8, which a per-call limit paid on every batch of recommendations.
+threadpoolctl 3.6 and 5.3 ms with 3.8, which a per-call limit paid on every batch of recommendations. The one
+exception is EASE's inverse (`model.candidates.ease_weights`): a single LAPACK call of seconds to minutes, which takes
+every core the process may use for its duration.
 """
 
 from __future__ import annotations
