@@ -15,7 +15,7 @@ machine makes the same choices.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -341,15 +341,14 @@ def select(
     ease_gb = (len(folds) + 1) * ease_bytes(history.n_items) / 1e9  # one matrix per fold + one being made
     if KIND_EASE in enabled and ease_gb <= conf.ease_max_gb and conf.ease_lambdas:
         lambda_scores = {}
-        for lam in conf.ease_lambdas:  # one trial matrix alive at a time: the chosen lambda's are made again
-            values = []
-            for bundle, matrix, truth in zip(bundles, matrices, tune_truths(), strict=True):
-                bundle.item_item = ease_weights(matrix, lam)
-                values.append(_ndcg(bundle, truth, KIND_EASE).mean())
-                bundle.item_item = None
-            lambda_scores[lam] = _protocol_mean(values, folds)
+        for lam in conf.ease_lambdas:  # made fold by fold as scored (one per fold + one being made); the chosen
+            # lambda's are made again below rather than kept beside the trials'
+            made = (ease_weights(m, lam) for m in matrices)
+            lambda_scores[lam] = _item_item_score(bundles, made, tune_truths(), KIND_EASE, folds)
         ease_lambda = max(lambda_scores, key=lambda lam: lambda_scores[lam])
         trials["ease_lambda"] = [{"lambda": lam, "ndcg@10": round(v, 5)} for lam, v in lambda_scores.items()]
+        for bundle in bundles:  # the last trial's matrices go before the chosen ones are made
+            bundle.item_item = None
         item_item_fits[KIND_EASE] = [ease_weights(m, ease_lambda) for m in matrices]
         item_item_scores[KIND_EASE] = lambda_scores[ease_lambda]
     elif KIND_EASE in enabled:
@@ -528,7 +527,7 @@ def _plain(kind: str, half_life: float, als: ALSParams) -> Choices:
 
 def _item_item_score(
     bundles: list[ModelBundle],
-    fits: list[sp.csr_matrix | np.ndarray],
+    fits: Iterable[sp.csr_matrix | np.ndarray],
     truths: list[GroundTruth],
     kind: str,
     folds: list[Fold],
