@@ -11,6 +11,7 @@ from recflow.model.metrics import (
     bootstrap_interval,
     grouped_bootstrap_interval,
     hits,
+    paired_standard_error,
     ranking_metrics,
     recall_curve,
 )
@@ -75,3 +76,13 @@ def test_one_group_is_the_plain_bootstrap_of_the_mean() -> None:
     )
     low, high = bootstrap_interval(values, 300, seed=2)
     assert low < values.mean() < high
+
+
+def test_the_paired_standard_error_is_of_the_per_user_difference() -> None:
+    """Known answers: the standard error of the mean per-user difference, not of either mean alone."""
+    production = np.array([1.0, 0.0, 1.0, 0.0])
+    candidate = np.array([1.0, 0.0, 0.0, 0.0])  # one user lost: difference (0, 0, 1, 0)
+    assert paired_standard_error(production, candidate) == pytest.approx(np.sqrt(0.25 / 4))
+    shifted = production - 0.1  # the same users, each 0.1 lower: the window can tell them apart exactly
+    assert paired_standard_error(production, shifted) == pytest.approx(0.0)
+    assert paired_standard_error(np.array([0.3]), np.array([0.1])) == 0.0

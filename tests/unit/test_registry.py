@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from recflow.config import RegistrySettings, Settings, load_settings
 from recflow.errors import ConfigError, NoProductionError, RegistryError
 from recflow.ops import registry
-from recflow.ops.gate import paired_standard_error
 
 
 def test_the_store_defaults_inside_the_project(tmp_path: Path) -> None:
@@ -58,13 +56,3 @@ def test_a_damaged_production_pointer_is_reported_not_ignored(tmp_path: Path) ->
     pointer.write_text('{"version": "20260101-000000-deadbeef", "previous": []}')
     with pytest.raises(RegistryError, match="not in the model store"):
         registry.production(settings, tmp_path)
-
-
-def test_the_gate_measures_the_paired_difference_of_the_same_users() -> None:
-    """Known answers: the standard error of the mean per-user difference, not of either mean alone."""
-    production = np.array([1.0, 0.0, 1.0, 0.0])
-    candidate = np.array([1.0, 0.0, 0.0, 0.0])  # one user lost: difference (0, 0, 1, 0)
-    assert paired_standard_error(production, candidate) == pytest.approx(np.sqrt(0.25 / 4))
-    shifted = production - 0.1  # the same users, each 0.1 lower: the window can tell them apart exactly
-    assert paired_standard_error(production, shifted) == pytest.approx(0.0)
-    assert paired_standard_error(np.array([0.3]), np.array([0.1])) == 0.0

@@ -119,3 +119,12 @@ def grouped_bootstrap_interval(
         [combine(np.array([a[rng.integers(0, len(a), len(a))].mean() for a in arrays])) for _ in range(resamples)]
     )
     return (round(float(np.percentile(stats, 2.5)), 4), round(float(np.percentile(stats, 97.5)), 4))
+
+
+def paired_standard_error(first: np.ndarray, second: np.ndarray) -> float:
+    """The standard error of the mean of `first - second`, the same users judging both (0 for fewer than two):
+    the selection's one-standard-error rule and the promotion gate both measure with it."""
+    difference = np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)
+    if len(difference) < 2:
+        return 0.0
+    return float(np.std(difference, ddof=1) / np.sqrt(len(difference)))

@@ -42,6 +42,7 @@ from recflow.model.metrics import (
     ground_truth,
     grouped_bootstrap_interval,
     ndcg_per_user,
+    paired_standard_error,
     recall_curve,
 )
 from recflow.model.profile import PROTOCOL_GLOBAL, PROTOCOL_USER, DataProfile
@@ -503,16 +504,14 @@ def _protocol_mean(values: list[float], folds: list[Fold]) -> float:
 def _paired_gap(best: list[np.ndarray], other: list[np.ndarray], folds: list[Fold]) -> tuple[float, float]:
     """How far `other` is behind `best` (protocol mean of the fold means of the per-user differences) and the
     standard error of that difference (the same users judge both, so the difference is paired)."""
-    diffs = [b - o for b, o in zip(best, other, strict=True)]
-    gap = _protocol_mean([d.mean() for d in diffs], folds)
+    gap = _protocol_mean([(b - o).mean() for b, o in zip(best, other, strict=True)], folds)
     protocols = sorted({f.protocol for f in folds})
     variance = 0.0
     for protocol in protocols:
-        mine = [d for d, f in zip(diffs, folds, strict=True) if f.protocol == protocol]
+        mine = [(b, o) for b, o, f in zip(best, other, folds, strict=True) if f.protocol == protocol]
         # the protocol's mean of fold means weighs each fold 1/len(mine); the protocols weigh 1/len(protocols)
-        for d in mine:
-            if len(d) > 1:
-                variance += float(np.var(d, ddof=1)) / len(d) / (len(mine) * len(protocols)) ** 2
+        for b, o in mine:
+            variance += (paired_standard_error(b, o) / (len(mine) * len(protocols))) ** 2
     return gap, float(np.sqrt(variance))
 
 

@@ -41,7 +41,14 @@ from recflow.errors import EmptyDataError
 from recflow.model.bundle import ModelBundle
 from recflow.model.evaluate import sample_users, test_window
 from recflow.model.features import action_weights, confidence_matrix
-from recflow.model.metrics import PAD, GroundTruth, ground_truth, ndcg_per_user, ranking_metrics
+from recflow.model.metrics import (
+    PAD,
+    GroundTruth,
+    ground_truth,
+    ndcg_per_user,
+    paired_standard_error,
+    ranking_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +91,6 @@ def judge(candidate_backtest: Path, production_backtest: Path, features: Path, s
     passed = candidate >= production - max(settings.registry.tolerance, error)
     return Verdict(passed=passed, metric=metric, candidate=candidate, production=production, users=scores.users,
                    standard_error=error)  # fmt: skip
-
-
-def paired_standard_error(first: np.ndarray, second: np.ndarray) -> float:
-    """The standard error of the mean of `first - second`, users paired (0 for fewer than two users)."""
-    difference = np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)
-    if len(difference) < 2:
-        return 0.0
-    return float(np.std(difference, ddof=1) / np.sqrt(len(difference)))
 
 
 def score_on_current_window(bundles: Sequence[ModelBundle], features: Path, settings: Settings) -> WindowScores:
