@@ -79,6 +79,29 @@ def test_features_use_only_history_before_the_reference_time() -> None:
     assert features["from_als"].tolist() == [1, 1, 1] and features["from_popular"].tolist() == [0, 0, 0]
 
 
+def test_item_item_features_are_free_of_the_scores_scale() -> None:
+    """Known answers: each candidate's item-item score as a share of its user's highest and its rank among the
+    user's candidates (nan without one); scores 1.25 times larger (a row with a quarter more items, as the model
+    fitted on all events has against a validation fold's) give the same features."""
+    inter = encode_events(event_table([("a", "x", "view", 0), ("b", "y", "view", 1), ("b", "z", "view", 2)]), ACTIONS)
+    ctx = build_context(inter, np.full(2, DAY0 + SECONDS_PER_DAY), np.eye(3, dtype=np.float32), SETTINGS)
+    names = feature_names(ACTIONS, SETTINGS.popularity_windows_days)
+    items = [[0, 1, 2], [0, 1, PAD]]
+    scores = np.array([[0.2, 0.8, np.nan], [0.5, -0.1, np.nan]], dtype=np.float32)
+
+    def item_item(scale: float) -> tuple[np.ndarray, np.ndarray]:
+        candidates = als_candidates(items, np.ones((2, 3)))
+        candidates = CandidateSet(candidates.items, candidates.scores, candidates.sources, scores * scale)
+        X, _, _ = candidate_features(ctx, np.array([0, 1]), candidates)
+        return X[:, names.index("item_item_score")], X[:, names.index("item_item_rank")]
+
+    share, rank = item_item(1.0)
+    np.testing.assert_allclose(share, [0.25, 1.0, np.nan, 1.0, -0.2], rtol=1e-6)
+    np.testing.assert_array_equal(rank, [1, 0, np.nan, 0, 1])
+    np.testing.assert_allclose(item_item(1.25)[0], share, rtol=1e-6)
+    np.testing.assert_array_equal(item_item(1.25)[1], rank)
+
+
 def test_next_after_counts_what_followed_the_users_last_item() -> None:
     """In other users' histories y followed x twice and z followed x once; user d's last item is x."""
     rows = [("a", "x", "view", 1), ("a", "y", "view", 2), ("b", "x", "view", 1), ("b", "y", "view", 2)]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from recflow.config import EventSettings, Settings
+from recflow.errors import ModelNotFoundError
 from recflow.model.bundle import ModelBundle
 from recflow.model.features import build_features, decay
 from recflow.model.training import BUNDLE_DIR, train
@@ -367,3 +368,17 @@ def test_after_a_version_trained_on_a_users_events_the_state_drops_them_and_stil
     assert top_items(lazy.recommend(user_id, 20)) == batch  # a read before the sweep counts them once too
     assert unswept.events([user_id]) == {}  # and prunes them
     unswept.close()
+
+
+def test_a_ranker_trained_on_other_features_is_refused_with_what_to_do(
+    project: tuple[Settings, Path], tmp_path: Path
+) -> None:
+    """A bundle whose ranker was trained on another feature set (an earlier recflow's) is not scored with features
+    it never saw: loading it says to train again."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(project[1], copy)
+    ranker = copy / "ranker.txt"
+    assert ranker.exists()
+    ranker.write_text(ranker.read_text().replace("item_item_rank", "item_item_old", 1))
+    with pytest.raises(ModelNotFoundError, match="train it again"):
+        ModelBundle.load(copy)

@@ -28,7 +28,7 @@ from recflow.model.candidates import ALSParams, CandidateSet
 from recflow.model.features import Interactions
 from recflow.model.metrics import PAD
 from recflow.model.ranker import rerank
-from recflow.model.ranker_features import FeatureContext
+from recflow.model.ranker_features import FeatureContext, feature_names
 from recflow.model.scoring import (
     KIND_ALS,
     KIND_POPULARITY,
@@ -226,7 +226,13 @@ class ModelBundle:
         meta = json.loads((path / BUNDLE_FILE).read_text())
         with np.load(path / "als.npz") as als:
             user_factors, item_factors = als["user_factors"], als["item_factors"]
+        context = FeatureContext.load(path / "context.npz")
         ranker = lgb.Booster(model_file=str(path / "ranker.txt")) if meta["has_ranker"] else None
+        if ranker is not None and ranker.feature_name() != feature_names(tuple(meta["actions"]), context.windows_days):
+            raise ModelNotFoundError(
+                f"the model in {path} has a ranker trained on other features than this recflow computes (it was "
+                "trained by an earlier version): run `recflow train` (or dvc repro) to train it again"
+            )
         item_item: sp.csr_matrix | np.ndarray | None = None
         if (path / "item_item.npz").exists():
             with np.load(path / "item_item.npz", allow_pickle=False) as data:
@@ -258,7 +264,7 @@ class ModelBundle:
             user_factors=user_factors,
             item_factors=item_factors,
             history=sp.load_npz(path / "history.npz").tocsr(),
-            context=FeatureContext.load(path / "context.npz"),
+            context=context,
             ranker=ranker,
             n_candidates=int(meta["n_candidates"]),
             n_popular=int(meta.get("n_popular", 0)),

@@ -131,6 +131,7 @@ def feature_names(actions: tuple[str, ...], windows_days: tuple[float, ...]) -> 
         "from_popular",
         "from_item_item",
         "item_item_score",
+        "item_item_rank",
         *windows,
         "item_pop_at_user_last",
         "item_pop_trend",
@@ -177,6 +178,7 @@ def candidate_features(
     age[~np.isfinite(age)] = np.nan
     user_actions = ctx.user_action_counts[row_user]
     similarity = _recent_similarity(ctx, users, items)[valid]  # rows x 5
+    item_item_share, item_item_rank = _relative(candidates.item_item, valid)
 
     columns = [
         all_scores[valid],
@@ -185,7 +187,8 @@ def candidate_features(
         (sources & SOURCE_ALS) > 0,
         (sources & SOURCE_POPULAR) > 0,
         (sources & SOURCE_ITEM_ITEM) > 0,
-        np.full(len(row_user), np.nan) if candidates.item_item is None else candidates.item_item[valid],
+        item_item_share,
+        item_item_rank,
         *pop_windows,
         at_user_last,
         (short_rate + 1e-3) / (long_rate + 1e-3),
@@ -202,6 +205,25 @@ def candidate_features(
     for j, column in enumerate(columns):
         X[:, j] = column
     return X, row_user, row_item
+
+
+def _relative(scores: np.ndarray | None, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each candidate's item-item score as a share of its user's highest, and its rank among the user's candidates
+    (0: the highest), nan without one. Free of the scores' scale, which grows with the items in the user's row: a
+    ranker trained on a validation fold's thinner rows then applies to the model fitted on all events (on ml-1m the
+    raw score's ranker, trained on folds, fell below its own item-item candidates once served)."""
+    n = int(valid.sum())
+    if scores is None:
+        return np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
+    present = valid & np.isfinite(scores)
+    masked = np.where(present, scores, -np.inf)
+    top = masked.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        share = np.where(present & (top > 0), scores / np.where(top > 0, top, 1.0), np.nan)
+    order = np.argsort(-masked, axis=1, kind="stable")
+    ranks = np.empty(scores.shape, dtype=np.float32)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(scores.shape[1], dtype=np.float32), scores.shape), 1)
+    return share[valid].astype(np.float32), np.where(present, ranks, np.nan)[valid].astype(np.float32)
 
 
 def _popularity(ctx: FeatureContext, row_item: np.ndarray, ref: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
