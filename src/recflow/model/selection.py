@@ -101,9 +101,9 @@ class SelectionReport:
     trials: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ranker: dict[str, Any] | None = None
     als_start: AlternatingLeastSquares | None = None  # a fold's fit with the chosen parameters (warm start)
-    # the choice could not use more users: a sample of selection.sample_users was drawn, or every protocol of the
-    # profile judged selection.max_users users; more data would give it later users, not more
-    full: bool = False
+    # the choices were made on a random sample of selection.sample_users users: the deployable takes them (a second
+    # selection on all events would cost as much again on the largest data)
+    sampled: bool = False
 
 
 PROTOCOL_METHODS = {PROTOCOL_GLOBAL: "global_time", PROTOCOL_USER: "per_user"}
@@ -471,11 +471,7 @@ def select(
         trials=trials,
         ranker=ranker_info,
         als_start=_widened(tuned.models[0], sampled, history.n_users),
-        full=bool(conf.sample_users and len(np.unique(history.user_idx)) > conf.sample_users)
-        or all(
-            sum(len(f.truth.users) for f in folds if f.protocol == protocol) >= conf.max_users
-            for protocol in profile.protocols
-        ),
+        sampled=sampled is not None,
     )
     return choices, ranker_fit, report
 

@@ -97,7 +97,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     with _timed(seconds, f"select {BACKTEST_DIR}", progress):
         outcomes = {BACKTEST_DIR: select(window_of(BACKTEST_DIR).history, profile, settings, weights, progress)}
     outcomes[BUNDLE_DIR] = outcomes[BACKTEST_DIR]
-    if not outcomes[BACKTEST_DIR][2].full:  # all events give the choice more users: choose again on them
+    if not outcomes[BACKTEST_DIR][2].sampled:  # chosen again on all events: its folds are as dense as they can be
         with _timed(seconds, f"select {BUNDLE_DIR}", progress):
             outcomes[BUNDLE_DIR] = select(window_of(BUNDLE_DIR).history, profile, settings, weights, progress)
     last_als = None  # the backtest's ALS fit, when the deployable repeats its choices
