@@ -323,3 +323,21 @@ def test_deploy_refuses_outputs_of_different_trainings_and_names_the_stale_one(
     (models / "backtest/bundle.json").write_text(json.dumps(backtest_meta))
     with pytest.raises(ModelNotFoundError, match="come from different trainings"):
         registry.save_version(models / BUNDLE_DIR, models / METRICS_FILE, store, root=root)
+
+
+def test_a_production_the_gate_cannot_read_is_replaced_only_with_force(
+    project: tuple[Path, Settings], store: Settings
+) -> None:
+    """Production's backtest has a ranker of other features (a model of an earlier recflow): the gate cannot score
+    it, so deploy refuses with what to do, and `--force` promotes the candidate with the reason recorded."""
+    root, _ = project
+    old = registry.deploy(store, root=root).candidate
+    ranker = old.backtest_dir / "ranker.txt"
+    ranker.write_text(ranker.read_text().replace("item_item_rank", "item_item_old", 1))
+    train_and_evaluate(store)
+    with pytest.raises(RegistryError, match=rf"cannot compare .* with production {old.version}.*--force"):
+        registry.deploy(store, root=root)
+    assert registry.production(store, root) == old
+    forced = registry.deploy(store, root=root, force=True)
+    assert forced.promoted and forced.reason.startswith("forced (--force); the gate could not compare")
+    assert registry.production(store, root) == forced.candidate

@@ -254,7 +254,10 @@ def deploy(settings: Settings, *, root: Path = Path("."), user: str | None = Non
             verdict = judge(candidate.backtest_dir, previous.backtest_dir, root / settings.paths.features, settings)
         except RecflowError as exc:
             if not force:
-                raise
+                raise RegistryError(
+                    f"the gate cannot compare {candidate.version} with production {previous.version}: {exc}; "
+                    "`recflow deploy --force` promotes it without the comparison"
+                ) from exc
             promoted, reason = True, f"forced (--force); the gate could not compare: {exc}"
         else:
             scores = (
