@@ -21,7 +21,7 @@ from recflow.events.fileio import write_events
 from recflow.events.synth import generate_events
 from recflow.model import selection, training
 from recflow.model.bundle import ModelBundle
-from recflow.model.evaluate import SERVED, evaluate_holdout
+from recflow.model.evaluate import SERVED, evaluate, evaluate_holdout
 from recflow.model.features import build_features, load_interactions
 from recflow.model.recommend import recommend_as_of
 from recflow.model.training import BUNDLE_DIR, _profile, train
@@ -87,6 +87,15 @@ def test_dense_taste_groups_serve_a_personal_model_that_beats_popularity(tmp_pat
     report = json.loads((settings.paths.models / "train_report.json").read_text())
     assert report["backtest"]["deployable"] == "chosen again on all events" and "select bundle" in report["seconds"]
     assert "ease" in report["validation"]  # 200 items: EASE's matrices are well inside selection.ease_max_gb
+    # when the two choices differ, the test window's evaluation says that it scores the backtest's, not what serves
+    models = settings.paths.models
+    meta = json.loads((models / BUNDLE_DIR / "bundle.json").read_text())
+    other = "popularity" if report["backtest"]["kind"] != "popularity" else "als"
+    (models / BUNDLE_DIR / "bundle.json").write_text(json.dumps({**meta, "kind": other}))
+    scored = evaluate(settings.paths.features, models, tmp_path / "reports", settings)
+    assert any(
+        w.startswith(f"the deployable model serves {other}, chosen again on all events") for w in scored.warnings
+    )
 
 
 def test_ease_is_skipped_when_its_matrices_exceed_the_memory_budget(tmp_path: Path) -> None:

@@ -259,6 +259,11 @@ def print_train(report: object) -> None:
     window = f"last {choices['popularity_window_days']:g} days" if choices["popularity_window_days"] else "all time"
     out.print(f"chosen: decay {decay}, popularity {window}, item-item {choices['item_item']}, ALS {als}")
     out.print(f"[bold]serving {report.kind}[/bold]: {report.decided}")
+    if report.backtest["kind"] != report.kind:
+        out.print(
+            f"the backtest `recflow evaluate` scores was chosen on the data before the test window: "
+            f"{report.backtest['kind']} ({report.backtest['decided']})"
+        )
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 

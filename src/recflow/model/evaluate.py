@@ -29,7 +29,7 @@ from recflow.config import EvaluateSettings, Settings
 from recflow.constants import ITEM_ID, USER_ID
 from recflow.errors import InputFileError
 from recflow.files import atomic_path
-from recflow.model.bundle import ModelBundle
+from recflow.model.bundle import BUNDLE_FILE, ModelBundle
 from recflow.model.candidates import ease_bytes, ease_weights, knn_similarity
 from recflow.model.features import SPLIT_TEST, Interactions, Window, load_interactions, window
 from recflow.model.metrics import (
@@ -76,6 +76,13 @@ def evaluate(
     _, test = test_window(features)
     report = score_bundle(bundle, ground_truth(test, bundle.history), settings, progress=progress)
     report = dataclasses.replace(report, training_id=str(bundle.info.get("training_id", "")))
+    deployable = models / BUNDLE_DIR / BUNDLE_FILE
+    served = json.loads(deployable.read_text()).get("kind") if deployable.exists() else None
+    if served and served != bundle.kind:  # the deployable's choice was made again on all events (training.py)
+        report.warnings.append(
+            f"the deployable model serves {served}, chosen again on all events; the test window scores "
+            f"{bundle.kind}, chosen on the data before it: `recflow evaluate --holdout FILE` scores what serves"
+        )
     _write(report, models, reports)
     return report
 
