@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -46,6 +47,7 @@ BACKTEST_DIR = "backtest"
 BUNDLE_DIR = "bundle"
 TRAIN_REPORT = "train_report.json"
 IMPORTANCE_FILE = "feature_importance.csv"
+KEPT_TRIALS = ("half_life_days", "als")  # what a second selection takes from the first
 
 
 @dataclass
@@ -99,8 +101,18 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         outcomes = {BACKTEST_DIR: select(window_of(BACKTEST_DIR).history, profile, settings, weights, progress)}
     outcomes[BUNDLE_DIR] = outcomes[BACKTEST_DIR]
     if not outcomes[BACKTEST_DIR][2].sampled:  # chosen again on all events: its folds are as dense as they can be
+        first = outcomes[BACKTEST_DIR][0]
+        # the decay and ALS's parameters are kept (their search is most of a selection's cost: ALS fits); the rest is
+        # chosen again: popularity window, item-item model, ranker and the served kind
+        again = settings.replace("features", half_life_days=first.half_life_days).replace(
+            "als",
+            factors=first.als.factors,
+            regularization=first.als.regularization,
+            alpha=first.als.alpha,
+            tune=dataclasses.replace(settings.als.tune, enabled=False),
+        )
         with _timed(seconds, f"select {BUNDLE_DIR}", progress):
-            outcomes[BUNDLE_DIR] = select(window_of(BUNDLE_DIR).history, profile, settings, weights, progress)
+            outcomes[BUNDLE_DIR] = select(window_of(BUNDLE_DIR).history, profile, again, weights, progress)
     last_als = None  # the backtest's ALS fit, when the deployable repeats its choices
     for directory in (BACKTEST_DIR, BUNDLE_DIR):
         chosen, ranker, chosen_by = outcomes[directory]
@@ -132,14 +144,19 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         validation=selection.models,
         folds=selection.folds,
         warnings=selection.warnings,
-        trials=selection.trials,
+        # a second selection kept the first's decay and ALS parameters: their trials are the first's
+        trials={**selection.trials, **{k: v for k, v in test_selection.trials.items() if k in KEPT_TRIALS}},
         ranker=selection.ranker if ranker_fit is not None or selection.ranker else None,
         profile=profile.as_dict(),
         backtest={
             "kind": test_choices.kind,
             "decided": test_selection.decided,
             "choices": test_selection.choices,
-            "deployable": "chosen again on all events" if selection is not test_selection else "the same choices",
+            "deployable": (
+                "chosen again on all events (the decay and ALS's parameters kept)"
+                if selection is not test_selection
+                else "the same choices"
+            ),
         },
         seconds=seconds,
     )
