@@ -104,6 +104,9 @@ class SelectionReport:
     # the choices were made on a random sample of selection.sample_users users: the deployable takes them (a second
     # selection on all events would cost as much again on the largest data)
     sampled: bool = False
+    # every protocol of the profile judged selection.max_users users: all events would give the decay and ALS search
+    # denser folds, not more users
+    full: bool = False
 
 
 PROTOCOL_METHODS = {PROTOCOL_GLOBAL: "global_time", PROTOCOL_USER: "per_user"}
@@ -472,6 +475,10 @@ def select(
         ranker=ranker_info,
         als_start=_widened(tuned.models[0], sampled, history.n_users),
         sampled=sampled is not None,
+        full=all(
+            sum(len(f.truth.users) for f in folds if f.protocol == protocol) >= conf.max_users
+            for protocol in profile.protocols
+        ),
     )
     return choices, ranker_fit, report
 

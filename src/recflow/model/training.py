@@ -7,8 +7,8 @@
    scores it on TEST, which no choice saw.
 3. Deployable bundle: fitted on all events, as of their end, with the choices of a second selection on all
    events, whose folds are nearer the data the bundle is fitted on (under the per-user protocols they hold 80% of
-   each user's events, the first selection's 64%; on ml-1m that difference turned a tie into the wrong choice); when
-   the first
+   each user's events, the first selection's 64%; on ml-1m that difference turned a tie into the wrong choice). It
+   keeps the first's decay and ALS parameters, whose search is most of a selection's cost. When the first
    selection chose on a sample of `selection.sample_users` users (the largest data), the deployable takes its
    choices and ranker, so selection runs once there.
 """
@@ -100,17 +100,19 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
     with _timed(seconds, f"select {BACKTEST_DIR}", progress):
         outcomes = {BACKTEST_DIR: select(window_of(BACKTEST_DIR).history, profile, settings, weights, progress)}
     outcomes[BUNDLE_DIR] = outcomes[BACKTEST_DIR]
+    kept = False  # whether the second selection kept the first's decay and ALS parameters
     if not outcomes[BACKTEST_DIR][2].sampled:  # chosen again on all events: its folds are as dense as they can be
-        first = outcomes[BACKTEST_DIR][0]
-        # the decay and ALS's parameters are kept (their search is most of a selection's cost: ALS fits); the rest is
-        # chosen again: popularity window, item-item model, ranker and the served kind
-        again = settings.replace("features", half_life_days=first.half_life_days).replace(
-            "als",
-            factors=first.als.factors,
-            regularization=first.als.regularization,
-            alpha=first.als.alpha,
-            tune=dataclasses.replace(settings.als.tune, enabled=False),
-        )
+        first, _, first_report = outcomes[BACKTEST_DIR]
+        again = settings
+        kept = first_report.full  # its search had all the users it could judge: the decay and ALS's parameters are
+        if kept:  # kept (their search, ALS fits per trial and fold, is most of a selection's cost)
+            again = settings.replace("features", half_life_days=first.half_life_days).replace(
+                "als",
+                factors=first.als.factors,
+                regularization=first.als.regularization,
+                alpha=first.als.alpha,
+                tune=dataclasses.replace(settings.als.tune, enabled=False),
+            )
         with _timed(seconds, f"select {BUNDLE_DIR}", progress):
             outcomes[BUNDLE_DIR] = select(window_of(BUNDLE_DIR).history, profile, again, weights, progress)
     last_als = None  # the backtest's ALS fit, when the deployable repeats its choices
@@ -145,7 +147,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         folds=selection.folds,
         warnings=selection.warnings,
         # a second selection kept the first's decay and ALS parameters: their trials are the first's
-        trials={**selection.trials, **{k: v for k, v in test_selection.trials.items() if k in KEPT_TRIALS}},
+        trials={**selection.trials, **{k: v for k, v in test_selection.trials.items() if kept and k in KEPT_TRIALS}},
         ranker=selection.ranker if ranker_fit is not None or selection.ranker else None,
         profile=profile.as_dict(),
         backtest={
@@ -153,7 +155,7 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
             "decided": test_selection.decided,
             "choices": test_selection.choices,
             "deployable": (
-                "chosen again on all events (the decay and ALS's parameters kept)"
+                "chosen again on all events" + (" (the decay and ALS's parameters kept)" if kept else "")
                 if selection is not test_selection
                 else "the same choices"
             ),
