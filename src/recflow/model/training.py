@@ -7,8 +7,9 @@
    scores it on TEST, which no choice saw.
 3. Deployable bundle: fitted on all events, as of their end, with the choices of a second selection on all
    events, whose folds are nearer the data the bundle is fitted on (under the per-user protocols they hold 80% of
-   each user's events, the first selection's 64%; on ml-1m that difference turned a tie into the wrong choice). It
-   keeps the first's decay and ALS parameters, whose search is most of a selection's cost. When the first
+   each user's events, the first selection's 64%; on ml-1m that difference turned a tie into the wrong choice). When
+   the first selection's folds were full (`selection.max_users` per protocol), the second keeps its decay and ALS
+   parameters, whose search is most of a selection's cost. When the first
    selection chose on a sample of `selection.sample_users` users (the largest data), the deployable takes its
    choices and ranker, so selection runs once there.
 """
