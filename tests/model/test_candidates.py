@@ -197,6 +197,27 @@ def test_candidates_in_batches_equal_one_block(monkeypatch: pytest.MonkeyPatch) 
         assert np.array_equal(getattr(batched, name), getattr(whole, name), equal_nan=name != "items"), name
 
 
+def test_a_wide_catalogue_is_scored_fewer_users_at_a_time_with_the_same_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blocks hold at most BLOCK_CELLS users x items cells (at least one user): here 3 users at a time, and the
+    answers are those of one block (the same items; scores up to float32 rounding of a smaller matrix product)."""
+    matrix, _ = block_matrix()
+    model = scoring_model(matrix, knn_similarity(matrix, 10), n_popular=3, n_item_item=4)
+    n_items = matrix.shape[1]
+    assert scoring.batch_users(10**9) == 1 and scoring.batch_users(n_items) == scoring.BATCH_USERS
+    answers = {k: score_users(model, matrix, 4, vectors=model.user_factors, kind=k) for k in ("item_knn", "als")}
+    whole = candidates_of(model, matrix, model.user_factors)
+    monkeypatch.setattr(scoring, "BLOCK_CELLS", 3 * n_items + 1)
+    assert scoring.batch_users(n_items) == 3
+    for kind, (items, scores) in answers.items():
+        again = score_users(model, matrix, 4, vectors=model.user_factors, kind=kind)
+        assert np.array_equal(again[0], items) and np.allclose(again[1], scores, rtol=1e-5, atol=1e-6), kind
+    batched = candidates_of(model, matrix, model.user_factors)
+    for name in ("items", "scores", "sources", "item_item"):
+        assert np.array_equal(getattr(batched, name), getattr(whole, name), equal_nan=name != "items"), name
+
+
 def _truth(matrix: sp.csr_matrix, held_out: np.ndarray) -> GroundTruth:
     return GroundTruth(
         users=np.arange(matrix.shape[0]),

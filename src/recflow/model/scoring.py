@@ -26,7 +26,10 @@ from implicit.cpu.topk import topk
 from recflow.model.candidates import SOURCE_ALS, SOURCE_ITEM_ITEM, SOURCE_POPULAR, CandidateSet, clean_topk
 from recflow.model.metrics import PAD
 
-BATCH_USERS = 1024  # users scored at once (a users x items float32 block)
+BATCH_USERS = 1024  # most users scored at once (a users x items float32 block)
+# users x items cells of one block (float32 scores 128 MB, the top-k's int64 indices 256 MB): a wide catalogue is
+# scored fewer users at a time, so memory does not grow with the catalogue
+BLOCK_CELLS = 1 << 25
 # users x items below which ALS's top-k comes from numpy's block (one request's user: implicit's exclusion matrix
 # costs 0.1 ms more at 1.7k items); above it implicit's top-k is faster (2.4x at 1,024 users x 50k items)
 ALS_BLOCK_CELLS = 1 << 20
@@ -55,6 +58,11 @@ class ScoringModel(Protocol):
 
     @property
     def popular_order(self) -> np.ndarray: ...  # items with any history, most popular first (`popular_order`)
+
+
+def batch_users(n_items: int) -> int:
+    """Users scored at once: BATCH_USERS, fewer where their users x items block would pass BLOCK_CELLS."""
+    return max(1, min(BATCH_USERS, BLOCK_CELLS // max(n_items, 1)))
 
 
 def popular_order(popularity: np.ndarray) -> np.ndarray:
@@ -225,10 +233,11 @@ def two_stage_candidates(
 
 
 def candidates_of(model: ScoringModel, rows: sp.csr_matrix, vectors: np.ndarray) -> CandidateSet:
-    """`two_stage_candidates` of many users, BATCH_USERS at a time (memory: one users x items block)."""
+    """`two_stage_candidates` of many users, `batch_users` at a time (memory: one users x items block)."""
+    step = batch_users(len(model.popularity))
     parts = [
-        two_stage_candidates(model, rows[start : start + BATCH_USERS], vectors[start : start + BATCH_USERS])
-        for start in range(0, max(rows.shape[0], 1), BATCH_USERS)
+        two_stage_candidates(model, rows[start : start + step], vectors[start : start + step])
+        for start in range(0, max(rows.shape[0], 1), step)
     ]
     item_item = [p.item_item for p in parts]
     return CandidateSet(
@@ -259,8 +268,9 @@ def score_users(
     items = np.full((n_users, k), PAD, dtype=np.int64)
     scores = np.full((n_users, k), -np.inf, dtype=np.float32)
     cold = model.popularity <= 0
-    for start in range(0, n_users, BATCH_USERS):
-        batch = slice(start, min(start + BATCH_USERS, n_users))
+    step = batch_users(len(model.popularity))
+    for start in range(0, n_users, step):
+        batch = slice(start, min(start + step, n_users))
         batch_rows = rows[batch]
         mask_rows = batch_rows if exclude_seen else sp.csr_matrix(batch_rows.shape, dtype=np.float32)
         batch_vectors = None if vectors is None else vectors[batch]
