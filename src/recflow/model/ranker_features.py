@@ -161,9 +161,7 @@ def candidate_features(
     items, all_scores = candidates.items, candidates.scores
     valid = items != PAD
     masked = np.where(valid, all_scores, -np.inf)
-    order = np.argsort(-masked, axis=1, kind="stable")
-    ranks = np.empty(items.shape, dtype=np.float32)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(items.shape[1], dtype=np.float32), items.shape), 1)
+    ranks = _row_ranks(masked)
     row_user = np.broadcast_to(users[:, None], items.shape)[valid].astype(np.int64)
     row_item = items[valid].astype(np.int64)
     sources = candidates.sources[valid]
@@ -220,10 +218,15 @@ def _relative(scores: np.ndarray | None, valid: np.ndarray) -> tuple[np.ndarray,
     top = masked.max(axis=1, keepdims=True)
     with np.errstate(invalid="ignore"):
         share = np.where(present & (top > 0), scores / np.where(top > 0, top, 1.0), np.nan)
-    order = np.argsort(-masked, axis=1, kind="stable")
+    return share[valid].astype(np.float32), np.where(present, _row_ranks(masked), np.nan)[valid].astype(np.float32)
+
+
+def _row_ranks(scores: np.ndarray) -> np.ndarray:
+    """Each entry's rank in its row, 0 for the highest (ties in column order)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
     ranks = np.empty(scores.shape, dtype=np.float32)
     np.put_along_axis(ranks, order, np.broadcast_to(np.arange(scores.shape[1], dtype=np.float32), scores.shape), 1)
-    return share[valid].astype(np.float32), np.where(present, ranks, np.nan)[valid].astype(np.float32)
+    return ranks
 
 
 def _popularity(ctx: FeatureContext, row_item: np.ndarray, ref: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

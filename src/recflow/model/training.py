@@ -102,11 +102,13 @@ def train(features: Path, models: Path, settings: Settings, *, progress: Progres
         outcomes = {BACKTEST_DIR: select(window_of(BACKTEST_DIR).history, profile, settings, weights, progress)}
     outcomes[BUNDLE_DIR] = outcomes[BACKTEST_DIR]
     kept = False  # whether the second selection kept the first's decay and ALS parameters
-    if not outcomes[BACKTEST_DIR][2].sampled:  # chosen again on all events: its folds are as dense as they can be
+    if not outcomes[BACKTEST_DIR][2].sampled:  # chosen again on all events: folds nearer the deployable's data
         first, _, first_report = outcomes[BACKTEST_DIR]
+        # a first search that judged every user it could keeps its decay and ALS parameters (that search, ALS fits
+        # per trial and fold, is most of a selection's cost)
+        kept = first_report.full
         again = settings
-        kept = first_report.full  # its search had all the users it could judge: the decay and ALS's parameters are
-        if kept:  # kept (their search, ALS fits per trial and fold, is most of a selection's cost)
+        if kept:
             again = settings.replace("features", half_life_days=first.half_life_days).replace(
                 "als",
                 factors=first.als.factors,
