@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ from recflow.events.synth import generate_events
 from recflow.model import selection, training
 from recflow.model.bundle import ModelBundle
 from recflow.model.evaluate import SERVED, evaluate, evaluate_holdout
-from recflow.model.features import build_features, load_interactions
+from recflow.model.features import Interactions, build_features, load_interactions
 from recflow.model.recommend import recommend_as_of
 from recflow.model.training import BUNDLE_DIR, _profile, train
 from recflow.store.eventstore import ingest_files
@@ -121,7 +122,7 @@ def test_dormant_users_keep_their_history(tmp_path: Path) -> None:
     their rows, so the served model still beats popularity for them."""
     table = taste_groups(5)
     users = table["user_id"].to_pylist()
-    dormant = np.array([hash(u) % 3 != 0 for u in users])
+    dormant = np.array([zlib.crc32(u.encode()) % 3 != 0 for u in users])  # not hash(): salted per process
     stamps = table["timestamp"].cast(pa.int64()).to_numpy()
     shifted = np.where(dormant, stamps - 365 * DAY_MS, stamps)
     table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
@@ -277,7 +278,8 @@ def test_answers_as_of_a_moment_never_see_a_later_event(tmp_path: Path) -> None:
 
 def test_the_gap_to_the_best_is_paired_and_weighs_protocols_equally() -> None:
     """Known answers for the one-standard-error rule's arithmetic: per-user differences, their mean and standard
-    error; a protocol with two folds counts as much as a protocol with one."""
+    error; a protocol with two folds counts as much as a protocol with one, and within a protocol a fold weighs
+    as many users as it judged."""
     one = [SimpleNamespace(protocol="user_last")]
     gap, se = selection._paired_gap([np.array([1.0, 1, 1, 1])], [np.array([0.0, 1, 0, 1])], one)  # type: ignore[arg-type]
     assert gap == pytest.approx(0.5) and se == pytest.approx(np.sqrt(1 / 12))
@@ -288,6 +290,35 @@ def test_the_gap_to_the_best_is_paired_and_weighs_protocols_equally() -> None:
     other = [np.zeros(4), np.ones(4), np.ones(4)]  # behind by 1 in one of the two global folds only
     gap, _ = selection._paired_gap(best, other, three)  # type: ignore[arg-type]
     assert gap == pytest.approx(0.25)  # (mean of 1 and 0) / 2 protocols
+    two = [SimpleNamespace(protocol="global_time")] * 2
+    best, other = [np.ones(4), np.ones(1)], [np.array([0.0, 0, 1, 1]), np.zeros(1)]
+    gap, se = selection._paired_gap(best, other, two)  # type: ignore[arg-type]
+    assert gap == pytest.approx(3 / 5)  # the 5 users' mean, not the folds' (0.5 + 1) / 2
+    assert se == pytest.approx(np.sqrt(1 / 12) * 4 / 5)  # the one-user fold has no spread of its own
+
+
+def test_a_cut_judging_one_user_is_not_a_fold() -> None:
+    """Ten events: the first global cut judges two users, the cut before it only one (who could tune or select,
+    not both), so it is left out with a warning instead of scoring an empty half."""
+    times = {"a": [1, 2, 3, 6, 7, 8], "b": [4, 9], "c": [5, 10]}
+    rows = sorted((t, u) for u, ts in times.items() for t in ts)
+    users = np.array(["a", "b", "c"], dtype=object)
+    inter = Interactions(
+        user_idx=np.array([list(users).index(u) for _, u in rows], np.int32),
+        item_idx=np.arange(len(rows), dtype=np.int32),
+        action_idx=np.zeros(len(rows), np.int8),
+        ts=np.array([t * 86_400 for t, _ in rows], np.int64),
+        split=np.zeros(len(rows), np.int8),
+        user_ids=users,
+        item_ids=np.array([f"i{i}" for i in range(len(rows))], dtype=object),
+        actions=("view",),
+    )
+    settings = settings_for(Path("."), selection={"global_folds": 4, "min_users": 1})
+    profile = SimpleNamespace(protocols=["global_time"])
+    folds, warnings, _ = selection.make_folds(inter, profile, settings)  # type: ignore[arg-type]
+    assert [len(f.truth.users) for f in folds] == [2]
+    assert len(folds[0].tune_rows) == len(folds[0].select_rows) == 1
+    assert "global_time cut 2: 1 judged user(s), too few to tune and select: not used" in warnings
 
 
 def test_above_sample_users_the_choice_is_made_once_on_a_sample_as_narrow_as_it(tmp_path: Path) -> None:

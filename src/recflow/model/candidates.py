@@ -24,7 +24,7 @@ from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
 from recflow.config import ALSSettings
-from recflow.model.metrics import PAD, GroundTruth, ranking_metrics
+from recflow.model.metrics import PAD, GroundTruth, ndcg_per_user
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +236,11 @@ def tune_als(
     k: int = 10,
     on_trial: Callable[[dict[str, float]], None] | None = None,
     fitted: dict[ALSParams, list[AlternatingLeastSquares]] | None = None,
+    combine: Callable[[list[np.ndarray]], float] | None = None,
 ) -> TuneResult:
-    """Coordinate search over alpha, regularization and factors, scored by the mean NDCG@k over validation
-    folds (each a history matrix and the users it is judged on).
+    """Coordinate search over alpha, regularization and factors, scored by NDCG@k over validation folds (each a
+    history matrix and the users it is judged on): `combine` makes one figure of the folds' per-user values (by
+    default the mean over all their users).
 
     Starts from params.yaml (always scored), then sweeps each searched parameter over its grid keeping the best
     value, until the grid is exhausted or `max_trials` were run (and, only when `budget_seconds` is set, the next
@@ -268,11 +270,9 @@ def tune_als(
             for index, ((history, _), (users, relevant)) in enumerate(zip(folds, judged, strict=True)):
                 model = known[index] if known is not None else fit_als(history, params)
                 recs, _ = ImplicitCandidates(model, history).recommend(users, k)
-                values.append(
-                    ranking_metrics(recs, relevant, k=k, recall_k=k, n_catalogue=history.shape[1])[f"ndcg@{k}"]
-                )
+                values.append(ndcg_per_user(recs, relevant, k))
                 models.append(model)
-            metric = float(np.mean(values))
+            metric = combine(values) if combine is not None else float(np.concatenate(values).mean())
             trial = {**asdict(params), f"ndcg@{k}": round(metric, 5), "seconds": round(time.perf_counter() - began, 3)}
             trials.append(trial)
             if on_trial:

@@ -15,8 +15,9 @@ machine makes the same choices.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -141,7 +142,7 @@ def make_folds(
         # add users until the protocol has selection.max_users of them or `global_folds` cuts were made
         cuts_wanted = conf.global_folds if protocol == PROTOCOL_GLOBAL else 1
         judged = 0
-        for _ in range(cuts_wanted):
+        for cut in range(cuts_wanted):
             try:
                 labels, cuts = assign_split(source, split)
                 labelled = Interactions(**{**source.__dict__, "split": labels})
@@ -155,8 +156,11 @@ def make_folds(
                 keep = np.sort(rng.choice(len(truth.users), conf.max_users, replace=False))
                 truth = GroundTruth(truth.users[keep], truth.relevant[keep])
             n = len(truth.users)
+            if n < 2:  # a fold needs a user to tune on and another to choose with
+                warnings.append(f"{protocol} cut {cut + 1}: {n} judged user(s), too few to tune and select: not used")
+                break
             selecting = rng.random(n) < conf.select_share
-            if n >= 2 and (selecting.all() or not selecting.any()):
+            if selecting.all() or not selecting.any():
                 selecting[:] = np.arange(n) % 2 == 0
             folds.append(Fold(protocol, win, truth, np.flatnonzero(~selecting), np.flatnonzero(selecting)))
             judged += n
@@ -165,8 +169,8 @@ def make_folds(
             source = win.history
     if not folds:
         raise EmptyDataError(
-            "no validation fold could be cut from the training data: it needs users with at least two events; "
-            + "; ".join(warnings)
+            "no validation fold could be cut from the training data: it needs at least two users with events on "
+            "both sides of a cut; " + "; ".join(warnings)
         )
     protocols = {f.protocol for f in folds}
     tune = {p: sum(len(f.tune_rows) for f in folds if f.protocol == p) for p in protocols}
@@ -294,9 +298,9 @@ def select(
                 matrix = confidence_matrix(fold.window.history, weights, candidate)
                 bundle, model = fit_bundle(fold.window.history, _moment(fold), _plain(KIND_ALS, candidate, start),
                                            settings, weights, als_model=fit_als(matrix, start))  # fmt: skip
-                values.append(_ndcg(bundle, truth, KIND_ALS).mean())
+                values.append(_ndcg(bundle, truth, KIND_ALS))
                 als_fits.append(model)
-            scores[candidate] = _protocol_mean(values, folds)
+            scores[candidate] = _pooled(values, folds)
             decay_fits[candidate] = als_fits
         half_life = max(scores, key=lambda c: (scores[c], -c))
         trials["half_life_days"] = [{"half_life_days": c, "ndcg@10": round(v, 5)} for c, v in scores.items()]
@@ -305,7 +309,8 @@ def select(
     say("tune ALS")
     matrices = [confidence_matrix(f.window.history, weights, half_life) for f in folds]
     known = {start: decay_fits[half_life]} if half_life in decay_fits else None
-    tuned = tune_als(list(zip(matrices, tune_truths(), strict=True)), settings.als, k=K, fitted=known)
+    tuned = tune_als(list(zip(matrices, tune_truths(), strict=True)), settings.als, k=K, fitted=known,
+                     combine=lambda values: _pooled(values, folds))  # fmt: skip
     trials["als"] = tuned.trials
     choices = _plain(KIND_ALS, half_life, tuned.params)
 
@@ -320,8 +325,8 @@ def select(
         values = []
         for fold, bundle, truth in zip(folds, bundles, tune_truths(), strict=True):
             bundle.set_popularity(popularity_as_of(fold.window.history, weights, _moment(fold), days))
-            values.append(_ndcg(bundle, truth, KIND_POPULARITY).mean())
-        pop_scores[days] = _protocol_mean(values, folds)
+            values.append(_ndcg(bundle, truth, KIND_POPULARITY))
+        pop_scores[days] = _pooled(values, folds)
     pop_days = max(pop_scores, key=lambda d: (pop_scores[d], -d))
     trials["popularity_window_days"] = [{"days": d, "ndcg@10": round(v, 5)} for d, v in pop_scores.items()]
     for fold, bundle in zip(folds, bundles, strict=True):
@@ -402,13 +407,14 @@ def select(
             coverage.setdefault(kind, []).append(covered)
     models: dict[str, dict[str, Any]] = {}
     for kind, values in per_kind.items():
+        sizes = [len(v) for v in values]
         models[kind] = {
-            "ndcg@10": round(_protocol_mean([v.mean() for v in values], folds), 5),
-            # the interval of the reported statistic (protocol mean of fold means), users resampled within folds
+            "ndcg@10": round(_pooled(values, folds), 5),
+            # the interval of the reported statistic, users resampled within folds
             "ci95": grouped_bootstrap_interval(
-                values, lambda means: _protocol_mean(list(means), folds), conf.bootstrap, conf.seed
+                values, partial(_protocol_mean, sizes=sizes, folds=folds), conf.bootstrap, conf.seed
             ),
-            "coverage@10": round(_protocol_mean(coverage[kind], folds), 4),
+            "coverage@10": round(_protocol_mean(coverage[kind], sizes, folds), 4),
             "users": sum(len(v) for v in values),
             "per_fold": [round(float(v.mean()), 5) for v in values],
         }
@@ -496,25 +502,35 @@ def _widened(model: AlternatingLeastSquares, sampled: np.ndarray | None, n_users
     return wide
 
 
-def _protocol_mean(values: list[float], folds: list[Fold]) -> float:
-    """The mean over protocols of the mean over each protocol's folds: every protocol counts the same."""
-    by_protocol: dict[str, list[float]] = {}
-    for value, fold in zip(values, folds, strict=True):
-        by_protocol.setdefault(fold.protocol, []).append(float(value))
-    return float(np.mean([np.mean(v) for v in by_protocol.values()]))
+def _protocol_mean(means: Sequence[float], sizes: Sequence[int], folds: list[Fold]) -> float:
+    """The mean over protocols of each protocol's mean over its judged users, from each fold's mean and number of
+    users: every protocol counts the same, and within one every user does (a late global cut judging a few users
+    counts as a few users, not as a fold)."""
+    totals: dict[str, list[float]] = {}
+    for mean, size, fold in zip(means, sizes, folds, strict=True):
+        total = totals.setdefault(fold.protocol, [0.0, 0.0])
+        total[0] += float(mean) * size
+        total[1] += size
+    return float(np.mean([weighted / users for weighted, users in totals.values()]))
+
+
+def _pooled(values: Sequence[np.ndarray], folds: list[Fold]) -> float:
+    """`_protocol_mean` of per-user values, one array per fold."""
+    return _protocol_mean([v.mean() for v in values], [len(v) for v in values], folds)
 
 
 def _paired_gap(best: list[np.ndarray], other: list[np.ndarray], folds: list[Fold]) -> tuple[float, float]:
     """How far `other` is behind `best` (protocol mean of the fold means of the per-user differences) and the
     standard error of that difference (the same users judge both, so the difference is paired)."""
-    gap = _protocol_mean([(b - o).mean() for b, o in zip(best, other, strict=True)], folds)
+    gap = _pooled([b - o for b, o in zip(best, other, strict=True)], folds)
     protocols = sorted({f.protocol for f in folds})
     variance = 0.0
     for protocol in protocols:
         mine = [(b, o) for b, o, f in zip(best, other, folds, strict=True) if f.protocol == protocol]
-        # the protocol's mean of fold means weighs each fold 1/len(mine); the protocols weigh 1/len(protocols)
+        users = sum(len(b) for b, _ in mine)
+        # within a protocol a fold weighs its share of the users; the protocols weigh 1/len(protocols)
         for b, o in mine:
-            variance += (paired_standard_error(b, o) / (len(mine) * len(protocols))) ** 2
+            variance += (paired_standard_error(b, o) * len(b) / (users * len(protocols))) ** 2
     return gap, float(np.sqrt(variance))
 
 
@@ -537,8 +553,8 @@ def _item_item_score(
     values = []
     for bundle, fit, truth in zip(bundles, fits, truths, strict=True):
         bundle.item_item = fit
-        values.append(_ndcg(bundle, truth, kind).mean())
-    return _protocol_mean(values, folds)
+        values.append(_ndcg(bundle, truth, kind))
+    return _pooled(values, folds)
 
 
 class RankerRows(NamedTuple):
