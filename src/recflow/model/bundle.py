@@ -219,11 +219,17 @@ class ModelBundle:
         with atomic_path(path / BUNDLE_FILE) as tmp:  # written last: its presence marks a complete bundle
             tmp.write_text(json.dumps(meta, indent=2))
 
-    @classmethod
-    def load(cls, path: Path) -> ModelBundle:
+    @staticmethod
+    def read_meta(path: Path) -> dict[str, Any]:
+        """The saved bundle's description (kind, actions, info with the training id...) without its arrays."""
         if not (path / BUNDLE_FILE).exists():
             raise ModelNotFoundError(f"no trained model in {path}: run `recflow train` (or dvc repro) first")
-        meta = json.loads((path / BUNDLE_FILE).read_text())
+        meta: dict[str, Any] = json.loads((path / BUNDLE_FILE).read_text())
+        return meta
+
+    @classmethod
+    def load(cls, path: Path) -> ModelBundle:
+        meta = cls.read_meta(path)
         with np.load(path / "als.npz") as als:
             user_factors, item_factors = als["user_factors"], als["item_factors"]
         context = FeatureContext.load(path / "context.npz")

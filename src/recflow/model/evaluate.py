@@ -76,8 +76,8 @@ def evaluate(
     _, test = test_window(features)
     report = score_bundle(bundle, ground_truth(test, bundle.history), settings, progress=progress)
     report = dataclasses.replace(report, training_id=str(bundle.info.get("training_id", "")))
-    deployable = models / BUNDLE_DIR / BUNDLE_FILE
-    served = json.loads(deployable.read_text()).get("kind") if deployable.exists() else None
+    deployable = models / BUNDLE_DIR
+    served = ModelBundle.read_meta(deployable).get("kind") if (deployable / BUNDLE_FILE).exists() else None
     if served and served != bundle.kind:  # the deployable's choice was made again on all events (training.py)
         report.warnings.append(
             f"the deployable model serves {served}, chosen again on all events; the test window scores "

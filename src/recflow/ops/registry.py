@@ -141,7 +141,7 @@ def save_version(
     a new version in the model store, and return it. Saving the same files again returns the existing version."""
     import bentoml
 
-    from recflow.model.bundle import BUNDLE_FILE
+    from recflow.model.bundle import BUNDLE_FILE, ModelBundle
     from recflow.model.evaluate import SERVED as SERVED_METRICS
     from recflow.model.training import BACKTEST_DIR
 
@@ -160,7 +160,7 @@ def save_version(
             logger.info("%s is already saved as %s", bundle_dir, existing.tag)
             return _version(existing)
 
-    meta = json.loads((bundle_dir / BUNDLE_FILE).read_text())
+    meta = ModelBundle.read_meta(bundle_dir)
     model = str(meta.get("kind", "als_ranker" if meta["has_ranker"] else "als"))  # the kind validation chose
     all_metrics = json.loads(metrics_file.read_text())
     if SERVED_METRICS not in all_metrics:
@@ -365,11 +365,11 @@ def _models(settings: Settings, store: ModelStore) -> list[Model]:
 def _same_training(bundle_dir: Path, backtest_dir: Path, metrics_file: Path) -> None:
     """The deployable bundle, the backtest bundle and metrics.json must come from one `recflow train` (and the
     `recflow evaluate` of it): their training ids must agree, else the stale output is named."""
-    from recflow.model.bundle import BUNDLE_FILE
+    from recflow.model.bundle import ModelBundle
 
     ids = {
-        "deployable": json.loads((bundle_dir / BUNDLE_FILE).read_text())["info"].get("training_id"),
-        "backtest": json.loads((backtest_dir / BUNDLE_FILE).read_text())["info"].get("training_id"),
+        "deployable": ModelBundle.read_meta(bundle_dir)["info"].get("training_id"),
+        "backtest": ModelBundle.read_meta(backtest_dir)["info"].get("training_id"),
         "metrics": json.loads(metrics_file.read_text()).get("training_id"),
     }
     if ids["deployable"] != ids["backtest"]:
