@@ -252,6 +252,24 @@ def test_tuning_keeps_the_best_trial_and_respects_pinning() -> None:
     assert pinned.params == ALSParams.from_settings(base) and len(pinned.trials) == 1
 
 
+def test_a_trial_replaces_the_best_only_when_the_rule_says_it_is_clearly_ahead() -> None:
+    """The selection passes its one-standard-error rule: a rule that never sees a clear lead keeps the starting
+    parameters whatever the trials score; the rule receives per-user values of the same users."""
+    matrix, held_out = block_matrix()
+    truth = _truth(matrix, held_out)
+    base = ALSSettings(factors=8, regularization=0.01, alpha=5.0, iterations=10, random_state=1)
+    seen: list[tuple[int, int]] = []
+
+    def never(trial: list[np.ndarray], best: list[np.ndarray]) -> bool:
+        seen.append((len(trial[0]), len(best[0])))
+        return False
+
+    settings = base.__class__(**{**base.__dict__, "tune": TuneSettings(max_trials=6)})
+    kept = tune_als([(matrix, truth)], settings, clearly_better=never)
+    assert kept.params == ALSParams.from_settings(base) and len(kept.trials) == 6
+    assert seen == [(len(truth.users), len(truth.users))] * 5
+
+
 @pytest.mark.parametrize(("n_popular", "n_item_item"), [(0, 0), (3, 0), (30, 0), (3, 5)])
 def test_two_stage_candidates_add_unseen_items_once_with_their_source(n_popular: int, n_item_item: int) -> None:
     """Popular items come from every block, ALS proposes in-block items: the lists overlap only in part."""

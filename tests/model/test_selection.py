@@ -295,6 +295,8 @@ def test_the_gap_to_the_best_is_paired_and_weighs_protocols_equally() -> None:
     gap, se = selection._paired_gap(best, other, two)  # type: ignore[arg-type]
     assert gap == pytest.approx(3 / 5)  # the 5 users' mean, not the folds' (0.5 + 1) / 2
     assert se == pytest.approx(np.sqrt(1 / 12) * 4 / 5)  # the one-user fold has no spread of its own
+    assert selection._clearly_ahead([np.array([1.0, 1, 1, 1])], [np.array([0.0, 1, 0, 1])], one)  # type: ignore[arg-type]
+    assert not selection._clearly_ahead([np.array([1.0, 0, 1, 0])], [np.array([0.0, 1, 0, 1])], one)  # type: ignore[arg-type]
 
 
 def test_a_cut_judging_one_user_is_not_a_fold() -> None:

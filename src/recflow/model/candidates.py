@@ -237,10 +237,12 @@ def tune_als(
     on_trial: Callable[[dict[str, float]], None] | None = None,
     fitted: dict[ALSParams, list[AlternatingLeastSquares]] | None = None,
     combine: Callable[[list[np.ndarray]], float] | None = None,
+    clearly_better: Callable[[list[np.ndarray], list[np.ndarray]], bool] | None = None,
 ) -> TuneResult:
     """Coordinate search over alpha, regularization and factors, scored by NDCG@k over validation folds (each a
     history matrix and the users it is judged on): `combine` makes one figure of the folds' per-user values (by
-    default the mean over all their users).
+    default the mean over all their users), and a trial replaces the best so far when `clearly_better(trial's
+    values, best's values)` (by default: a higher figure).
 
     Starts from params.yaml (always scored), then sweeps each searched parameter over its grid keeping the best
     value, until the grid is exhausted or `max_trials` were run (and, only when `budget_seconds` is set, the next
@@ -260,7 +262,7 @@ def tune_als(
         judged.append((users, relevant))
 
     trials: list[dict[str, float]] = []
-    scored: dict[ALSParams, tuple[float, list[AlternatingLeastSquares]]] = {}
+    scored: dict[ALSParams, tuple[float, list[AlternatingLeastSquares], list[np.ndarray]]] = {}
 
     def score(params: ALSParams) -> float:
         if params not in scored:
@@ -278,7 +280,7 @@ def tune_als(
             if on_trial:
                 on_trial(trial)
             logger.info("ALS trial %s: ndcg@%d=%.4f", params, k, metric)
-            scored[params] = (metric, models)
+            scored[params] = (metric, models, values)
         return scored[params][0]
 
     best = start_params
@@ -293,6 +295,11 @@ def tune_als(
                 if deadline is not None and time.perf_counter() + typical > deadline:
                     break  # a trial that would end past the budget is not started
                 candidate = replace(best, **{name: type(getattr(best, name))(value)})
-                if score(candidate) > score(best):
+                if clearly_better is None:
+                    better = score(candidate) > score(best)
+                else:
+                    score(candidate)
+                    better = clearly_better(scored[candidate][2], scored[best][2])
+                if better:
                     best = candidate
     return TuneResult(params=best, models=scored[best][1], trials=trials, tuned=tune.enabled)

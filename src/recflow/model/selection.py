@@ -309,8 +309,12 @@ def select(
     say("tune ALS")
     matrices = [confidence_matrix(f.window.history, weights, half_life) for f in folds]
     known = {start: decay_fits[half_life]} if half_life in decay_fits else None
+    # a trial replaces the best parameters so far only when ahead by more than the standard error of the paired
+    # difference (the rule that chooses the served kind): the best of a dozen noisy trials is otherwise often
+    # a near-tie won by chance
     tuned = tune_als(list(zip(matrices, tune_truths(), strict=True)), settings.als, k=K, fitted=known,
-                     combine=lambda values: _pooled(values, folds))  # fmt: skip
+                     combine=lambda values: _pooled(values, folds),
+                     clearly_better=lambda trial, best: _clearly_ahead(trial, best, folds))  # fmt: skip
     trials["als"] = tuned.trials
     choices = _plain(KIND_ALS, half_life, tuned.params)
 
@@ -517,6 +521,12 @@ def _protocol_mean(means: Sequence[float], sizes: Sequence[int], folds: list[Fol
 def _pooled(values: Sequence[np.ndarray], folds: list[Fold]) -> float:
     """`_protocol_mean` of per-user values, one array per fold."""
     return _protocol_mean([v.mean() for v in values], [len(v) for v in values], folds)
+
+
+def _clearly_ahead(first: list[np.ndarray], second: list[np.ndarray], folds: list[Fold]) -> bool:
+    """`first` is ahead of `second` by more than the standard error of their paired difference."""
+    gap, se = _paired_gap(first, second, folds)
+    return gap > se
 
 
 def _paired_gap(best: list[np.ndarray], other: list[np.ndarray], folds: list[Fold]) -> tuple[float, float]:
