@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -55,6 +56,14 @@ def test_the_served_model_beats_popularity_on_data_built_for_it(trained: Path) -
     assert metrics["served"]["recall@20"] > metrics["popularity"]["recall@20"]
     low, high = metrics["ndcg_ci95"]["served"]
     assert low <= metrics["served"]["ndcg@10"] <= high
+
+
+def test_results_piped_to_a_file_are_not_cut_to_80_columns(trained: Path) -> None:
+    """Rich fits non-terminal output to 80 columns and cut the evaluation table's intervals ("0.1529-0…")."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    result = subprocess.run([RECFLOW, "evaluate"], cwd=trained, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout and re.search(r"served .* \d\.\d{4}-\d\.\d{4} ", result.stdout), result.stdout
 
 
 def test_second_ingest_of_the_same_events_stores_nothing(trained: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +22,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+def _results_console() -> Console:
+    """Rich fits output to 80 columns when it is not a terminal (a pipe, a file, a CI log) and cuts table cells
+    to fit, figures included: results written there are as wide as their tables need (up to 200 columns) unless
+    COLUMNS sets a width."""
+    terminal = Console()
+    return terminal if terminal.is_terminal or "COLUMNS" in os.environ else Console(width=200)
+
+
 console = Console(stderr=True)  # progress, status and errors
-out = Console()  # results
+out = _results_console()  # results
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file (paths and knobs).")]
 
