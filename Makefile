@@ -42,7 +42,7 @@ test: install ## Run the test suite (unit, model and integration tests)
 test-fast: install ## Run the unit tests only: pure, no processes or training (measured 18 s on 2 cores)
 	python -m pytest tests/unit
 
-lint: install ## Check style with ruff and types with mypy (strict on src/recflow)
+lint: install ## Check style with ruff and types with mypy (strict on src/recflow, flows/ and bentos/service.py)
 	ruff check src tests benchmarks flows bentos
 	ruff format --check src tests benchmarks flows bentos
 	mypy

@@ -233,7 +233,8 @@ class Recommender:
         """Top-k items for a user: ALS candidates from the user's (folded-in) vector, reranked; items the user
         had are excluded unless exclude_seen is false. Unknown users without history get popular items."""
         records = [event.model_dump(exclude_none=True) for event in recent_events]
-        asked = [([], {"user_id": user_id}), *((["recent_events", i], r) for i, r in enumerate(records))]
+        asked: list[tuple[list[str | int], Mapping[str, Any]]] = [([], {"user_id": user_id})]
+        asked.extend((["recent_events", i], r) for i, r in enumerate(records))
         too_long = _oversized(ctx, self.settings.events, asked)
         if too_long is not None:
             return too_long  # type: ignore[return-value]
@@ -255,7 +256,7 @@ class Recommender:
             off_loop = self.config.redis_url or len(records) > INLINE_RECENT_EVENTS
             answer = await run_in_threadpool(ask) if off_loop else ask()
         except UserStateUnavailableError as exc:
-            return _error(ctx, 503, str(exc))
+            return _error(ctx, 503, str(exc))  # type: ignore[return-value]
         if isinstance(answer, list):
             message = f"{len(answer)} of the recent_events break the event contract"
             return _error(ctx, 422, message, _rejections("recent_events", answer))  # type: ignore[return-value]
@@ -284,7 +285,7 @@ class Recommender:
                 self.event_log.append(accepted)
             outcome = recommender.apply_events(batch)
         except RecflowError as exc:  # event log or user state unreachable: nothing was folded in
-            return _error(ctx, 503, f"events not accepted, retry later: {exc}")
+            return _error(ctx, 503, f"events not accepted, retry later: {exc}")  # type: ignore[return-value]
         if outcome.accepted == 0:
             message = f"no event was accepted: each of the {len(events)} breaks the event contract (see detail)"
             return _error(ctx, 422, message, _rejections("events", outcome.rejected))  # type: ignore[return-value]
@@ -362,10 +363,11 @@ def _readiness() -> tuple[bool, dict[str, str]]:
         service = bentoml.get_current_service()
     except BentoMLException:
         return False, {"service": "starting"}
-    return service.readiness()
+    ready: tuple[bool, dict[str, str]] = service.readiness()
+    return ready
 
 
-Recommender.add_asgi_middleware(
+Recommender.add_asgi_middleware(  # type: ignore[attr-defined]  # @bentoml.service made the class a Service
     RequestGuard,
     post_routes=POST_ROUTES,
     write_routes=WRITE_ROUTES,

@@ -28,17 +28,18 @@ def deployments(
     """The deployments of prefect.yaml, each with its schedules and parameters (`project` and `params` replaced
     by the arguments: the served flows run in this process, not in prefect.yaml's folder)."""
     spec = yaml.safe_load(prefect_yaml.read_text()) or {}
-    found = []
+    found: list[RunnerDeployment] = []
     for entry in spec.get("deployments") or []:
-        found.append(
-            _flow(entry["entrypoint"]).to_deployment(
-                name=entry["name"],
-                schedules=[_schedule(s, f"{prefect_yaml}: {entry['name']}") for s in entry.get("schedules") or []],
-                parameters={**(entry.get("parameters") or {}), "project": project, "params": params},
-                description=entry.get("description"),
-                tags=entry.get("tags"),
-            )
+        deployment = _flow(entry["entrypoint"]).to_deployment(
+            name=entry["name"],
+            schedules=[_schedule(s, f"{prefect_yaml}: {entry['name']}") for s in entry.get("schedules") or []],
+            parameters={**(entry.get("parameters") or {}), "project": project, "params": params},
+            description=entry.get("description"),
+            tags=entry.get("tags"),
         )
+        # called outside an event loop, Prefect's sync-compatible method returns the deployment, not a coroutine
+        assert isinstance(deployment, RunnerDeployment)
+        found.append(deployment)
     if not found:
         raise ValueError(f"{prefect_yaml} defines no deployments: nothing to serve")
     return found

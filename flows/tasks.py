@@ -21,7 +21,7 @@ from recflow.config import Settings, load_settings
 from recflow.errors import EventLogUnavailableError, StoreWriteError
 
 IO_ERRORS = (OSError, TimeoutError, EventLogUnavailableError, StoreWriteError)
-RETRY_DELAYS = [2, 8, 30]  # seconds: exponential backoff
+RETRY_DELAYS: list[float] = [2, 8, 30]  # seconds: exponential backoff
 TRAIN_SECTIONS = ("events", "features", "als", "candidates", "ranker", "evaluate")  # what dvc.yaml's stages read
 TRAIN_CODE = tuple(
     f"recflow.model.{m}"
@@ -141,7 +141,8 @@ def evaluate_models(project: str, params: str, data_version: str, params_digest:
     root, settings = settings_of(project, params)
     paths = settings.paths
     evaluate(root / paths.features, root / paths.models, root / paths.reports, settings)
-    return json.loads((root / paths.models / METRICS_FILE).read_text())
+    metrics: dict[str, Any] = json.loads((root / paths.models / METRICS_FILE).read_text())
+    return metrics
 
 
 @task
@@ -158,10 +159,10 @@ def check_drift(project: str, params: str) -> dict[str, Any]:
 @task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=_retry_on_io)
 def deploy_candidate(project: str, params: str) -> dict[str, Any]:
     """recflow.ops.registry.deploy: register the trained bundle and promote it through the gate."""
-    from recflow.ops import registry
+    from recflow.ops.registry import deploy
 
     root, settings = settings_of(project, params)
-    decision = registry.deploy(settings, root=root)
+    decision = deploy(settings, root=root)
     return {
         "promoted": decision.promoted,
         "reason": decision.reason,
