@@ -218,6 +218,22 @@ def test_a_wide_catalogue_is_scored_fewer_users_at_a_time_with_the_same_answers(
         assert np.array_equal(getattr(batched, name), getattr(whole, name), equal_nan=name != "items"), name
 
 
+def test_a_large_block_is_partitioned_in_halves_side_by_side_with_the_same_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above PARALLEL_CELLS a block's top-k is partitioned in two row halves on two threads: the same items and
+    scores as one partition, ties and rows of fewer finite scores (PAD) included."""
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 5, size=(9, 40)).astype(np.float32)  # many ties
+    scores[2, 3:] = -np.inf  # three finite scores, fewer than n
+    one = _top(scores, 6)
+    monkeypatch.setattr(scoring, "PARALLEL_CELLS", 1)
+    monkeypatch.setattr(scoring.os, "sched_getaffinity", lambda _pid: {0, 1})
+    halves = _top(scores, 6)
+    assert np.array_equal(halves[0], one[0]) and np.array_equal(halves[1], one[1])
+    assert list(halves[0][2][3:]) == [PAD] * 3
+
+
 def _truth(matrix: sp.csr_matrix, held_out: np.ndarray) -> GroundTruth:
     return GroundTruth(
         users=np.arange(matrix.shape[0]),

@@ -16,7 +16,10 @@ Items the user had (non-zero in the row, plus `seen`) and items without any hist
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -33,6 +36,8 @@ BLOCK_CELLS = 1 << 25
 # users x items below which ALS's top-k comes from numpy's block (one request's user: implicit's exclusion matrix
 # costs 0.1 ms more at 1.7k items); above it implicit's top-k is faster (2.4x at 1,024 users x 50k items)
 ALS_BLOCK_CELLS = 1 << 20
+# users x items from which a block's top-k is partitioned in two halves side by side (never one request's user)
+PARALLEL_CELLS = 1 << 22
 POPULARITY_TIE = 1e-6  # popularity breaks ties of item-item scores (a user whose items have no neighbours)
 
 KIND_POPULARITY, KIND_ITEM_KNN, KIND_EASE, KIND_ALS, KIND_TWO_STAGE = (
@@ -79,7 +84,7 @@ def _top(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     values = np.full((n_rows, n), -np.inf, dtype=np.float32)
     if n == 0 or n_rows == 0:
         return items, values
-    part = np.argpartition(scores, n_items - n, axis=1)[:, n_items - n :]  # no negated copy of the block
+    part = _partitioned(scores, n_items - n)
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
     top = np.take_along_axis(part, order, axis=1)
@@ -88,6 +93,21 @@ def _top(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     items[:] = np.where(keep, top, PAD)
     values[:] = np.where(keep, top_scores, -np.inf)
     return items, values
+
+
+def _partitioned(scores: np.ndarray, kth: int) -> np.ndarray:
+    """Each row's columns from `kth` on of `np.argpartition(scores, kth, axis=1)` (no negated copy of the block).
+    numpy's partition releases the GIL and runs on one core: a block of PARALLEL_CELLS or more is split in row
+    halves partitioned side by side (1.5x faster on 2 cores for 671 x 50k cells; the same answer)."""
+    if scores.size < PARALLEL_CELLS or len(scores) < 2 or len(os.sched_getaffinity(0)) < 2:
+        return np.argpartition(scores, kth, axis=1)[:, kth:]
+    halves = np.array_split(scores, 2)
+    return np.vstack(list(_pool().map(lambda half: np.argpartition(half, kth, axis=1)[:, kth:], halves)))
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="recflow-topk")
 
 
 def _masked(scores: np.ndarray, rows: sp.csr_matrix, cold: np.ndarray, seen: Sequence[np.ndarray] | None) -> np.ndarray:
