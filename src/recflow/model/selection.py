@@ -530,8 +530,8 @@ def _clearly_ahead(first: list[np.ndarray], second: list[np.ndarray], folds: lis
 
 
 def _paired_gap(best: list[np.ndarray], other: list[np.ndarray], folds: list[Fold]) -> tuple[float, float]:
-    """How far `other` is behind `best` (protocol mean of the fold means of the per-user differences) and the
-    standard error of that difference (the same users judge both, so the difference is paired)."""
+    """How far `other` is behind `best` (`_pooled` per-user differences: over each protocol's users, then over
+    protocols) and the standard error of that difference (the same users judge both, so the difference is paired)."""
     gap = _pooled([b - o for b, o in zip(best, other, strict=True)], folds)
     protocols = sorted({f.protocol for f in folds})
     variance = 0.0
