@@ -17,6 +17,7 @@ from recflow.model.candidates import (
     SOURCE_ITEM_ITEM,
     SOURCE_POPULAR,
     ALSParams,
+    CandidateSet,
     ImplicitCandidates,
     ease_bytes,
     ease_weights,
@@ -193,8 +194,12 @@ def test_candidates_in_batches_equal_one_block(monkeypatch: pytest.MonkeyPatch) 
     whole = two_stage_candidates(model, matrix, model.user_factors)
     monkeypatch.setattr(scoring, "BATCH_USERS", 7)
     batched = candidates_of(model, matrix, model.user_factors)
+    assert_same_candidates(batched, whole)
+
+
+def assert_same_candidates(got: CandidateSet, want: CandidateSet) -> None:
     for name in ("items", "scores", "sources", "item_item"):
-        assert np.array_equal(getattr(batched, name), getattr(whole, name), equal_nan=name != "items"), name
+        assert np.array_equal(getattr(got, name), getattr(want, name), equal_nan=name != "items"), name
 
 
 def test_a_wide_catalogue_is_scored_fewer_users_at_a_time_with_the_same_answers(
@@ -214,8 +219,7 @@ def test_a_wide_catalogue_is_scored_fewer_users_at_a_time_with_the_same_answers(
         again = score_users(model, matrix, 4, vectors=model.user_factors, kind=kind)
         assert np.array_equal(again[0], items) and np.allclose(again[1], scores, rtol=1e-5, atol=1e-6), kind
     batched = candidates_of(model, matrix, model.user_factors)
-    for name in ("items", "scores", "sources", "item_item"):
-        assert np.array_equal(getattr(batched, name), getattr(whole, name), equal_nan=name != "items"), name
+    assert_same_candidates(batched, whole)
 
 
 def test_a_large_block_is_partitioned_in_halves_side_by_side_with_the_same_answer(
