@@ -11,7 +11,7 @@ from recflow.model.candidates import SOURCE_ALS, CandidateSet
 from recflow.model.features import SECONDS_PER_DAY, SPLIT_TEST, Interactions, assign_split, encode_events, window
 from recflow.model.metrics import PAD
 from recflow.model.ranker import action_grades, grade_labels, rerank, train_ranker
-from recflow.model.ranker_features import build_context, candidate_features, feature_names
+from recflow.model.ranker_features import build_context, candidate_features, feature_names, following, with_events
 
 from ..factories import ACTIONS, DAY0, event_table
 
@@ -114,6 +114,30 @@ def test_next_after_counts_what_followed_the_users_last_item() -> None:
     X, _, _ = candidate_features(ctx, np.array([user_d]), als_candidates(items, np.ones((1, 3))))
     after_last = X[:, feature_names(ACTIONS, SETTINGS.popularity_windows_days).index("next_after_last")]
     assert after_last.tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
+
+
+def test_events_after_a_context_update_its_item_statistics_as_a_context_built_with_them() -> None:
+    """The service's item statistics: a context of the history plus the new events (`with_events`, `following`)
+    holds the same item counts, windows, first times and transitions as one built from everything."""
+    old = [("a", "x", "view", 1), ("a", "y", "purchase", 2), ("b", "x", "view", 1), ("b", "z", "view", 2)]
+    old += [("c", "y", "add_to_cart", 3), ("c", "y", "view", 4)]
+    new = [("a", "z", "view", 5), ("a", "x", "view", 6), ("c", "w", "purchase", 5), ("d", "y", "view", 6)]
+    new += [("d", "y", "view", 7), ("d", "x", "purchase", 8)]
+    every = encode_events(event_table(old + new), ACTIONS)
+    cut = DAY0 + 5 * SECONDS_PER_DAY
+    history, later = every.where(every.ts < cut), every.where(every.ts >= cut)
+    ref, vectors = np.full(every.n_users, DAY0 + 9 * SECONDS_PER_DAY), np.eye(every.n_items, dtype=np.float32)
+    before = build_context(history, ref, vectors, SETTINGS)
+    users = np.unique(later.user_idx)
+    moves = following(
+        before.recent_items[users, 0], [later.item_idx[later.user_idx == u] for u in users], every.n_items
+    )
+    extended = with_events(before, later.item_idx, later.action_idx, later.ts, moves)
+    expected = build_context(every, ref, vectors, SETTINGS)
+    for name in ("item_keys", "item_first_ts", "item_action_counts", "transition_keys", "transition_counts",
+                 "item_out_counts"):  # fmt: skip
+        np.testing.assert_array_equal(getattr(extended, name), getattr(expected, name), err_msg=name)
+    assert len(later) == 6 and len(expected.transition_keys) > len(before.transition_keys)
 
 
 def test_stacked_windows_keep_a_users_queries_apart() -> None:

@@ -23,12 +23,13 @@ from recflow.events.synth import generate_events
 from recflow.model import selection, training
 from recflow.model.bundle import ModelBundle
 from recflow.model.evaluate import SERVED, evaluate, evaluate_holdout
-from recflow.model.features import Interactions, build_features, load_interactions
+from recflow.model.features import SECONDS_PER_DAY, Interactions, build_features, encode_events, load_interactions
 from recflow.model.recommend import recommend_as_of
 from recflow.model.training import BUNDLE_DIR, _profile, train
 from recflow.store.eventstore import ingest_files
 
 from ..conftest import REPO
+from ..factories import ACTIONS, DAY0, event_table
 
 DAY_MS = 86_400_000
 FAST = {
@@ -348,3 +349,22 @@ def test_a_sample_fit_is_widened_to_every_user_for_the_warm_start() -> None:
     assert np.all(wide.user_factors[[1, 3]] == 1) and np.all(wide.user_factors[[0, 2, 4]] == 0)
     assert wide.item_factors is model.item_factors and (wide.factors, wide.iterations) == (2, 3)
     assert selection._widened(model, None, 5) is model  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("window_days", [0.0, 2.0])
+def test_popularity_after_a_history_is_popularity_as_of_the_history_with_the_later_events(window_days: float) -> None:
+    """The service's popularity (`PopularityAfter`): the history read once, later events added at each moment,
+    equal to `popularity_as_of` computed from everything."""
+    rows = [("a", "x", "view", 0), ("a", "y", "purchase", 1), ("b", "x", "view", 2.5), ("c", "z", "add_to_cart", 3)]
+    rows += [("b", "y", "view", 4), ("c", "x", "purchase", 5), ("d", "z", "view", 6), ("d", "z", "purchase", 7)]
+    every = encode_events(event_table(rows), ACTIONS)
+    weights = np.array([1.0, 2.0, 3.0, 5.0], dtype=np.float32)
+    cut = DAY0 + 4 * SECONDS_PER_DAY
+    history, later = every.where(every.ts < cut), every.where(every.ts >= cut)
+    after = selection.PopularityAfter(history, weights, cut, window_days)
+    for day in (4, 5.5, 7.5, 9):
+        moment = DAY0 + day * SECONDS_PER_DAY
+        shown = later.where(later.ts < moment)
+        expected = selection.popularity_as_of(every.where(every.ts < moment), weights, moment, window_days)
+        got = after(shown.item_idx, shown.action_idx, shown.ts, moment)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=f"day {day}")

@@ -9,7 +9,8 @@ applied to the next without leakage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -102,6 +103,52 @@ def build_context(
         item_vectors=unit,
         windows_days=tuple(settings.popularity_windows_days),
     )
+
+
+def with_events(
+    ctx: FeatureContext, item_idx: np.ndarray, action_idx: np.ndarray, ts: np.ndarray, moves: np.ndarray
+) -> FeatureContext:
+    """The context's item statistics with events that came after it: what `build_context` gives on the history
+    plus these events when each user's new events follow their history (the service's events since the model).
+    `moves` are the new transitions as `a * n_items + b` keys (item b right after item a, a != b); the user
+    statistics and the reference times are left as they are (the caller sets them per user)."""
+    if len(item_idx) == 0:
+        return ctx
+    n_items, n_actions = ctx.item_action_counts.shape
+    rel = np.clip(np.asarray(ts, dtype=np.int64) - ctx.t0, 0, _TS_MASK)
+    keys = np.sort((np.asarray(item_idx, dtype=np.int64) << _TS_BITS) | rel)
+    first = ctx.item_first_ts.copy()
+    np.minimum.at(first, item_idx, np.asarray(ts, dtype=np.float64))
+    counts = np.bincount(
+        np.asarray(item_idx, dtype=np.int64) * n_actions + action_idx, minlength=n_items * n_actions
+    ).reshape(n_items, n_actions)
+    moved, times = _unique_counts(np.asarray(moves, dtype=np.int64))
+    at = np.searchsorted(ctx.transition_keys, moved)
+    known = at < len(ctx.transition_keys)
+    known[known] = ctx.transition_keys[at[known]] == moved[known]
+    transition_counts = ctx.transition_counts.copy()
+    transition_counts[at[known]] += times[known]
+    return replace(
+        ctx,
+        item_keys=np.insert(ctx.item_keys, np.searchsorted(ctx.item_keys, keys), keys),
+        item_first_ts=first,
+        item_action_counts=ctx.item_action_counts + counts.astype(np.float32),
+        transition_keys=np.insert(ctx.transition_keys, at[~known], moved[~known]),
+        transition_counts=np.insert(transition_counts, at[~known], times[~known].astype(np.float32)),
+        item_out_counts=ctx.item_out_counts
+        + np.bincount(np.asarray(moves, dtype=np.int64) // n_items, minlength=n_items).astype(np.float32),
+    )
+
+
+def following(previous: np.ndarray, sequences: Sequence[np.ndarray], n_items: int) -> np.ndarray:
+    """The transitions (keys `a * n_items + b`, a != b) that new events add to a history: each user's new items
+    in time order, after the user's last item in the history (`previous`, PAD for none), as `build_context`
+    counts them."""
+    moves = [np.zeros(0, dtype=np.int64)]
+    for last, items in zip(previous, sequences, strict=True):
+        chain = np.asarray(items if last == PAD else np.r_[last, items], dtype=np.int64)
+        moves.append((chain[:-1] * n_items + chain[1:])[chain[:-1] != chain[1:]])
+    return np.concatenate(moves)
 
 
 def _unique_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

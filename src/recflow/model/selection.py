@@ -201,8 +201,40 @@ def popularity_as_of(history: Interactions, weights: np.ndarray, moment: float, 
         return all_time.astype(np.float32)
     recent = history.ts >= moment - window_days * SECONDS_PER_DAY
     windowed = np.bincount(history.item_idx[recent], weights=values[recent], minlength=history.n_items)
+    return _with_trace(windowed, all_time)
+
+
+def _with_trace(windowed: np.ndarray, all_time: np.ndarray) -> np.ndarray:
     trace = all_time / max(float(all_time.max(initial=0.0)), 1e-12) * POPULARITY_ALL_TIME_TIE
     return (windowed + trace).astype(np.float32)
+
+
+class PopularityAfter:
+    """`popularity_as_of` of a history plus later events, at moments from the history's own on, reading the
+    history once: the service's popularity as events arrive. Keeps the all-time counts and the events of the
+    window before `moment` (time-sorted), so a moment costs the window's events, not the history's."""
+
+    def __init__(self, history: Interactions, weights: np.ndarray, moment: float, window_days: float) -> None:
+        self.weights, self.n_items = weights, history.n_items
+        self.window = window_days * SECONDS_PER_DAY
+        values = weights[history.action_idx]
+        self.all_time = np.bincount(history.item_idx, weights=values, minlength=self.n_items)
+        recent = np.flatnonzero(history.ts >= moment - self.window) if window_days > 0 else np.zeros(0, np.int64)
+        order = recent[np.argsort(history.ts[recent], kind="stable")]
+        self.ts, self.items, self.values = history.ts[order], history.item_idx[order], values[order]
+
+    def __call__(self, items: np.ndarray, actions: np.ndarray, ts: np.ndarray, moment: float) -> np.ndarray:
+        """Popularity as of `moment` (not before the history's) with these later events added."""
+        values = self.weights[actions]
+        all_time = self.all_time + np.bincount(items, weights=values, minlength=self.n_items)
+        if self.window <= 0:
+            return all_time.astype(np.float32)
+        start = int(np.searchsorted(self.ts, moment - self.window, side="left"))
+        recent = ts >= moment - self.window
+        windowed = np.bincount(self.items[start:], weights=self.values[start:], minlength=self.n_items) + np.bincount(
+            items[recent], weights=values[recent], minlength=self.n_items
+        )
+        return _with_trace(windowed, all_time)
 
 
 def fit_bundle(
