@@ -27,7 +27,7 @@ def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UserState]
     yield store
     store.close()
     client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"recflow-test:{prefix.split(':')[1]}:*"))
+    keys = [*client.scan_iter(match=f"recflow-test:{prefix.split(':')[1]}:*"), store.changes_key]
     if keys:
         client.delete(*keys)
     client.close()
@@ -52,3 +52,29 @@ def test_prune_drops_the_listed_events_and_other_versions_vectors_only(state: Us
     assert state.vectors("v2", ["a"])["a"].n_events == 1
     assert sorted(u for batch in state.users() for u in batch) == ["a", "c"]  # b held nothing more: gone
     assert state.add_events({"a": [user_event(1)]}) == 1  # a pruned event sent again is stored again
+
+
+def test_the_change_feed_names_the_users_with_new_events_since_a_cursor(state: UserState) -> None:
+    """What the service's item statistics follow: each reader sees every user whose events were added since it
+    last read, once per read, and the feed is not a user."""
+    start = state.changes(None)[1]
+    state.add_events({"a": [user_event(1), user_event(2)], "b": [user_event(3)]})
+    users, cursor = state.changes(start)
+    assert users == ["a", "b"]
+    assert state.changes(cursor) == ([], cursor)
+    state.add_events({"c": [user_event(4)], "a": [user_event(5)]})
+    users, later = state.changes(cursor)
+    assert users == ["c", "a"] and later != cursor
+    assert sorted(u for batch in state.users() for u in batch) == ["a", "b", "c"]
+
+
+def test_a_reader_behind_what_the_feed_keeps_is_told_to_read_everyone(state: UserState) -> None:
+    start = state.changes(None)[1]
+    state.add_events({"a": [user_event(1)]})
+    if isinstance(state, RedisUserState):  # the stream trimmed past the reader
+        state.add_events({"b": [user_event(2)]})
+        state.client.xtrim(state.changes_key, maxlen=1, approximate=False)
+        assert state.changes(start)[0] is None
+    else:  # the local feed forgets what its one reader has passed
+        state.changes(state.changes(start)[1])
+        assert state.changes(start)[0] is None

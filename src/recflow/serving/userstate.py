@@ -13,6 +13,11 @@ Two stores behind one interface, chosen by params.yaml `service.redis_url`:
   outnumber the live ones `compact_ratio` times over and are at least `compact_min_dead`: the file stays within
   a constant factor of the state, at an amortised constant cost per write.
 
+Both also keep a feed of the users whose events were added (`changes`): the service's item statistics
+(serving/online.py) read it to follow the events every worker receives. Redis keeps it in a stream beside the
+hashes (NUL + `changes:<prefix>`, outside the prefix, trimmed to about `CHANGES_KEPT` entries), the local state
+in memory (without the log's replay: a reader starts from a scan of `users`).
+
 Vectors are a cache keyed by model version: a vector computed from fewer events than the user now has for that
 version, or for another model version, is recomputed by the caller (serving/online.py) and stored again.
 
@@ -44,6 +49,7 @@ from recflow.stream.log import redact
 logger = logging.getLogger(__name__)
 
 _EVENT, _VECTOR = b"e:", b"v:"
+CHANGES_KEPT = 100_000  # entries of the Redis change feed kept; a reader further behind reads every user again
 _COUNT = struct.Struct("<q")  # events a stored vector was computed from, before the float32 vector
 
 
@@ -97,6 +103,13 @@ class UserState(Protocol):
         every other version (only `version` is served from now on). Returns how many events were dropped."""
         ...
 
+    def changes(self, cursor: str | None) -> tuple[list[str] | None, str]:
+        """The users whose events were added since `cursor` (each once) and the cursor to pass next. `None` as
+        the cursor: the feed's end, with no users. `None` as the users: the feed no longer holds everything
+        since the cursor (the reader fell behind), so every user may have changed. One reader per process (the
+        local feed forgets what its reader has passed)."""
+        ...
+
     def ping(self) -> None:
         """Raise when the store cannot be reached."""
         ...
@@ -135,6 +148,8 @@ class LocalUserState:
         self.compact_min_dead = compact_min_dead
         self._events: dict[str, dict[str, UserEvent]] = {}
         self._vectors: dict[str, dict[str, StoredVector]] = {}  # user -> model version -> vector
+        self._changed: list[str] = []  # users with new events, in order; _changed[0] is change number _passed
+        self._passed = 0
         self._live = 0  # events and vectors held: the lines a compacted log has
         self._lines = 0  # lines in the log
         self._lock = threading.Lock()
@@ -228,8 +243,22 @@ class LocalUserState:
                 for event in user_events:
                     if self._add(user_id, event):
                         new.append({"user_id": user_id, "event": event.record()})
+                if new and new[-1]["user_id"] == user_id:
+                    self._changed.append(user_id)
             self._write(new)
             return len(new)
+
+    def changes(self, cursor: str | None) -> tuple[list[str] | None, str]:
+        with self._lock:
+            end = self._passed + len(self._changed)
+            if cursor is None:
+                return [], str(end)
+            position = int(cursor)
+            if position < self._passed:
+                return None, str(end)
+            del self._changed[: position - self._passed]  # the reader has passed them
+            self._passed = position
+            return list(dict.fromkeys(self._changed)), str(end)
 
     def events(self, user_ids: Sequence[str]) -> dict[str, list[UserEvent]]:
         with self._lock:
@@ -282,6 +311,7 @@ class RedisUserState:
 
         self.url = url
         self.prefix = prefix.encode()
+        self.changes_key = b"\x00changes:" + self.prefix  # outside the prefix: not a user's hash
         self.client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
     @contextmanager
@@ -304,8 +334,36 @@ class RedisUserState:
         for user_id, user_events in events.items():
             for event in user_events:
                 pipe.hsetnx(self._key(user_id), _EVENT + event.event_id.encode(), json.dumps(event.record()))
+        for user_id, user_events in events.items():  # a replayed event announces its user again: harmless
+            if user_events:
+                pipe.xadd(self.changes_key, {b"u": user_id.encode()}, maxlen=CHANGES_KEPT, approximate=True)
         with self._reaching():
-            return sum(int(added) for added in pipe.execute())
+            results = pipe.execute()
+        return sum(int(added) for added in results[: sum(len(e) for e in events.values())])
+
+    def changes(self, cursor: str | None) -> tuple[list[str] | None, str]:
+        # the cursor is "<last entry id read>/<entries ever added by then>": fewer entries after that id than were
+        # added since means the stream was trimmed past the reader
+        import redis
+
+        last, _, added = (cursor or "0-0/0").partition("/")
+        pipe = self.client.pipeline(transaction=True)  # one moment for the count and the entries
+        pipe.xinfo_stream(self.changes_key)
+        if cursor is not None:
+            pipe.xrange(self.changes_key, min=f"({last}")
+        with self._reaching():
+            info, *read = pipe.execute(raise_on_error=False)
+        total = 0 if isinstance(info, redis.ResponseError) else int(info["entries-added"])  # no stream: none yet
+        if cursor is None:
+            return [], f"{info['last-generated-id'].decode()}/{total}" if total else "0-0/0"
+        entries = read[0]
+        if isinstance(entries, redis.RedisError):
+            with self._reaching():
+                raise entries
+        following = f"{entries[-1][0].decode() if entries else last}/{total}"
+        if int(added) + len(entries) < total:
+            return None, following
+        return list(dict.fromkeys(fields[b"u"].decode() for _, fields in entries)), following
 
     def _hashes(self, user_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
         pipe = self.client.pipeline(transaction=False)
