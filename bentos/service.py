@@ -182,7 +182,10 @@ class Recommender:
             if current is None or current.tag == previous:
                 return ReloadResponse(model_version=previous, previous=previous, changed=False)
             version, bundle = load_production_bundle(self.settings, self.root)
-            recommender = OnlineRecommender(bundle, version.tag, self.state, self.settings.events)
+            recommender = OnlineRecommender(
+                bundle, version.tag, self.state, self.settings.events,
+                item_stats_seconds=self.config.item_stats_seconds,
+            )  # fmt: skip
             self.live = Live(recommender, version)
             _freeze_heap()
             logger.info("serving %s (was %s)", version.tag, previous)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from recflow.config import EventSettings, Settings
 from recflow.errors import ModelNotFoundError
@@ -21,12 +23,13 @@ from recflow.model.bundle import ModelBundle
 from recflow.model.features import build_features, decay
 from recflow.model.training import BUNDLE_DIR, train
 from recflow.serving.online import OnlineRecommender, Recommendation
-from recflow.serving.userstate import LocalUserState
+from recflow.serving.userstate import LocalUserState, RedisUserState
 from recflow.store.eventstore import ingest_json_lines
 
 from .. import factories
 from ..servingkit import train_small_project
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
 NOW = "2026-11-24T07:00:00Z"  # after the generated data: such an event counts in full (age 0)
 
 
@@ -232,19 +235,64 @@ def test_request_events_shape_one_answer_and_are_not_stored(bundle: ModelBundle,
     assert recommender.recommend("visitor", 10).strategy == "popular"
 
 
-def test_the_rankers_user_features_see_the_new_events(bundle: ModelBundle, make: Factory) -> None:
+def test_the_rankers_user_and_item_features_see_the_new_events(bundle: ModelBundle, make: Factory) -> None:
     recommender = make()
     user = 8
     user_id = str(bundle.user_ids[user])
     item = unseen_items(bundle, user, 1)[0]
     recommender.record_events([event(user_id, item, "add_to_cart")])
     (state_user,) = recommender._users([user_id])
-    ctx = recommender._context(state_user)
-    cart = bundle.actions.index("add_to_cart")
-    assert ctx.recent_items[0, 0] == recommender.item_index[item]
+    view = recommender.refresh_items()
+    ctx = recommender._context(view, state_user)
+    cart, index = bundle.actions.index("add_to_cart"), recommender.item_index[item]
+    assert ctx.recent_items[0, 0] == index
     assert ctx.user_action_counts[0, cart] == bundle.context.user_action_counts[user, cart] + 1
     assert ctx.user_n_items[0] == bundle.context.user_n_items[user] + 1
-    assert ctx.user_last_ts[0] == ctx.ref_time[0]  # an event newer than the model: recency 0
+    assert ctx.ref_time[0] == view.moment == datetime.fromisoformat(NOW).timestamp() + 1  # as of the newest event
+    assert ctx.user_last_ts[0] == float(datetime.fromisoformat(NOW).timestamp())  # recency 0 then
+    assert ctx.item_action_counts[index, cart] == bundle.context.item_action_counts[index, cart] + 1
+    assert view.events == 1 and len(ctx.item_keys) == len(bundle.context.item_keys) + 1
+
+
+def test_popularity_follows_every_users_events_since_the_model(bundle: ModelBundle, make: Factory) -> None:
+    """An item that many users buy after the model was trained leads the popular answer from then on, for
+    users the service has never seen; events of one user counted once each, as training counts them."""
+    recommender = make()
+    order = bundle.popular_order
+    rising = str(bundle.item_ids[order[len(order) // 2]])
+    assert recommender.recommend("newcomer", 5).items[0][0] != rising
+    weight = bundle.action_weights[bundle.actions.index("purchase")]
+    buyers = int(bundle.popularity.max() / weight) + 2
+    recommender.record_events([event(f"buyer{n}", rising, "purchase") for n in range(buyers)])
+    recommender.refresh_items()
+    answer = recommender.recommend("newcomer", 5)
+    assert answer.strategy == "popular" and answer.items[0][0] == rising
+    assert recommender.items.events == buyers
+
+
+def test_every_workers_events_reach_the_other_workers_item_statistics(bundle: ModelBundle) -> None:
+    """Two workers sharing the user state in the real Redis (127.0.0.1:6379): what one receives moves the
+    other's popularity at its next refresh, each user counted once however many workers read it."""
+    prefix = f"recflow-test:{uuid.uuid4().hex}:"
+    states = [RedisUserState(REDIS_URL, prefix) for _ in range(2)]
+    try:
+        receiving, answering = (OnlineRecommender(bundle, "v1", s, EventSettings()) for s in states)
+        order = bundle.popular_order
+        rising = str(bundle.item_ids[order[len(order) // 2]])
+        weight = bundle.action_weights[bundle.actions.index("purchase")]
+        buyers = int(bundle.popularity.max() / weight) + 2
+        receiving.record_events([event(f"buyer{n}", rising, "purchase") for n in range(buyers)])
+        answering.refresh_items()
+        receiving.record_events([event("buyer0", rising, "purchase")])  # a replay: no new event
+        answering.refresh_items()
+        assert answering.items.events == buyers
+        assert answering.recommend("newcomer", 5).items[0][0] == rising
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        client.delete(*client.scan_iter(match=f"{prefix}*"), states[0].changes_key)
+        client.close()
+        for state in states:
+            state.close()
 
 
 def test_user_state_survives_a_restart_and_skips_a_torn_line(bundle: ModelBundle, make: Factory) -> None:
@@ -257,6 +305,7 @@ def test_user_state_survives_a_restart_and_skips_a_torn_line(bundle: ModelBundle
         log.write('{"user_id": "torn", "eve')  # a crash in the middle of a write
     restarted = make()
     assert len(restarted.state.events([user_id])[user_id]) == 2
+    restarted.prune_state()  # as the service does on loading a version: its scan notes the events held
     assert restarted.recommend(user_id, 10) == answer
     restarted.record_events([event(user_id, unseen_items(bundle, 9, 3)[2])])  # appended after the torn line
     restarted.state.close()

@@ -13,9 +13,15 @@
   stored but cannot move the vector until the next training; they are dropped before the solve (implicit does
   not bounds-check item ids).
 - `recommend(user_id, k, exclude_seen, recent)`: ALS top-N from the (folded) vector plus popular items, then
-  the ranker, then top-k. Items the user had, in training or in events received since, are excluded. The
-  ranker's user features see the new events (recent items, action counts, item count, recency); its item
-  features (popularity windows, transitions) stay as trained until the next training. Events of unknown
+  the ranker, then top-k, by `model.scoring.score_users`, as of the newest event the service holds (the
+  model's own moment until one arrives). Items the user had, in training or in events received since, are
+  excluded. The ranker's user features see the user's new events (recent items, action counts, item count,
+  recency). Popularity (popular candidates and answers) and the ranker's item features (popularity windows,
+  action counts, first time, transitions) count every user's events since the model: `refresh_items` reads
+  the users whose events changed (the user state's change feed, which every worker writes to) and rebuilds
+  an `ItemView` at most every `service.item_stats_seconds`, the way `recommend --as-of` computes them from a
+  history (`ranker_features.with_events`, `selection.PopularityAfter`). At load, the scan that prunes the
+  state also notes the events it keeps; until it ends, item statistics are the model's. Events of unknown
   items or actions change neither the vector nor the features; they are kept for the next training.
 - Unknown users get the popular items, or a folded-in vector when their stored or request events name items
   the model knows.
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -53,8 +60,9 @@ from recflow.events.rowwise import validate_request
 from recflow.model.bundle import ModelBundle
 from recflow.model.features import Interactions, confidence_matrix, decay
 from recflow.model.metrics import PAD
-from recflow.model.ranker_features import FeatureContext
+from recflow.model.ranker_features import FeatureContext, following, with_events
 from recflow.model.scoring import KIND_POPULARITY, score_users
+from recflow.model.selection import PopularityAfter
 from recflow.serving.userstate import StoredVector, UserEvent, UserState
 
 logger = logging.getLogger(__name__)
@@ -80,6 +88,26 @@ class EventsOutcome:
 
 
 @dataclass(frozen=True)
+class _Since:
+    """A user's usable events the model was not trained on, in time order, as model indices."""
+
+    index: int  # the user's row in the bundle, -1 when the model has never seen the user
+    items: np.ndarray
+    actions: np.ndarray
+    ts: np.ndarray
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """The model with its item statistics (popularity, the ranker's item features) as of `moment`: the newest
+    event the service holds that the model was not trained on (+1 s), or the model's own moment without any."""
+
+    moment: float
+    bundle: ModelBundle
+    events: int  # events since the model counted in it
+
+
+@dataclass(frozen=True)
 class _User:
     """What serving knows about one user: training row (if any) and the stored events the model was not trained on."""
 
@@ -91,7 +119,15 @@ class _User:
 class OnlineRecommender:
     """One deployed model version answering requests, with per-user state folded in."""
 
-    def __init__(self, bundle: ModelBundle, version: str, state: UserState, events: EventSettings) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        version: str,
+        state: UserState,
+        events: EventSettings,
+        *,
+        item_stats_seconds: float = 1.0,
+    ) -> None:
         self.bundle = bundle
         self.version = version
         self.state = state
@@ -101,9 +137,13 @@ class OnlineRecommender:
         bundle.solver  # noqa: B018 - the fold-in solver is set up here, not on the first request
         self.cold = np.asarray(bundle.history.getnnz(axis=0)) == 0
         self.cold_items = np.flatnonzero(self.cold)
-        self.popular_order = bundle.popular_order
-        ctx = bundle.context
-        self.ref_time = float(ctx.ref_time.max()) if len(ctx.ref_time) else 0.0
+        self.item_stats_seconds = item_stats_seconds
+        self.items = ItemView(bundle.moment, bundle, 0)
+        self._since: dict[str, _Since] = {}
+        self._since_changed = False
+        self._cursor = state.changes(None)[1]
+        self._refreshed = -np.inf
+        self._refreshing = threading.Lock()
 
     # -- events -------------------------------------------------------------------------------------------
 
@@ -182,12 +222,22 @@ class OnlineRecommender:
 
     def prune_state(self) -> int:
         """Drop from the user state every stored event this model was trained on, and every vector of another
-        version (the service calls it when it starts serving a version). Returns how many events were dropped."""
+        version (the service calls it when it starts serving a version), and note the others for the item
+        statistics (`refresh_items`). Returns how many events were dropped."""
         began, dropped = time.perf_counter(), 0
+        if self.bundle.events is not None:
+            self._popularity  # noqa: B018 - read the training events for the item view here, not in a request
         for user_ids in self.state.users():
             stored = self.state.events(user_ids)
             trained = {u: self._trained_ids(self.bundle.user_index.get(u, -1), stored.get(u, [])) for u in user_ids}
             dropped += self.state.prune(self.version, trained)
+            users = []
+            for user_id in user_ids:
+                gone = set(trained[user_id])
+                events = [e for e in stored.get(user_id, []) if e.event_id not in gone]
+                users.append(_User(user_id, self.bundle.user_index.get(user_id, -1), events))
+            with self._refreshing:
+                self._note_since(users, replace=False)
         logger.info(
             "pruned %d events model %s was trained on in %.1f s", dropped, self.version, time.perf_counter() - began
         )
@@ -275,9 +325,6 @@ class OnlineRecommender:
             self.state.prune(self.version, trained)
         return users
 
-    def _ref_time(self, index: int) -> float:
-        return float(self.bundle.context.ref_time[index]) if index >= 0 else self.ref_time
-
     def _trained_last(self, index: int) -> float:
         """The user's last event in the training data (-inf for a user the model has not seen)."""
         last = float(self.bundle.context.user_last_ts[index]) if index >= 0 else np.nan
@@ -294,12 +341,83 @@ class OnlineRecommender:
             self.state.put_vectors(self.version, {user.user_id: stored})
         return stored.vector
 
+    # -- item statistics as of the newest event --------------------------------------------------------------
+
+    def _note_since(self, users: Sequence[_User], *, replace: bool) -> None:
+        """Keep each user's usable events since the model for the item statistics; `replace=False` (the scan at
+        load) leaves a user that a newer read from the change feed has already noted."""
+        for user in users:  # the caller holds self._refreshing
+            usable = self._usable(user.events)
+            if not replace and user.user_id in self._since:
+                continue
+            if usable:
+                self._since[user.user_id] = _Since(
+                    user.index,
+                    np.array([self.item_index[e.item_id] for e in usable], dtype=np.int64),
+                    np.array([self.action_index[e.action] for e in usable], dtype=np.int64),
+                    np.array([e.ts for e in usable], dtype=np.int64),
+                )
+            else:
+                self._since.pop(user.user_id, None)
+        self._since_changed = True
+
+    def current_items(self) -> ItemView:
+        """The item view to answer with, brought up to date at most every `item_stats_seconds` (0: never)."""
+        clock = time.monotonic()
+        if self.item_stats_seconds > 0 and clock - self._refreshed >= self.item_stats_seconds:
+            self._refreshed = clock
+            self.refresh_items()
+        return self.items
+
+    def refresh_items(self) -> ItemView:
+        """Read the users whose events changed since the last read (every worker's, through the user state's
+        change feed) and rebuild the item view when anything did. A refresh already running is not waited for."""
+        if self.bundle.events is None or not self._refreshing.acquire(blocking=False):
+            return self.items  # a bundle saved without its events has no history to count from
+        try:
+            changed, self._cursor = self.state.changes(self._cursor)
+            if changed is None:  # the feed was trimmed past this reader: read everyone again
+                logger.warning("the user state's change feed lost entries this worker had not read; reading all users")
+                changed = [u for batch in self.state.users() for u in batch]
+            for start in range(0, len(changed), 1000):
+                self._note_since(self._users(changed[start : start + 1000]), replace=True)
+            if self._since_changed:
+                self._since_changed = False
+                self.items = self._item_view(list(self._since.values()))
+        finally:
+            self._refreshing.release()
+        return self.items
+
+    def _item_view(self, since: Sequence[_Since]) -> ItemView:
+        """The bundle with popularity and the ranker's item statistics of its training events plus the events
+        since, as of the newest of them (as `recommend_as_of` computes them from a history). Costs a copy of the
+        item keys and the popularity window's events, not a pass over the training events."""
+        bundle = self.bundle
+        if not since:
+            return ItemView(bundle.moment, bundle, 0)
+        items, actions, ts = (np.concatenate([getattr(s, f) for s in since]) for f in ("items", "actions", "ts"))
+        moment = max(bundle.moment, float(ts.max()) + 1.0)
+        previous = np.array([bundle.context.recent_items[s.index, 0] if s.index >= 0 else PAD for s in since])
+        context = with_events(
+            bundle.context, items, actions, ts, following(previous, [s.items for s in since], len(bundle.item_ids))
+        )
+        view = dataclasses.replace(bundle, context=context, popularity=self._popularity(items, actions, ts, moment))
+        return ItemView(moment, view, len(items))
+
+    @cached_property
+    def _popularity(self) -> PopularityAfter:
+        trained = self.bundle.events
+        assert trained is not None
+        window = float(self.bundle.info.get("popularity_window_days", 0.0))
+        return PopularityAfter(trained, self.bundle.action_weights, self.bundle.moment, window)
+
     # -- answers ------------------------------------------------------------------------------------------
 
     def recommend(
         self, user_id: str, k: int, *, exclude_seen: bool = True, recent: Sequence[UserEvent] = ()
     ) -> Recommendation:
         (user,) = self._users([user_id])
+        view = self.current_items()
         if recent:  # request-scoped history: folded for this answer only, unless the model was trained on it
             known = {e.event_id for e in user.events}
             fresh = [e for e in recent if e.event_id not in known]
@@ -310,18 +428,21 @@ class OnlineRecommender:
         else:
             vector = self.vector(user)
         if vector is None:
-            return self.popular(user_id, k, seen=self._seen(user) if exclude_seen else None)
+            return self.popular(user_id, k, seen=self._seen(user) if exclude_seen else None, view=view)
         seen = self._seen(user)
-        items, scores = self._two_stage(user, vector, seen if exclude_seen else None, k)
+        items, scores = self._two_stage(view, user, vector, seen if exclude_seen else None, k)
         strategy: Strategy = "popular" if self.bundle.kind == KIND_POPULARITY else "personalized"
         return Recommendation(user_id, self._answer(items, scores), strategy)
 
-    def popular(self, user_id: str, k: int, seen: np.ndarray | None = None) -> Recommendation:
-        order = self.popular_order
+    def popular(
+        self, user_id: str, k: int, seen: np.ndarray | None = None, view: ItemView | None = None
+    ) -> Recommendation:
+        bundle = (view or self.current_items()).bundle
+        order = bundle.popular_order
         if seen is not None and len(seen):
             order = order[~np.isin(order, seen)]
         top = order[:k]
-        return Recommendation(user_id, self._answer(top, self.bundle.popularity[top]), "popular")
+        return Recommendation(user_id, self._answer(top, bundle.popularity[top]), "popular")
 
     def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
         """The k items closest to `item_id` by cosine of ALS item factors; None when the model lacks it."""
@@ -342,14 +463,14 @@ class OnlineRecommender:
         return np.union1d(had, np.asarray(new, dtype=np.int64)).astype(np.int64)
 
     def _two_stage(
-        self, user: _User, vector: np.ndarray, seen: np.ndarray | None, k: int
+        self, view: ItemView, user: _User, vector: np.ndarray, seen: np.ndarray | None, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """The user's top-k by the bundle's own scoring function (model.scoring), from the user's current row,
-        vector and ranker features."""
-        bundle = self.bundle
+        vector and ranker features, as of the view's moment."""
+        bundle = view.bundle
         rows = self.user_rows([user])
         rerank_fn = (
-            bundle.rerank_fn(np.zeros(1, dtype=np.int64), context=self._context(user), num_threads=1)
+            bundle.rerank_fn(np.zeros(1, dtype=np.int64), context=self._context(view, user), num_threads=1)
             if bundle.ranker is not None
             else None
         )
@@ -365,10 +486,11 @@ class OnlineRecommender:
         keep = items[0] != PAD
         return items[0][keep], scores[0][keep]
 
-    def _context(self, user: _User) -> FeatureContext:
-        """The ranker's feature context for this one user (row 0): trained user statistics updated with the
-        usable events received since (known items and actions). Item statistics are the bundle's, untouched."""
-        ctx = self.bundle.context
+    def _context(self, view: ItemView, user: _User) -> FeatureContext:
+        """The ranker's feature context for this one user (row 0) as of the view's moment: trained user
+        statistics updated with the usable events received since (known items and actions), the view's item
+        statistics."""
+        ctx = view.bundle.context
         n_actions = len(self.bundle.actions)
         if user.index >= 0:
             i = user.index
@@ -378,13 +500,13 @@ class OnlineRecommender:
         else:
             counts, n_items = np.zeros(n_actions, dtype=np.float32), 0.0
             last, recent, had = np.nan, np.full(ctx.recent_items.shape[1], PAD, dtype=np.int64), set()
-        ref = self._ref_time(user.index)
+        ref = view.moment
         events = self._usable(user.events)  # like the vector, the features ignore what the model does not know
         newest = [self.item_index[e.item_id] for e in sorted(events, key=lambda e: e.ts, reverse=True)]
         for event in events:
             counts[self.action_index[event.action]] += 1
         n_items += len({item for item in newest if item not in had})
-        if events:  # a newer event than the model's reference time counts as happening at it (recency 0)
+        if events:  # an event newer than the view's moment counts as happening at it (recency 0)
             last = max(np.nan_to_num(last, nan=-np.inf), min(float(max(e.ts for e in events)), ref))
         recent = np.concatenate([np.asarray(newest, dtype=np.int64), recent[recent != PAD]])[: len(recent)]
         recent = np.pad(recent, (0, ctx.recent_items.shape[1] - len(recent)), constant_values=PAD)
