@@ -202,6 +202,9 @@ class SelectionSettings(_Section):
     sample_users: NonNegativeInt = 100_000  # users whose events the choices are made on (0: all users)
     global_folds: Count = 4  # most global-time cuts, each earlier, while they judge fewer than max_users users
     select_share: Annotated[Float, Field(gt=0, lt=1)] = 0.4  # users held out to choose the served kind
+    # the served candidate sizes: each source's `candidates` size times each of these, chosen on the tuning users the
+    # ranker's trees were not grown on (one source at a time; a size replaces the one so far only when clearly ahead)
+    candidate_scales: tuple[Positive, ...] = (0.5, 1.0, 2.0)
     bootstrap: Count = 1000  # resamples for the 95% intervals
     seed: Int = 0
 

@@ -368,3 +368,44 @@ def test_popularity_after_a_history_is_popularity_as_of_the_history_with_the_lat
         expected = selection.popularity_as_of(every.where(every.ts < moment), weights, moment, window_days)
         got = after(shown.item_idx, shown.action_idx, shown.ts, moment)
         np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=f"day {day}")
+
+
+def _size_folds(users_per_fold: int) -> tuple[list[selection.Fold], list[SimpleNamespace]]:
+    """Two folds of `users_per_fold` judged users, all tuning users, and a stand-in bundle per fold."""
+    folds, bundles = [], []
+    for _ in range(2):
+        users = np.arange(users_per_fold)
+        truth = selection.GroundTruth(users=users, relevant=np.zeros((users_per_fold, 1)))
+        window = SimpleNamespace(history=SimpleNamespace(n_users=users_per_fold))
+        folds.append(selection.Fold("user_last", window, truth, users, np.zeros(0, dtype=np.int64)))  # type: ignore[arg-type]
+        bundles.append(SimpleNamespace(n_candidates=0, n_popular=0, n_item_item=0, item_item="weights"))
+    return folds, bundles
+
+
+def _fit(fitted: np.ndarray) -> selection.RankerFit:
+    return selection.RankerFit(None, 1, 0.0, {}, len(fitted), 0, fitted)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("gain", [0.0, 0.05])
+def test_served_candidate_sizes_are_chosen_on_users_the_rankers_trees_never_saw(
+    monkeypatch: pytest.MonkeyPatch, gain: float
+) -> None:
+    """Twice the ALS candidates score `gain` higher for every user: chosen when clearly ahead, not on a tie; the
+    users judging it are the tuning users outside the ranker's fitted queries (queries: fold offset + user)."""
+    folds, bundles = _size_folds(40)
+    fitted = np.r_[np.arange(30), 40 + np.arange(10)]  # fold 0: users 0-29 grew the trees; fold 1: users 0-9
+    judged: list[np.ndarray] = []
+    per_user = np.random.default_rng(0).random(40)  # users differ; a size moves every user by the same gain
+
+    def ndcg(bundle: SimpleNamespace, truth: selection.GroundTruth, kind: str) -> np.ndarray:
+        judged.append(truth.users)
+        return per_user[truth.users] + (gain if bundle.n_candidates == 200 else 0.0)
+
+    monkeypatch.setattr(selection, "_ndcg", ndcg)
+    settings = Settings()
+    sizes, log = selection._choose_sizes(folds, bundles, _fit(fitted), settings)  # type: ignore[arg-type]
+    assert judged[0].tolist() == list(range(30, 40)) and judged[1].tolist() == list(range(10, 40))
+    expected_n = 200 if gain else settings.candidates.n
+    assert sizes == (expected_n, settings.candidates.popular, settings.candidates.item_item)
+    assert [b.n_candidates for b in bundles] == [expected_n] * 2
+    assert len(log) == 1 + 2 * 3 and log[0]["sizes"] == [100, 20, 50] and log[0]["users"] == 40

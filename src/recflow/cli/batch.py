@@ -257,7 +257,9 @@ def print_train(report: object) -> None:
     als = ", ".join(f"{k}={v}" for k, v in choices["als"].items() if k != "random_state")
     decay = f"half-life {choices['half_life_days']:g} days" if choices["half_life_days"] else "none"
     window = f"last {choices['popularity_window_days']:g} days" if choices["popularity_window_days"] else "all time"
-    out.print(f"chosen: decay {decay}, popularity {window}, item-item {choices['item_item']}, ALS {als}")
+    sizes = choices.get("candidates")
+    served = f", candidates ALS/popular/item-item {'/'.join(map(str, sizes))}" if sizes else ""
+    out.print(f"chosen: decay {decay}, popularity {window}, item-item {choices['item_item']}, ALS {als}{served}")
     out.print(f"[bold]serving {report.kind}[/bold]: {report.decided}")
     if report.backtest["kind"] != report.kind:
         out.print(

@@ -54,6 +54,7 @@ class RankerFit:
     importances: dict[str, float]
     train_queries: int
     validation_queries: int
+    fitted: np.ndarray  # the query ids whose rows the trees were grown on (not the early-stopping ones)
 
 
 def train_ranker(
@@ -116,6 +117,7 @@ def train_ranker(
         importances=importances,
         train_queries=len(train_q),
         validation_queries=len(valid_q),
+        fitted=query[starts[train_q]],
     )
 
 

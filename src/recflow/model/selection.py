@@ -78,6 +78,7 @@ class Choices:
     item_item: str | None  # "ease" or "item_knn": the item-item model (served, or a source of the two-stage)
     ease_lambda: float
     knn_weighting: str = "bm25"  # item-kNN's weighting of co-occurrence (candidates.KNN_WEIGHTINGS)
+    candidates: tuple[int, int, int] | None = None  # ALS, popular, item-item candidates served (None: params.yaml's)
 
 
 @dataclass(eq=False)
@@ -258,6 +259,7 @@ def fit_bundle(
     if item_item is None and choices.item_item is not None:
         item_item = _item_item(choices, matrix, settings)
     ref = np.full(history.n_users, moment, dtype=np.float64)
+    sizes = choices.candidates or _params_sizes(settings)
     bundle = ModelBundle(
         user_ids=history.user_ids,
         item_ids=history.item_ids,
@@ -270,12 +272,12 @@ def fit_bundle(
         history=matrix,
         context=build_context(history, ref, als_model.item_factors, settings.ranker),
         ranker=None if ranker is None else ranker.booster,
-        n_candidates=settings.candidates.n,
-        n_popular=settings.candidates.popular,
+        n_candidates=sizes[0],
+        n_popular=sizes[1],
         kind=choices.kind,
         popularity=popularity_as_of(history, weights, moment, choices.popularity_window_days),
         item_item=item_item,
-        n_item_item=settings.candidates.item_item if item_item is not None else 0,
+        n_item_item=sizes[2] if item_item is not None else 0,
         events=history,
     )
     bundle.info.update(
@@ -417,6 +419,10 @@ def select(
         ranker_fit, ranker_info = _train_ranker(folds, bundles, settings, weights, ranker_rows)
         for bundle in bundles:
             bundle.ranker = None if ranker_fit is None else ranker_fit.booster
+        if ranker_fit is not None:
+            say("choose candidate sizes")
+            served_sizes, trials["candidate_sizes"] = _choose_sizes(folds, bundles, ranker_fit, settings)
+            choices = replace(choices, candidates=served_sizes)
 
     # 5. the served kind, chosen on the selecting users
     say("select model")
@@ -487,8 +493,9 @@ def select(
         # chosen: the served ranker learns from every judged user of the folds, tune and select (a refit after the
         # choice, as ALS is refitted on all the data); its own early stopping keeps the iterations honest
         say("refit ranker")
-        for index, bundle in enumerate(bundles):
+        for index, bundle in enumerate(bundles):  # the ranker learns on params.yaml's sizes, as it was trained
             bundle.item_item = None if item_item is None else item_item_fits[item_item][index]
+            bundle.n_candidates, bundle.n_popular, bundle.n_item_item = _params_sizes(settings)
         refit, refit_info = _train_ranker(folds, bundles, settings, weights, ranker_rows, everyone=True)
         if refit is not None:
             ranker_fit = refit
@@ -523,6 +530,58 @@ def select(
         ),
     )
     return choices, ranker_fit, report
+
+
+def _params_sizes(settings: Settings) -> tuple[int, int, int]:
+    return settings.candidates.n, settings.candidates.popular, settings.candidates.item_item
+
+
+def _choose_sizes(
+    folds: list[Fold], bundles: list[ModelBundle], ranker: RankerFit, settings: Settings
+) -> tuple[tuple[int, int, int], list[dict[str, Any]]]:
+    """The candidate sizes served by the two-stage model: params.yaml's, each source's scaled by
+    `selection.candidate_scales` in turn (ALS, popular, item-item), judged on the tuning users the ranker's trees
+    were not grown on (its early-stopping users, and those past `ranker.max_train_users` or without a relevant
+    candidate); a size replaces the one so far only when clearly ahead (`_clearly_ahead`). Leaves the bundles
+    with the chosen sizes."""
+    fitted = set(ranker.fitted.tolist())
+    judged, truths, offset = [], [], 0
+    for fold in folds:  # queries are numbered as `_train_ranker` numbers them: fold offset + window user
+        users = fold.truth.users[fold.tune_rows]
+        rows = fold.tune_rows[[offset + int(u) not in fitted for u in users]]
+        offset += fold.window.history.n_users
+        if len(rows) >= 2:
+            judged.append(fold)
+            truths.append(fold.part(rows))
+    chosen = _params_sizes(settings)
+    if not judged:
+        return chosen, []
+    scored = [b for b, f in zip(bundles, folds, strict=True) if f in judged]
+    has_item_item = bundles[0].item_item is not None
+
+    def score(sizes: tuple[int, int, int]) -> list[np.ndarray]:
+        for bundle in scored:
+            bundle.n_candidates, bundle.n_popular = sizes[0], sizes[1]
+            bundle.n_item_item = sizes[2] if has_item_item else 0
+        return [_ndcg(b, t, KIND_TWO_STAGE) for b, t in zip(scored, truths, strict=True)]
+
+    best = score(chosen)
+    users = sum(len(t.users) for t in truths)
+    log = [{"sizes": list(chosen), "ndcg@10": round(_pooled(best, judged), 5), "users": users}]
+    for source in range(3 if has_item_item else 2):
+        for scale in settings.selection.candidate_scales:
+            trial = list(chosen)
+            trial[source] = max(1, round(_params_sizes(settings)[source] * scale))
+            if _params_sizes(settings)[source] == 0 or tuple(trial) == chosen:
+                continue
+            values = score((trial[0], trial[1], trial[2]))
+            log.append({"sizes": trial, "ndcg@10": round(_pooled(values, judged), 5), "users": users})
+            if _clearly_ahead(values, best, judged):
+                chosen, best = (trial[0], trial[1], trial[2]), values
+    for bundle in bundles:
+        bundle.n_candidates, bundle.n_popular = chosen[0], chosen[1]
+        bundle.n_item_item = chosen[2] if has_item_item else 0
+    return chosen, log
 
 
 def _widened(model: AlternatingLeastSquares, sampled: np.ndarray | None, n_users: int) -> AlternatingLeastSquares:
