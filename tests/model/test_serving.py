@@ -18,12 +18,12 @@ import pytest
 import redis
 
 from recflow.config import EventSettings, Settings
-from recflow.errors import ModelNotFoundError
+from recflow.errors import ModelNotFoundError, UserStateUnavailableError
 from recflow.model.bundle import ModelBundle
 from recflow.model.features import build_features, decay
 from recflow.model.training import BUNDLE_DIR, train
 from recflow.serving.online import OnlineRecommender, Recommendation
-from recflow.serving.userstate import LocalUserState, RedisUserState
+from recflow.serving.userstate import LocalUserState, RedisUserState, UserEvent
 from recflow.store.eventstore import ingest_json_lines
 
 from .. import factories
@@ -268,6 +268,28 @@ def test_popularity_follows_every_users_events_since_the_model(bundle: ModelBund
     answer = recommender.recommend("newcomer", 5)
     assert answer.strategy == "popular" and answer.items[0][0] == rising
     assert recommender.items.events == buyers
+
+
+class _UnreachableAtFirst(LocalUserState):
+    """A local state whose change feed cannot be reached the first time (Redis down while a version loads)."""
+
+    reached = False
+
+    def changes(self, cursor: str | None) -> tuple[list[str] | None, str]:
+        if not self.reached:
+            self.reached = True
+            raise UserStateUnavailableError("down")
+        return super().changes(cursor)
+
+
+def test_a_version_loaded_while_the_state_was_down_reads_every_user_once_it_is_back(
+    bundle: ModelBundle, tmp_path: Path
+) -> None:
+    state = _UnreachableAtFirst(tmp_path / "state.jsonl")
+    state.add_events({"earlier": [UserEvent.of("e1", str(bundle.item_ids[0]), "purchase", 1_795_000_000, 0.0)]})
+    recommender = OnlineRecommender(bundle, "v1", state, EventSettings())  # does not fail on the feed
+    assert recommender.refresh_items().events == 1
+    state.close()
 
 
 def test_every_workers_events_reach_the_other_workers_item_statistics(bundle: ModelBundle) -> None:

@@ -55,6 +55,7 @@ import scipy.sparse as sp
 
 from recflow.config import EventSettings
 from recflow.constants import ACTION, EVENT_ID, ITEM_ID, TIMESTAMP, USER_ID
+from recflow.errors import UserStateUnavailableError
 from recflow.events.contract import Rejection, ValidatedBatch
 from recflow.events.rowwise import validate_request
 from recflow.model.bundle import ModelBundle
@@ -141,7 +142,10 @@ class OnlineRecommender:
         self.items = ItemView(bundle.moment, bundle, 0)
         self._since: dict[str, _Since] = {}
         self._since_changed = False
-        self._cursor = state.changes(None)[1]
+        try:
+            self._cursor: str | None = state.changes(None)[1]
+        except UserStateUnavailableError:  # the first refresh that reaches the state reads every user
+            self._cursor = None
         self._refreshed = -np.inf
         self._refreshing = threading.Lock()
 
@@ -375,9 +379,14 @@ class OnlineRecommender:
         if self.bundle.events is None or not self._refreshing.acquire(blocking=False):
             return self.items  # a bundle saved without its events has no history to count from
         try:
-            changed, self._cursor = self.state.changes(self._cursor)
-            if changed is None:  # the feed was trimmed past this reader: read everyone again
-                logger.warning("the user state's change feed lost entries this worker had not read; reading all users")
+            if self._cursor is None:  # the state was unreachable when this version loaded
+                changed, self._cursor = self.state.changes(None)
+                changed = None
+            else:
+                changed, self._cursor = self.state.changes(self._cursor)
+                if changed is None:
+                    logger.warning("the user state's change feed lost entries this worker had not read; reading all")
+            if changed is None:  # read every user again
                 changed = [u for batch in self.state.users() for u in batch]
             for start in range(0, len(changed), 1000):
                 self._note_since(self._users(changed[start : start + 1000]), replace=True)
