@@ -7,7 +7,8 @@ as POST /events would bring them, into a `LocalUserState` (the single-worker def
 `RedisUserState` too). Version 2 is then loaded beside the same state, as the service does on a reload, and
 `prune_state` drops what it was trained on. Reported at each point: this process's RSS, the log's size and
 lines (or the Redis keys' `MEMORY USAGE`), and the RSS of a fresh process that replays the log (the state's own
-footprint after a restart).
+footprint after a restart). Before the promotion, the service's item view (`refresh_items`) is rebuilt over
+everything held, once reading every user and once after one more event.
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=src nice -n 10 python benchmarks/bench_state.py [--events 1000000] [--batch 1000]
 
@@ -98,7 +99,8 @@ def replayed(path: Path) -> tuple[float, float]:
 
 
 def redis_keys(state: RedisUserState) -> list[bytes]:
-    return list(state.client.scan_iter(match=state.prefix + b"*", count=1000))  # the prefix has no glob characters
+    hashes = state.client.scan_iter(match=state.prefix + b"*", count=1000)  # the prefix has no glob characters
+    return [*hashes, state.changes_key]  # the users' hashes and the change feed
 
 
 def redis_bytes(state: RedisUserState) -> int:
@@ -175,6 +177,17 @@ def main() -> None:
                 f"{time.perf_counter() - began:.0f} s; {per_batch}",
             ]
         )
+        # the service's item view over everything held: first read of the change feed (every user changed), then
+        # the steady state, one more event (a rebuild still counts every held event: its cost grows with them)
+        t = time.perf_counter()
+        view = recommender.refresh_items()
+        first_s = time.perf_counter() - t
+        recommender.record_events([{**served.slice(0, 1).to_pylist()[0], "event_id": "one-more"}])
+        t = time.perf_counter()
+        recommender.refresh_items()
+        again_s = time.perf_counter() - t
+        note = f"refresh_items: {first_s:.2f} s reading every user, {again_s:.2f} s after one event"
+        rows.append([f"{name}: item view over what is held", f"{view.events:,} counted", f"{rss_mb():.0f}", "", note])
         if isinstance(state, LocalUserState):
             shutil.copy(state.path, OUT / "before-promotion.jsonl")
         del recommender, v1

@@ -255,8 +255,8 @@ class ServiceSettings(_Section):
     redis_prefix: str = "recflow:state:"  # key prefix of the user state in Redis
     state_path: Path = Path("models/serving/user_state.jsonl")  # append-only log of user state without Redis
     reload_check_seconds: NonNegative = 5.0  # how often a request may check whether production changed (0: never)
-    # how often a request may bring popularity and the ranker's item statistics up to the events received since
-    # the model (every worker's; 0: never, they stay those of the training data until the next model)
+    # how often popularity and the ranker's item statistics may be brought up to the events received since the model
+    # (every worker's), on a thread a request starts; 0: never, they stay those of the training data
     item_stats_seconds: NonNegative = 1.0
     workers: Count = 1  # service processes; more than one needs redis_url (the local state log serves one process)
 

@@ -68,6 +68,15 @@ def bundle_of(version: ModelVersion) -> ModelBundle:
     return ModelBundle.load(version.bundle_dir)
 
 
+def settled(client: Any, body: dict[str, Any]) -> list[str]:
+    """The answer once the item statistics count every event sent so far: a request after service.item_stats_seconds
+    starts their refresh on a thread, and a later one sees it."""
+    time.sleep(1.1)
+    client.post("/recommend", json=body)
+    time.sleep(0.5)
+    return items(client.post("/recommend", json=body))
+
+
 def items(response: Any) -> list[str]:
     return [entry["item_id"] for entry in response.json()["items"]]
 
@@ -296,8 +305,7 @@ def test_a_promoted_version_is_swapped_in_without_dropping_a_request_and_rolled_
     root, first, second = project
     settings = load_settings(root / "params.yaml")
     user = str(bundle_of(first).user_ids[4])
-    time.sleep(1.1)  # service.item_stats_seconds: this answer counts every event the earlier tests sent
-    before = items(client.post("/recommend", json={"user_id": user, "k": 12}))
+    before = settled(client, {"user_id": user, "k": 12})  # counting every event the earlier tests sent
     failures: list[int] = []
     versions: set[str] = set()
     stop = threading.Event()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -52,7 +53,8 @@ def make(bundle: ModelBundle, tmp_path: Path) -> Iterator[Factory]:
 
     def make(state: str = "state.jsonl") -> OnlineRecommender:
         states.append(LocalUserState(tmp_path / state))
-        return OnlineRecommender(bundle, "v1", states[-1], EventSettings())
+        # item statistics refreshed when a test asks (refresh_items), not on a thread that a request starts
+        return OnlineRecommender(bundle, "v1", states[-1], EventSettings(), item_stats_seconds=0)
 
     yield make
     for state in states:
@@ -270,6 +272,35 @@ def test_popularity_follows_every_users_events_since_the_model(bundle: ModelBund
     assert recommender.items.events == buyers
 
 
+def test_a_request_starts_the_item_refresh_on_a_thread_and_a_slow_one_spaces_the_next(
+    bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = LocalUserState(tmp_path / "state.jsonl")
+    recommender = OnlineRecommender(bundle, "v1", state, EventSettings(), item_stats_seconds=0.01)
+    recommender.record_events([event(f"buyer{n}", str(bundle.item_ids[0])) for n in range(3)])
+    assert recommender.items.events == 0
+    recommender.recommend("newcomer", 5)  # answers with the view as it is, and starts the refresh
+    deadline = time.monotonic() + 10
+    while recommender.items.events != 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    slow = recommender.refresh_items
+
+    def refresh() -> object:
+        time.sleep(0.2)
+        return slow()
+
+    monkeypatch.setattr(recommender, "refresh_items", refresh)
+    while recommender._refreshing.locked() or time.monotonic() < recommender._due:
+        time.sleep(0.01)
+    began = time.monotonic()
+    recommender.recommend("newcomer", 5)
+    while time.monotonic() < began + 0.5:  # the slow refresh has ended
+        time.sleep(0.05)
+    assert recommender._due >= began + 10 * 0.2  # ten times the refresh's time, not item_stats_seconds
+    state.close()
+
+
 class _UnreachableAtFirst(LocalUserState):
     """A local state whose change feed cannot be reached the first time (Redis down while a version loads)."""
 
@@ -298,7 +329,8 @@ def test_every_workers_events_reach_the_other_workers_item_statistics(bundle: Mo
     prefix = f"recflow-test:{uuid.uuid4().hex}:"
     states = [RedisUserState(REDIS_URL, prefix) for _ in range(2)]
     try:
-        receiving, answering = (OnlineRecommender(bundle, "v1", s, EventSettings()) for s in states)
+        receiving, answering = (OnlineRecommender(bundle, "v1", s, EventSettings(), item_stats_seconds=0)
+                                for s in states)  # fmt: skip
         order = bundle.popular_order
         rising = str(bundle.item_ids[order[len(order) // 2]])
         weight = bundle.action_weights[bundle.actions.index("purchase")]
@@ -321,6 +353,7 @@ def test_user_state_survives_a_restart_and_skips_a_torn_line(bundle: ModelBundle
     recommender = make()
     user_id = str(bundle.user_ids[9])
     recommender.record_events([event(user_id, item) for item in unseen_items(bundle, 9, 2)])
+    recommender.refresh_items()
     answer = recommender.recommend(user_id, 10)
     recommender.state.close()
     with (recommender.state.path).open("a") as log:
@@ -328,6 +361,7 @@ def test_user_state_survives_a_restart_and_skips_a_torn_line(bundle: ModelBundle
     restarted = make()
     assert len(restarted.state.events([user_id])[user_id]) == 2
     restarted.prune_state()  # as the service does on loading a version: its scan notes the events held
+    restarted.refresh_items()
     assert restarted.recommend(user_id, 10) == answer
     restarted.record_events([event(user_id, unseen_items(bundle, 9, 3)[2])])  # appended after the torn line
     restarted.state.close()

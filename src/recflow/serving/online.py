@@ -19,8 +19,9 @@
   recency). Popularity (popular candidates and answers) and the ranker's item features (popularity windows,
   action counts, first time, transitions) count every user's events since the model: `refresh_items` reads
   the users whose events changed (the user state's change feed, which every worker writes to) and rebuilds
-  an `ItemView` at most every `service.item_stats_seconds`, the way `recommend --as-of` computes them from a
-  history (`ranker_features.with_events`, `selection.PopularityAfter`). At load, the scan that prunes the
+  an `ItemView`, on a thread beside the requests, at most every `service.item_stats_seconds` and no sooner than
+  ten times the last rebuild took, the way `recommend --as-of` computes them from a history
+  (`ranker_features.with_events`, `selection.PopularityAfter`). At load, the scan that prunes the
   state also notes the events it keeps; until it ends, item statistics are the model's. Events of unknown
   items or actions change neither the vector nor the features; they are kept for the next training.
 - Unknown users get the popular items, or a folded-in vector when their stored or request events name items
@@ -146,7 +147,7 @@ class OnlineRecommender:
             self._cursor: str | None = state.changes(None)[1]
         except UserStateUnavailableError:  # the first refresh that reaches the state reads every user
             self._cursor = None
-        self._refreshed = -np.inf
+        self._due = -np.inf  # monotonic time of the next refresh
         self._refreshing = threading.Lock()
 
     # -- events -------------------------------------------------------------------------------------------
@@ -245,6 +246,8 @@ class OnlineRecommender:
         logger.info(
             "pruned %d events model %s was trained on in %.1f s", dropped, self.version, time.perf_counter() - began
         )
+        if self.item_stats_seconds > 0:  # the item view counts what the scan kept from now on
+            self.refresh_items()
         return dropped
 
     def _trained_ids(self, index: int, events: Sequence[UserEvent]) -> list[str]:
@@ -366,19 +369,29 @@ class OnlineRecommender:
         self._since_changed = True
 
     def current_items(self) -> ItemView:
-        """The item view to answer with, brought up to date at most every `item_stats_seconds` (0: never)."""
+        """The item view to answer with, as it is. When a refresh is due (every `item_stats_seconds`, 0: never, and
+        no sooner than ten times the last one took, so rebuilding costs at most a tenth of a worker's time whatever
+        is held) it starts on a thread of its own: no request waits for it."""
         clock = time.monotonic()
-        if self.item_stats_seconds > 0 and clock - self._refreshed >= self.item_stats_seconds:
-            self._refreshed = clock
-            self.refresh_items()
+        if self.item_stats_seconds > 0 and clock >= self._due and not self._refreshing.locked():
+            self._due = clock + self.item_stats_seconds
+            threading.Thread(target=self._refresh_in_background, name="recflow-items", daemon=True).start()
         return self.items
+
+    def _refresh_in_background(self) -> None:
+        began = time.monotonic()
+        try:
+            self.refresh_items()
+        except Exception:  # the view stays as it was; the next due request tries again
+            logger.exception("refreshing the item statistics of %s failed; the previous ones still serve", self.version)
+        self._due = max(self._due, began + 10 * (time.monotonic() - began))
 
     def refresh_items(self) -> ItemView:
         """Read the users whose events changed since the last read (every worker's, through the user state's
-        change feed) and rebuild the item view when anything did. A refresh already running is not waited for."""
-        if self.bundle.events is None or not self._refreshing.acquire(blocking=False):
+        change feed) and rebuild the item view when anything did (after a refresh already running)."""
+        if self.bundle.events is None:
             return self.items  # a bundle saved without its events has no history to count from
-        try:
+        with self._refreshing:
             if self._cursor is None:  # the state was unreachable when this version loaded
                 changed, self._cursor = self.state.changes(None)
                 changed = None
@@ -393,8 +406,6 @@ class OnlineRecommender:
             if self._since_changed:
                 self._since_changed = False
                 self.items = self._item_view(list(self._since.values()))
-        finally:
-            self._refreshing.release()
         return self.items
 
     def _item_view(self, since: Sequence[_Since]) -> ItemView:
