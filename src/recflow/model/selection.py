@@ -568,16 +568,18 @@ def _choose_sizes(
     best = score(chosen)
     users = sum(len(t.users) for t in truths)
     log = [{"sizes": list(chosen), "ndcg@10": round(_pooled(best, judged), 5), "users": users}]
+    base = chosen
     for source in range(3 if has_item_item else 2):
-        for scale in settings.selection.candidate_scales:
-            trial = list(chosen)
-            trial[source] = max(1, round(_params_sizes(settings)[source] * scale))
-            if _params_sizes(settings)[source] == 0 or tuple(trial) == chosen:
+        for scale in settings.selection.candidate_scales if base[source] else ():
+            scaled = list(chosen)
+            scaled[source] = max(1, round(base[source] * scale))
+            trial = (scaled[0], scaled[1], scaled[2])
+            if trial == chosen:
                 continue
-            values = score((trial[0], trial[1], trial[2]))
-            log.append({"sizes": trial, "ndcg@10": round(_pooled(values, judged), 5), "users": users})
+            values = score(trial)
+            log.append({"sizes": list(trial), "ndcg@10": round(_pooled(values, judged), 5), "users": users})
             if _clearly_ahead(values, best, judged):
-                chosen, best = (trial[0], trial[1], trial[2]), values
+                chosen, best = trial, values
     for bundle in bundles:
         bundle.n_candidates, bundle.n_popular = chosen[0], chosen[1]
         bundle.n_item_item = chosen[2] if has_item_item else 0

@@ -233,14 +233,8 @@ class OnlineRecommender:
         if self.bundle.events is not None:
             self._popularity  # noqa: B018 - read the training events for the item view here, not in a request
         for user_ids in self.state.users():
-            stored = self.state.events(user_ids)
-            trained = {u: self._trained_ids(self.bundle.user_index.get(u, -1), stored.get(u, [])) for u in user_ids}
-            dropped += self.state.prune(self.version, trained)
-            users = []
-            for user_id in user_ids:
-                gone = set(trained[user_id])
-                events = [e for e in stored.get(user_id, []) if e.event_id not in gone]
-                users.append(_User(user_id, self.bundle.user_index.get(user_id, -1), events))
+            users, trained = self._split(user_ids)
+            dropped += self.state.prune(self.version, trained)  # every user: other versions' vectors go too
             with self._refreshing:
                 self._note_since(users, replace=False)
         logger.info(
@@ -316,18 +310,24 @@ class OnlineRecommender:
         solved = self.solve(self.user_rows(users))
         return {u.user_id: StoredVector(solved[i], counts[u.user_id]) for i, u in enumerate(users)}
 
-    def _users(self, user_ids: Sequence[str]) -> list[_User]:
-        """The users with their stored events; events the model was trained on are pruned from the state here."""
+    def _split(self, user_ids: Sequence[str]) -> tuple[list[_User], dict[str, list[str]]]:
+        """The users with their stored events less those the model was trained on, and those events' ids."""
         stored = self.state.events(user_ids)
         users, trained = [], {}
         for user_id in user_ids:
             index = self.bundle.user_index.get(user_id, -1)
             events = stored.get(user_id, [])
-            if ids := self._trained_ids(index, events):
-                trained[user_id] = ids
+            trained[user_id] = ids = self._trained_ids(index, events)
+            if ids:
                 dropped = set(ids)
                 events = [e for e in events if e.event_id not in dropped]
             users.append(_User(user_id, index, events))
+        return users, trained
+
+    def _users(self, user_ids: Sequence[str]) -> list[_User]:
+        """The users with their stored events; events the model was trained on are pruned from the state here."""
+        users, trained = self._split(user_ids)
+        trained = {user_id: ids for user_id, ids in trained.items() if ids}
         if trained:
             self.state.prune(self.version, trained)
         return users
@@ -354,9 +354,9 @@ class OnlineRecommender:
         """Keep each user's usable events since the model for the item statistics; `replace=False` (the scan at
         load) leaves a user that a newer read from the change feed has already noted."""
         for user in users:  # the caller holds self._refreshing
-            usable = self._usable(user.events)
             if not replace and user.user_id in self._since:
                 continue
+            usable = self._usable(user.events)
             if usable:
                 self._since[user.user_id] = _Since(
                     user.index,
