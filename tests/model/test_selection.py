@@ -211,10 +211,13 @@ def test_a_ranker_that_learned_nothing_is_switched_off(tmp_path: Path, monkeypat
     assert "the ranker did not beat its candidates" in report
 
 
-def test_the_served_ranker_is_refitted_on_every_judged_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once the two-stage model is chosen, its ranker learns from the selecting users too (they were held out only
-    to make the choice), with the chosen settings: more queries than the ranker that was compared. Each judged
-    user's candidates are built once for the ranker (the refit reuses the tuning users' rows), and the backtest
+def test_the_ranker_learns_from_the_unjudged_users_too_and_once_chosen_from_every_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ranker learns from the tuning users and from the users past selection.max_users, whom nothing judges;
+    once the two-stage model is chosen, from the selecting users too (they were held out only to make the choice),
+    with the chosen settings: more queries than the ranker that was compared. Each fold user's candidates are built
+    once for the ranker (the refit reuses the tuning users' rows), and the backtest
     that `evaluate` scores is chosen the same way before the test window. The deployable's choice is made again on
     all events even when the first selection's folds were full (here 150 users, selection.max_users): its folds are
     then nearer the data the served model is fitted on; the decay and ALS's parameters are kept."""
@@ -239,9 +242,12 @@ def test_the_served_ranker_is_refitted_on_every_judged_user(tmp_path: Path, monk
     ranker = report["ranker"]
     compared = ranker["train_queries"] + ranker["validation_queries"]
     refit = ranker["refit_on_all_fold_users"]
-    assert refit["train_queries"] + refit["validation_queries"] > 1.4 * compared
+    folds = report["folds"]
+    # the compared ranker learned from the tuning users and the users past selection.max_users (never judged)
+    assert compared > 2 * sum(f["tune_users"] for f in folds) and all(f["ranker_only_users"] > 0 for f in folds)
+    assert refit["train_queries"] + refit["validation_queries"] > compared + 0.8 * sum(f["select_users"] for f in folds)
     deployable = built[len(built) - built[::-1].index(-1) :]  # the last selection's candidate sets
-    assert sum(deployable) == sum(f["tune_users"] + f["select_users"] for f in report["folds"])
+    assert sum(deployable) == sum(f["tune_users"] + f["select_users"] + f["ranker_only_users"] for f in folds)
     # chosen again on all events, keeping the decay and ALS parameters of the first selection (its folds were full),
     # whose trials the report shows
     assert report["backtest"]["deployable"] == "chosen again on all events (the decay and ALS's parameters kept)"
@@ -370,14 +376,16 @@ def test_popularity_after_a_history_is_popularity_as_of_the_history_with_the_lat
         np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=f"day {day}")
 
 
-def _size_folds(users_per_fold: int) -> tuple[list[selection.Fold], list[SimpleNamespace]]:
-    """Two folds of `users_per_fold` judged users, all tuning users, and a stand-in bundle per fold."""
+def _size_folds(tuning: int, spare: int) -> tuple[list[selection.Fold], list[SimpleNamespace]]:
+    """Two folds of `tuning` judged users, all tuning users, then `spare` users past selection.max_users, and a
+    stand-in bundle per fold."""
     folds, bundles = [], []
     for _ in range(2):
-        users = np.arange(users_per_fold)
-        truth = selection.GroundTruth(users=users, relevant=np.zeros((users_per_fold, 1)))
-        window = SimpleNamespace(history=SimpleNamespace(n_users=users_per_fold))
-        folds.append(selection.Fold("user_last", window, truth, users, np.zeros(0, dtype=np.int64)))  # type: ignore[arg-type]
+        users = np.arange(tuning + spare)
+        truth = selection.GroundTruth(users=users, relevant=np.zeros((len(users), 1)))
+        window = SimpleNamespace(history=SimpleNamespace(n_users=len(users)))
+        rows = (users[:tuning], np.zeros(0, dtype=np.int64), users[tuning:])
+        folds.append(selection.Fold("user_last", window, truth, *rows))  # type: ignore[arg-type]
         bundles.append(SimpleNamespace(n_candidates=0, n_popular=0, n_item_item=0, item_item="weights"))
     return folds, bundles
 
@@ -391,11 +399,12 @@ def test_served_candidate_sizes_are_chosen_on_users_the_rankers_trees_never_saw(
     monkeypatch: pytest.MonkeyPatch, gain: float
 ) -> None:
     """Twice the ALS candidates score `gain` higher for every user: chosen when clearly ahead, not on a tie; the
-    users judging it are the tuning users outside the ranker's fitted queries (queries: fold offset + user)."""
-    folds, bundles = _size_folds(40)
-    fitted = np.r_[np.arange(30), 40 + np.arange(10)]  # fold 0: users 0-29 grew the trees; fold 1: users 0-9
+    users judging it are the tuning and spare users outside the ranker's fitted queries (fold offset + user)."""
+    folds, bundles = _size_folds(40, 10)
+    # fold 0: tuning users 0-29 and spare users 40-44 grew the trees; fold 1 (queries from 50): tuning users 0-9
+    fitted = np.r_[np.arange(30), np.arange(40, 45), 50 + np.arange(10)]
     judged: list[np.ndarray] = []
-    per_user = np.random.default_rng(0).random(40)  # users differ; a size moves every user by the same gain
+    per_user = np.random.default_rng(0).random(50)  # users differ; a size moves every user by the same gain
 
     def ndcg(bundle: SimpleNamespace, truth: selection.GroundTruth, kind: str) -> np.ndarray:
         judged.append(truth.users)
@@ -404,8 +413,8 @@ def test_served_candidate_sizes_are_chosen_on_users_the_rankers_trees_never_saw(
     monkeypatch.setattr(selection, "_ndcg", ndcg)
     settings = Settings()
     sizes, log = selection._choose_sizes(folds, bundles, _fit(fitted), settings)  # type: ignore[arg-type]
-    assert judged[0].tolist() == list(range(30, 40)) and judged[1].tolist() == list(range(10, 40))
+    assert judged[0].tolist() == [*range(30, 40), *range(45, 50)] and judged[1].tolist() == list(range(10, 50))
     expected_n = 200 if gain else settings.candidates.n
     assert sizes == (expected_n, settings.candidates.popular, settings.candidates.item_item)
     assert [b.n_candidates for b in bundles] == [expected_n] * 2
-    assert len(log) == 1 + 2 * 3 and log[0]["sizes"] == [100, 20, 50] and log[0]["users"] == 40
+    assert len(log) == 1 + 2 * 3 and log[0]["sizes"] == [100, 20, 50] and log[0]["users"] == 55

@@ -85,9 +85,16 @@ class Choices:
 class Fold:
     protocol: str
     window: Window
-    truth: GroundTruth  # every judged user of the fold
-    tune_rows: np.ndarray  # rows of truth: users that tune and train the ranker
-    select_rows: np.ndarray  # rows of truth: users that choose the model
+    truth: GroundTruth  # every user of the fold with a new item in its target
+    tune_rows: np.ndarray  # rows of truth: judged users that tune and train the ranker
+    select_rows: np.ndarray  # rows of truth: judged users that choose the model
+    # rows of truth past `selection.max_users` (not judged): scoring them would cost without making a choice
+    # clearer, but each is one more query the ranker learns from
+    spare_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def judged(self) -> int:
+        return len(self.tune_rows) + len(self.select_rows)
 
     def part(self, rows: np.ndarray) -> GroundTruth:
         return GroundTruth(users=self.truth.users[rows], relevant=self.truth.relevant[rows])
@@ -153,17 +160,18 @@ def make_folds(
                 break
             had = confidence_matrix(win.history, np.ones(len(history.actions)), None)
             truth = ground_truth(win, had)
+            judged_rows = np.arange(len(truth.users))
             if len(truth.users) > conf.max_users:
-                keep = np.sort(rng.choice(len(truth.users), conf.max_users, replace=False))
-                truth = GroundTruth(truth.users[keep], truth.relevant[keep])
-            n = len(truth.users)
+                judged_rows = np.sort(rng.choice(len(truth.users), conf.max_users, replace=False))
+            n = len(judged_rows)
             if n < 2:  # a fold needs a user to tune on and another to choose with
                 warnings.append(f"{protocol} cut {cut + 1}: {n} judged user(s), too few to tune and select: not used")
                 break
             selecting = rng.random(n) < conf.select_share
             if selecting.all() or not selecting.any():
                 selecting[:] = np.arange(n) % 2 == 0
-            folds.append(Fold(protocol, win, truth, np.flatnonzero(~selecting), np.flatnonzero(selecting)))
+            spare = np.setdiff1d(np.arange(len(truth.users)), judged_rows)
+            folds.append(Fold(protocol, win, truth, judged_rows[~selecting], judged_rows[selecting], spare))
             judged += n
             if judged >= conf.max_users:
                 break
@@ -185,9 +193,9 @@ def make_folds(
         )
     if enough:
         return enough, warnings, sampled
-    largest = max(folds, key=lambda f: len(f.truth.users))
+    largest = max(folds, key=lambda f: f.judged)
     warnings.append(
-        f"validation has only {len(largest.truth.users)} users (< {conf.min_users} per half): the choices below are "
+        f"validation has only {largest.judged} users (< {conf.min_users} per half): the choices below are "
         "unreliable; add events, or lower selection.min_users knowingly"
     )
     return [largest], warnings, sampled
@@ -490,7 +498,7 @@ def select(
     if served != KIND_TWO_STAGE:
         ranker_fit = None
     elif ranker_info is not None:
-        # chosen: the served ranker learns from every judged user of the folds, tune and select (a refit after the
+        # chosen: the served ranker learns from every user of the folds, tune, select and spare (a refit after the
         # choice, as ALS is refitted on all the data); its own early stopping keeps the iterations honest
         say("refit ranker")
         for index, bundle in enumerate(bundles):  # the ranker learns on params.yaml's sizes, as it was trained
@@ -514,6 +522,7 @@ def select(
                 "events": len(f.window.history),
                 "tune_users": len(f.tune_rows),
                 "select_users": len(f.select_rows),
+                "ranker_only_users": len(f.spare_rows),
             }
             for f in folds
         ],
@@ -525,8 +534,7 @@ def select(
         als_start=_widened(tuned.models[0], sampled, history.n_users),
         sampled=sampled is not None,
         full=all(
-            sum(len(f.truth.users) for f in folds if f.protocol == protocol) >= conf.max_users
-            for protocol in profile.protocols
+            sum(f.judged for f in folds if f.protocol == protocol) >= conf.max_users for protocol in profile.protocols
         ),
     )
     return choices, ranker_fit, report
@@ -540,15 +548,15 @@ def _choose_sizes(
     folds: list[Fold], bundles: list[ModelBundle], ranker: RankerFit, settings: Settings
 ) -> tuple[tuple[int, int, int], list[dict[str, Any]]]:
     """The candidate sizes served by the two-stage model: params.yaml's, each source's scaled by
-    `selection.candidate_scales` in turn (ALS, popular, item-item), judged on the tuning users the ranker's trees
-    were not grown on (its early-stopping users, and those past `ranker.max_train_users` or without a relevant
-    candidate); a size replaces the one so far only when clearly ahead (`_clearly_ahead`). Leaves the bundles
-    with the chosen sizes."""
+    `selection.candidate_scales` in turn (ALS, popular, item-item), judged on the users the ranker learns from
+    (tuning users, and those past `selection.max_users`) that its trees were not grown on (its early-stopping
+    users, and those past `ranker.max_train_users` or without a relevant candidate); a size replaces the one so
+    far only when clearly ahead (`_clearly_ahead`). Leaves the bundles with the chosen sizes."""
     fitted = set(ranker.fitted.tolist())
     judged, truths, offset = [], [], 0
     for fold in folds:  # queries are numbered as `_train_ranker` numbers them: fold offset + window user
-        users = fold.truth.users[fold.tune_rows]
-        rows = fold.tune_rows[[offset + int(u) not in fitted for u in users]]
+        learners = np.concatenate([fold.tune_rows, fold.spare_rows])
+        rows = learners[[offset + int(u) not in fitted for u in fold.truth.users[learners]]]
         offset += fold.window.history.n_users
         if len(rows) >= 2:
             judged.append(fold)
@@ -689,14 +697,16 @@ def _train_ranker(
     *,
     everyone: bool = False,
 ) -> tuple[RankerFit | None, dict[str, Any]]:
-    """LambdaRank on the tuning users' (`everyone`: all judged users') two-stage candidates, features as of each
-    fold's moment. `built` keeps each fold's rows once made (a refit on everyone builds only the others')."""
+    """LambdaRank on the two-stage candidates of the tuning users and the users past `selection.max_users`
+    (`everyone`: the selecting users too), features as of each fold's moment. `built` keeps each fold's rows once
+    made (a refit on everyone builds only the others')."""
     grades = action_grades(weights)
     parts = []
     recall = []
     offset = 0
     for index, (fold, bundle) in enumerate(zip(folds, bundles, strict=True)):
-        wanted = (np.arange(len(fold.truth.users)) if everyone else fold.tune_rows)[: settings.ranker.max_train_users]
+        learners = [fold.tune_rows, fold.spare_rows, fold.select_rows if everyone else fold.select_rows[:0]]
+        wanted = np.concatenate(learners)[: settings.ranker.max_train_users]
         pieces = []
         if index in built and np.isin(built[index].rows, wanted).all():
             pieces.append(built[index])
