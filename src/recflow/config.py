@@ -221,12 +221,22 @@ class RankerSettings(_Section):
     enabled: Bool = True
     n_estimators: Int = 300
     learning_rate: Float = 0.05
-    num_leaves: Int = 4
+    # leaves per tree: the first, or another when it scores higher on validation (a number: that one)
+    num_leaves: tuple[Annotated[Int, Field(ge=2)], ...] = (4, 16)
     min_child_samples: Int = 20
     early_stopping_rounds: Int = 30
     max_train_users: Int = 20_000
     popularity_windows_days: tuple[Float, ...] = (1.0, 7.0, 30.0)
     recent_items: Int = 5
+
+    @pydantic.field_validator("num_leaves", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return (value,)
+        if isinstance(value, list | tuple) and not value:
+            raise ValueError("must name at least one")
+        return value
 
 
 @_settings("evaluate")

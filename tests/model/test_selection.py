@@ -418,3 +418,34 @@ def test_served_candidate_sizes_are_chosen_on_users_the_rankers_trees_never_saw(
     assert sizes == (expected_n, settings.candidates.popular, settings.candidates.item_item)
     assert [b.n_candidates for b in bundles] == [expected_n] * 2
     assert len(log) == 1 + 2 * 3 and log[0]["sizes"] == [100, 20, 50] and log[0]["users"] == 55
+
+
+@pytest.mark.parametrize(("gains", "chosen"), [((0.0, 0.03), 16), ((0.0, 0.0), 4), ((0.02, 0.0), 4)])
+def test_the_rankers_leaves_are_chosen_on_users_its_trees_never_saw(
+    monkeypatch: pytest.MonkeyPatch, gains: tuple[float, float], chosen: int
+) -> None:
+    """ranker.num_leaves [4, 16]: each ranker is trained on the same queries and judged on the same users outside
+    its fitted queries; the higher NDCG@10 wins, a tie goes to the first. The refit's leaves are the chosen ones."""
+    folds, bundles = _size_folds(40, 10)
+    fitted = np.r_[np.arange(30), np.arange(40, 45), 50 + np.arange(10)]
+    per_user = np.random.default_rng(0).random(50)
+    gain = dict(zip((4, 16), gains, strict=True))
+    judged: list[np.ndarray] = []
+
+    def train(*args: object, num_leaves: int, **kwargs: object) -> tuple[selection.RankerFit, dict[str, object]]:
+        fit = selection.RankerFit(f"trees of {num_leaves}", 1, 0.0, {}, len(fitted), 0, fitted, num_leaves)  # type: ignore[arg-type]
+        return fit, {"num_leaves": num_leaves}
+
+    def ndcg(bundle: SimpleNamespace, truth: selection.GroundTruth, kind: str) -> np.ndarray:
+        judged.append(truth.users)
+        return per_user[truth.users] + gain[int(bundle.ranker.split()[-1])]
+
+    monkeypatch.setattr(selection, "_train_ranker", train)
+    monkeypatch.setattr(selection, "_ndcg", ndcg)
+    settings = Settings().replace("ranker", num_leaves=(4, 16))
+    fit, info, trials = selection._choose_ranker(folds, bundles, settings, np.ones(1), {})  # type: ignore[arg-type]
+    assert fit is not None and fit.num_leaves == chosen and info == {"num_leaves": chosen}
+    assert [b.ranker for b in bundles] == [f"trees of {chosen}"] * 2
+    assert [t["num_leaves"] for t in trials] == [4, 16] and all(t["users"] == 55 for t in trials)
+    assert [j.tolist() for j in judged[:2]] == [[*range(30, 40), *range(45, 50)], list(range(10, 50))]
+    assert all(np.array_equal(a, b) for a, b in zip(judged[:2], judged[2:], strict=True))

@@ -85,6 +85,8 @@ def test_a_renamed_key_says_what_replaced_it(tmp_path: Path) -> None:
         ("drift: {users: {min_effect: -1}}", "drift.users.min_effect must not be negative, got -1"),
         ("drift: {alpha: 0}", "drift.alpha must be"),
         ("eventlog: {stream: null}", "eventlog.stream must be str, got None"),
+        ("ranker: {num_leaves: []}", "ranker.num_leaves must name at least one"),
+        ("ranker: {num_leaves: [4, 1]}", "ranker.num_leaves.1 must be at least 2, got 1"),
     ],
 )
 def test_a_wrong_value_names_its_key_and_what_it_must_be(tmp_path: Path, text: str, message: str) -> None:
@@ -96,8 +98,11 @@ def test_a_wrong_value_names_its_key_and_what_it_must_be(tmp_path: Path, text: s
 
 def test_values_are_read_as_the_settings_type_them(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("als: {factors: 8.0}\nranker: {popularity_windows_days: [1, 7]}\nservice: {token: 12345}\n")
+    params.write_text(
+        "als: {factors: 8.0}\nranker: {popularity_windows_days: [1, 7], num_leaves: 8}\nservice: {token: 12345}\n"
+    )
     settings = load_settings(params)
+    assert settings.ranker.num_leaves == (8,)  # one number: that one, no choice
     assert settings.als.factors == 8 and isinstance(settings.als.factors, int)
     assert settings.ranker.popularity_windows_days == (1.0, 7.0)  # a tuple, as the defaults
     assert settings.service.token == "12345"  # YAML reads an unquoted number; a token is a string

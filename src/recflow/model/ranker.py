@@ -55,6 +55,7 @@ class RankerFit:
     train_queries: int
     validation_queries: int
     fitted: np.ndarray  # the query ids whose rows the trees were grown on (not the early-stopping ones)
+    num_leaves: int = 0
 
 
 def train_ranker(
@@ -66,9 +67,11 @@ def train_ranker(
     *,
     seed: int = 0,
     weights: np.ndarray | None = None,
+    num_leaves: int | None = None,
 ) -> RankerFit:
-    """LambdaRank with early stopping on a held-out 20% of the queries. `query` names each row's query (a user,
-    or a user in one window); rows of one query must be contiguous."""
+    """LambdaRank with early stopping on a held-out 20% of the queries (the same queries for the same seed and
+    positives). `query` names each row's query (a user, or a user in one window); rows of one query must be
+    contiguous. `num_leaves`: one of `settings.num_leaves` (default the first)."""
     starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]]) if len(query) else np.zeros(0, dtype=np.int64)
     sizes = np.diff(np.r_[starts, len(query)])
     positive = np.add.reduceat(labels > 0, starts) > 0 if len(starts) else np.zeros(0, dtype=bool)
@@ -90,7 +93,7 @@ def train_ranker(
         objective="lambdarank",
         n_estimators=settings.n_estimators,
         learning_rate=settings.learning_rate,
-        num_leaves=settings.num_leaves,
+        num_leaves=num_leaves or settings.num_leaves[0],
         min_child_samples=settings.min_child_samples,
         importance_type="gain",
         random_state=seed,
@@ -118,6 +121,7 @@ def train_ranker(
         train_queries=len(train_q),
         validation_queries=len(valid_q),
         fitted=query[starts[train_q]],
+        num_leaves=num_leaves or settings.num_leaves[0],
     )
 
 

@@ -424,9 +424,9 @@ def select(
             if item_item is not None:
                 bundle.item_item = item_item_fits[item_item][index]
                 bundle.n_item_item = settings.candidates.item_item
-        ranker_fit, ranker_info = _train_ranker(folds, bundles, settings, weights, ranker_rows)
-        for bundle in bundles:
-            bundle.ranker = None if ranker_fit is None else ranker_fit.booster
+        ranker_fit, ranker_info, leaves_trials = _choose_ranker(folds, bundles, settings, weights, ranker_rows)
+        if leaves_trials:
+            trials["ranker_num_leaves"] = leaves_trials
         if ranker_fit is not None:
             say("choose candidate sizes")
             served_sizes, trials["candidate_sizes"] = _choose_sizes(folds, bundles, ranker_fit, settings)
@@ -497,14 +497,17 @@ def select(
     choices = replace(choices, kind=served)
     if served != KIND_TWO_STAGE:
         ranker_fit = None
-    elif ranker_info is not None:
+    elif ranker_fit is not None and ranker_info is not None:
         # chosen: the served ranker learns from every user of the folds, tune, select and spare (a refit after the
-        # choice, as ALS is refitted on all the data); its own early stopping keeps the iterations honest
+        # choice, as ALS is refitted on all the data), with the chosen leaves; its own early stopping keeps the
+        # iterations honest
         say("refit ranker")
         for index, bundle in enumerate(bundles):  # the ranker learns on params.yaml's sizes, as it was trained
             bundle.item_item = None if item_item is None else item_item_fits[item_item][index]
             bundle.n_candidates, bundle.n_popular, bundle.n_item_item = _params_sizes(settings)
-        refit, refit_info = _train_ranker(folds, bundles, settings, weights, ranker_rows, everyone=True)
+        refit, refit_info = _train_ranker(
+            folds, bundles, settings, weights, ranker_rows, everyone=True, num_leaves=ranker_fit.num_leaves
+        )
         if refit is not None:
             ranker_fit = refit
             ranker_info["refit_on_all_fold_users"] = {
@@ -548,19 +551,9 @@ def _choose_sizes(
     folds: list[Fold], bundles: list[ModelBundle], ranker: RankerFit, settings: Settings
 ) -> tuple[tuple[int, int, int], list[dict[str, Any]]]:
     """The candidate sizes served by the two-stage model: params.yaml's, each source's scaled by
-    `selection.candidate_scales` in turn (ALS, popular, item-item), judged on the users the ranker learns from
-    (tuning users, and those past `selection.max_users`) that its trees were not grown on (its early-stopping
-    users, and those past `ranker.max_train_users` or without a relevant candidate); a size replaces the one so
-    far only when clearly ahead (`_clearly_ahead`). Leaves the bundles with the chosen sizes."""
-    fitted = set(ranker.fitted.tolist())
-    judged, truths, offset = [], [], 0
-    for fold in folds:  # queries are numbered as `_train_ranker` numbers them: fold offset + window user
-        learners = np.concatenate([fold.tune_rows, fold.spare_rows])
-        rows = learners[[offset + int(u) not in fitted for u in fold.truth.users[learners]]]
-        offset += fold.window.history.n_users
-        if len(rows) >= 2:
-            judged.append(fold)
-            truths.append(fold.part(rows))
+    `selection.candidate_scales` in turn (ALS, popular, item-item), judged by `_ranker_judges`; a size replaces
+    the one so far only when clearly ahead (`_clearly_ahead`). Leaves the bundles with the chosen sizes."""
+    judged, truths = _ranker_judges(folds, ranker)
     chosen = _params_sizes(settings)
     if not judged:
         return chosen, []
@@ -592,6 +585,56 @@ def _choose_sizes(
         bundle.n_candidates, bundle.n_popular = chosen[0], chosen[1]
         bundle.n_item_item = chosen[2] if has_item_item else 0
     return chosen, log
+
+
+def _ranker_judges(folds: list[Fold], ranker: RankerFit) -> tuple[list[Fold], list[GroundTruth]]:
+    """The folds (with at least two) and users that judge a ranker's settings: the users the ranker learns from
+    (tuning users, and those past `selection.max_users`) that its trees were not grown on (its early-stopping
+    users, and those past `ranker.max_train_users` or without a relevant candidate)."""
+    fitted = set(ranker.fitted.tolist())
+    judged, truths, offset = [], [], 0
+    for fold in folds:  # queries are numbered as `_train_ranker` numbers them: fold offset + window user
+        learners = np.concatenate([fold.tune_rows, fold.spare_rows])
+        rows = learners[[offset + int(u) not in fitted for u in fold.truth.users[learners]]]
+        offset += fold.window.history.n_users
+        if len(rows) >= 2:
+            judged.append(fold)
+            truths.append(fold.part(rows))
+    return judged, truths
+
+
+def _choose_ranker(
+    folds: list[Fold], bundles: list[ModelBundle], settings: Settings, weights: np.ndarray, built: dict[int, RankerRows]
+) -> tuple[RankerFit | None, dict[str, Any], list[dict[str, Any]]]:
+    """The ranker trained (`_train_ranker`) with each of `ranker.num_leaves` on the same queries, judged as the
+    candidate sizes are (`_ranker_judges`: the same users for each, since the early-stopping queries depend on the
+    seed and the queries only): the highest NDCG@10 wins, a tie goes to the first. Leaves the chosen ranker in
+    the bundles. Returns it (None when there is nothing to learn), its report and the trials."""
+    trials: list[dict[str, Any]] = []
+    best: tuple[float, RankerFit, dict[str, Any]] | None = None
+    judged: list[Fold] = []
+    truths: list[GroundTruth] = []
+    for leaves in settings.ranker.num_leaves:
+        fit, info = _train_ranker(folds, bundles, settings, weights, built, num_leaves=leaves)
+        if fit is None:
+            return None, info, trials  # no query has a relevant candidate: no tree size changes that
+        for bundle in bundles:
+            bundle.ranker = fit.booster
+        if best is None:
+            judged, truths = _ranker_judges(folds, fit)
+            if len(settings.ranker.num_leaves) == 1 or not judged:
+                return fit, info, trials
+        scored = [b for b, f in zip(bundles, folds, strict=True) if f in judged]
+        value = _pooled([_ndcg(b, t, KIND_TWO_STAGE) for b, t in zip(scored, truths, strict=True)], judged)
+        users = sum(len(t.users) for t in truths)
+        trials.append({"num_leaves": leaves, "ndcg@10": round(value, 5), "best_iteration": fit.best_iteration,
+                       "users": users})  # fmt: skip
+        if best is None or value > best[0]:
+            best = (value, fit, info)
+    assert best is not None
+    for bundle in bundles:
+        bundle.ranker = best[1].booster
+    return best[1], best[2], trials
 
 
 def _widened(model: AlternatingLeastSquares, sampled: np.ndarray | None, n_users: int) -> AlternatingLeastSquares:
@@ -696,6 +739,7 @@ def _train_ranker(
     built: dict[int, RankerRows],
     *,
     everyone: bool = False,
+    num_leaves: int | None = None,
 ) -> tuple[RankerFit | None, dict[str, Any]]:
     """LambdaRank on the two-stage candidates of the tuning users and the users past `selection.max_users`
     (`everyone`: the selecting users too), features as of each fold's moment. `built` keeps each fold's rows once
@@ -733,12 +777,14 @@ def _train_ranker(
     info: dict[str, Any] = {"candidate_recall": [round(r, 4) for r in recall], "rows": len(X)}
     try:
         fit = train_ranker(
-            X, labels, query, names, settings.ranker, seed=settings.als.random_state, weights=row_weights
-        )
+            X, labels, query, names, settings.ranker, seed=settings.als.random_state, weights=row_weights,
+            num_leaves=num_leaves,
+        )  # fmt: skip
     except ValueError as exc:
         info["skipped"] = str(exc)
         return None, info
     info.update(
+        num_leaves=fit.num_leaves,
         best_iteration=fit.best_iteration,
         validation_ndcg=fit.validation_ndcg,
         train_queries=fit.train_queries,
