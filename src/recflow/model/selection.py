@@ -3,13 +3,13 @@
 Folds: the training events are cut again, as the held-out data will be cut (data profile, profile.py): by
 global time and by each user's last events when timestamps carry information, at random per user when they
 do not. Each fold's judged users are split in two, once: *tune* users choose the decay, ALS's parameters, the
-popularity window, EASE's regularisation, and train the ranker; *select* users, which nothing was fitted or
-tuned on, then choose the model kind that is served: popularity, item-kNN, EASE, ALS or ALS + ranker, by the
-one-standard-error rule (the simplest kind within one standard error of the best, so that a more complex model
-serves only when validation can tell it from a simpler one). A chosen ranker is then refitted on every judged
-user of the folds. Every model is scored by `model.scoring` through a bundle, the same function `recommend` and
-the service call, as of each fold's moment (the end of its history). Budgets are counted in trials, so a slower
-machine makes the same choices.
+popularity window, EASE's regularisation, and train the ranker (with the fold's users past
+`selection.max_users`, whom nothing judges); *select* users, which nothing was fitted or tuned on, then choose the
+model kind that is served: popularity, item-kNN, EASE, ALS or ALS + ranker, by the one-standard-error rule (the
+simplest kind within one standard error of the best, so that a more complex model serves only when validation can
+tell it from a simpler one). A chosen ranker is then refitted on every user of the folds. Every model is scored
+by `model.scoring` through a bundle, the same function `recommend` and the service call, as of each fold's moment
+(the end of its history). Budgets are counted in trials, so a slower machine makes the same choices.
 """
 
 from __future__ import annotations
