@@ -32,6 +32,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     said = " ".join(result.stdout.split())  # rich wraps lines at the terminal's width
     chosen = r"chosen: decay (half-life [\d.]+ days|none), popularity (last [\d.]+ days|all time), item-item"
     assert re.search(chosen, said)
+    assert re.search(r"candidates ALS/popular/item-item \d+/\d+/\d+, ranker (4|16) leaves per tree", said)
     return root
 
 

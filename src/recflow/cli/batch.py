@@ -233,11 +233,14 @@ def train(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 def print_train(report: object) -> None:
+    from recflow.model.scoring import KIND_TWO_STAGE
     from recflow.model.training import TrainReport
 
     assert isinstance(report, TrainReport)
     folds = ", ".join(
-        f"{f['protocol']} ({f['tune_users']} tune / {f['select_users']} select users)" for f in report.folds
+        f"{f['protocol']} ({f['tune_users']} tune / {f['select_users']} select users"
+        + (f" + {f['ranker_only_users']} the ranker learns from)" if f.get("ranker_only_users") else ")")
+        for f in report.folds
     )
     out.print(f"validation folds: {folds}")
     table = Table(title="validation NDCG@10 (users nothing was tuned on)")
@@ -259,6 +262,8 @@ def print_train(report: object) -> None:
     window = f"last {choices['popularity_window_days']:g} days" if choices["popularity_window_days"] else "all time"
     sizes = choices.get("candidates")
     served = f", candidates ALS/popular/item-item {'/'.join(map(str, sizes))}" if sizes else ""
+    if report.kind == KIND_TWO_STAGE and report.ranker and report.ranker.get("num_leaves"):
+        served += f", ranker {report.ranker['num_leaves']} leaves per tree"
     out.print(f"chosen: decay {decay}, popularity {window}, item-item {choices['item_item']}, ALS {als}{served}")
     out.print(f"[bold]serving {report.kind}[/bold]: {report.decided}")
     if report.backtest["kind"] != report.kind:
