@@ -330,6 +330,30 @@ def test_a_cut_judging_one_user_is_not_a_fold() -> None:
     assert "global_time cut 2: 1 judged user(s), too few to tune and select: not used" in warnings
 
 
+def test_the_users_past_max_users_that_the_ranker_learns_from_are_bounded_by_its_max_train_users() -> None:
+    """30 users with a new item in their last events, selection.max_users 10: 10 are judged; of the other 20, the
+    first 5 join the ranker's learners (ranker.max_train_users 15 counts the judged ones), the rest are left out."""
+    n_users, per_user = 30, 5
+    user = np.repeat(np.arange(n_users), per_user)
+    inter = Interactions(
+        user_idx=user.astype(np.int32),
+        item_idx=(np.tile(np.arange(per_user), n_users) + user % 7).astype(np.int32),
+        action_idx=np.zeros(len(user), np.int8),
+        ts=(np.tile(np.arange(per_user), n_users) * 86_400 + user).astype(np.int64),
+        split=np.zeros(len(user), np.int8),
+        user_ids=np.array([f"u{u}" for u in range(n_users)], dtype=object),
+        item_ids=np.array([f"i{i}" for i in range(per_user + 7)], dtype=object),
+        actions=("view",),
+    )
+    settings = settings_for(Path("."), selection={"max_users": 10, "min_users": 1}, ranker={"max_train_users": 15})
+    folds, _, _ = selection.make_folds(inter, SimpleNamespace(protocols=["user_last"]), settings)  # type: ignore[arg-type]
+    (fold,) = folds
+    assert len(fold.truth.users) == n_users and fold.judged == 10
+    judged = np.r_[fold.tune_rows, fold.select_rows]
+    assert len(fold.spare_rows) == 5 and not np.isin(fold.spare_rows, judged).any()
+    assert fold.spare_rows.tolist() == np.setdiff1d(np.arange(n_users), judged)[:5].tolist()
+
+
 def test_above_sample_users_the_choice_is_made_once_on_a_sample_as_narrow_as_it(tmp_path: Path) -> None:
     """500 users, selection.sample_users 200: the folds hold the 200 sampled users only (re-indexed), the deployable
     takes the choices of the one selection, and the served model still beats popularity on held-out events."""

@@ -88,8 +88,8 @@ class Fold:
     truth: GroundTruth  # every user of the fold with a new item in its target
     tune_rows: np.ndarray  # rows of truth: judged users that tune and train the ranker
     select_rows: np.ndarray  # rows of truth: judged users that choose the model
-    # rows of truth past `selection.max_users` (not judged): scoring them would cost without making a choice
-    # clearer, but each is one more query the ranker learns from
+    # rows of truth past `selection.max_users` (not judged), the first up to `ranker.max_train_users` users in all:
+    # scoring them would cost without making a choice clearer, but each is one more query the ranker learns from
     spare_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
@@ -129,6 +129,7 @@ def make_folds(
     `selection.sample_users` users the folds hold a sample's users only, re-indexed: the third value maps the
     folds' user indices back to `history`'s (None: the same indices)."""
     conf = settings.selection
+    ranker_users = settings.ranker.max_train_users
     fraction = settings.features.split.validation_fraction
     rng = np.random.default_rng(conf.seed)
     folds: list[Fold] = []
@@ -170,7 +171,8 @@ def make_folds(
             selecting = rng.random(n) < conf.select_share
             if selecting.all() or not selecting.any():
                 selecting[:] = np.arange(n) % 2 == 0
-            spare = np.setdiff1d(np.arange(len(truth.users)), judged_rows)
+            # the ranker learns from at most ranker.max_train_users users of a fold, judged ones included
+            spare = np.setdiff1d(np.arange(len(truth.users)), judged_rows)[: max(ranker_users - n, 0)]
             folds.append(Fold(protocol, win, truth, judged_rows[~selecting], judged_rows[selecting], spare))
             judged += n
             if judged >= conf.max_users:
