@@ -272,6 +272,44 @@ def test_popularity_follows_every_users_events_since_the_model(bundle: ModelBund
     assert recommender.items.events == buyers
 
 
+def test_the_item_view_adds_what_changed_and_equals_one_computed_from_every_event_held(
+    bundle: ModelBundle, make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refreshed after each round of events, the item view adds only the events each user added after those it
+    counts, and is rebuilt from everyone's when a user's events were not only added to (here an event older than
+    the user's others): either way the view a restarted worker computes from every event held."""
+    recommender = make()
+    rebuilt = []
+    rebuild = recommender._rebuilt_view
+    monkeypatch.setattr(recommender, "_rebuilt_view", lambda: rebuilt.append(1) or rebuild())
+    known = [str(u) for u in bundle.user_ids[:3]]
+    items = [str(i) for i in bundle.item_ids[:6]]
+    day = int(datetime.fromisoformat(NOW).timestamp()) - 10 * 86_400
+    rounds = [
+        [event(known[0], items[0], "view", day), event("new1", items[1], "purchase", day + 60)],
+        [event(known[0], items[2], "add_to_cart", day + 120), event(known[1], items[0], "view", day + 30)],
+        [event("new1", items[3], "click", day + 200), event("new2", items[4], "view", day + 300)],
+        [event(known[0], items[5], "purchase", day - 3600)],  # before that user's other events: a rebuild
+        [event(known[2], items[1], "purchase", day + 400), event(known[0], items[4], "view", day + 500)],
+    ]
+    for number, batch in enumerate(rounds):
+        recommender.record_events(batch)
+        view = recommender.refresh_items()
+        assert len(rebuilt) == (1 if number >= 3 else 0)
+    assert view.events == sum(len(batch) for batch in rounds)
+    recommender.state.close()
+    restarted = make()
+    restarted.prune_state()
+    restarted.refresh_items()
+    fresh = restarted.items
+    assert fresh.moment == view.moment == day + 501
+    np.testing.assert_array_equal(fresh.bundle.popularity, view.bundle.popularity)
+    for name in ("item_keys", "item_first_ts", "item_action_counts", "transition_keys", "transition_counts",
+                 "item_out_counts"):  # fmt: skip
+        np.testing.assert_array_equal(getattr(fresh.bundle.context, name), getattr(view.bundle.context, name), name)
+    assert len(view.bundle.context.item_keys) == len(bundle.context.item_keys) + view.events
+
+
 def test_a_request_starts_the_item_refresh_on_a_thread_and_a_slow_one_spaces_the_next(
     bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -141,8 +141,10 @@ class OnlineRecommender:
         self.cold_items = np.flatnonzero(self.cold)
         self.item_stats_seconds = item_stats_seconds
         self.items = ItemView(bundle.moment, bundle, 0)
-        self._since: dict[str, _Since] = {}
-        self._since_changed = False
+        self._since: dict[str, _Since] = {}  # each user's usable events since the model, as last read
+        self._changed: set[str] = set()  # users noted since self.items was made
+        self._counted: dict[str, _Since] = {}  # the events self.items counts, per user
+        self._counted_events = (np.zeros(0, np.int64),) * 3  # all of them: items, actions, times
         try:
             self._cursor: str | None = state.changes(None)[1]
         except UserStateUnavailableError:  # the first refresh that reaches the state reads every user
@@ -366,7 +368,7 @@ class OnlineRecommender:
                 )
             else:
                 self._since.pop(user.user_id, None)
-        self._since_changed = True
+            self._changed.add(user.user_id)
 
     def current_items(self) -> ItemView:
         """The item view to answer with, as it is. When a refresh is due (every `item_stats_seconds`, 0: never, and
@@ -403,26 +405,57 @@ class OnlineRecommender:
                 changed = [u for batch in self.state.users() for u in batch]
             for start in range(0, len(changed), 1000):
                 self._note_since(self._users(changed[start : start + 1000]), replace=True)
-            if self._since_changed:
-                self._since_changed = False
-                self.items = self._item_view(list(self._since.values()))
+            if self._changed:
+                noted, self._changed = self._changed, set()
+                self.items = self._item_view(noted)
         return self.items
 
-    def _item_view(self, since: Sequence[_Since]) -> ItemView:
-        """The bundle with popularity and the ranker's item statistics of its training events plus the events
-        since, as of the newest of them (as `recommend_as_of` computes them from a history). Costs a copy of the
-        item keys and the popularity window's events, not a pass over the training events."""
-        bundle = self.bundle
-        if not since:
-            return ItemView(bundle.moment, bundle, 0)
-        items, actions, ts = (np.concatenate([getattr(s, f) for s in since]) for f in ("items", "actions", "ts"))
-        moment = max(bundle.moment, float(ts.max()) + 1.0)
-        previous = np.array([bundle.context.recent_items[s.index, 0] if s.index >= 0 else PAD for s in since])
-        context = with_events(
-            bundle.context, items, actions, ts, following(previous, [s.items for s in since], len(bundle.item_ids))
+    def _item_view(self, changed: set[str]) -> ItemView:
+        """The item view with every user's events since the model: the current view plus what the `changed`
+        users added after the events it counts, when that is all they did (new events come after a user's
+        others); rebuilt from every user's events otherwise (events dropped or rewritten). Either way the same
+        statistics, so a refresh costs the added events and a copy of the item keys, not the events held."""
+        added: list[_Since] = []
+        previous = []
+        for user_id in changed:
+            new, old = self._since.get(user_id), self._counted.get(user_id)
+            if new is None and old is None:
+                continue
+            if new is None or (old is not None and not _extends(new, old)):
+                return self._rebuilt_view()
+            start = 0 if old is None else len(old.items)
+            if len(new.items) > start:
+                added.append(_Since(new.index, new.items[start:], new.actions[start:], new.ts[start:]))
+                previous.append(self._trained_last_item(new.index) if old is None else int(old.items[-1]))
+        for user_id in changed:
+            if user_id in self._since:
+                self._counted[user_id] = self._since[user_id]
+        return self._view_adding(self.items, added, previous) if added else self.items
+
+    def _rebuilt_view(self) -> ItemView:
+        self._counted = dict(self._since)
+        self._counted_events = (np.zeros(0, np.int64),) * 3
+        since = list(self._since.values())
+        view = ItemView(self.bundle.moment, self.bundle, 0)
+        return self._view_adding(view, since, [self._trained_last_item(s.index) for s in since]) if since else view
+
+    def _view_adding(self, view: ItemView, added: Sequence[_Since], previous: Sequence[int]) -> ItemView:
+        """`view` with these users' later events (`previous`: each one's last item before them, PAD for none):
+        popularity and the ranker's item statistics as `recommend_as_of` computes them from a history, as of the
+        newest event held (+1 s)."""
+        items, actions, ts = (np.concatenate([getattr(s, f) for s in added]) for f in ("items", "actions", "ts"))
+        self._counted_events = tuple(  # type: ignore[assignment]
+            np.concatenate([held, new]) for held, new in zip(self._counted_events, (items, actions, ts), strict=True)
         )
-        view = dataclasses.replace(bundle, context=context, popularity=self._popularity(items, actions, ts, moment))
-        return ItemView(moment, view, len(items))
+        moment = max(view.moment, float(ts.max()) + 1.0)
+        moves = following(np.array(previous, dtype=np.int64), [s.items for s in added], len(self.bundle.item_ids))
+        context = with_events(view.bundle.context, items, actions, ts, moves)
+        popularity = self._popularity(*self._counted_events, moment)
+        return ItemView(moment, dataclasses.replace(self.bundle, context=context, popularity=popularity),
+                        len(self._counted_events[0]))  # fmt: skip
+
+    def _trained_last_item(self, index: int) -> int:
+        return int(self.bundle.context.recent_items[index, 0]) if index >= 0 else PAD
 
     @cached_property
     def _popularity(self) -> PopularityAfter:
@@ -544,6 +577,14 @@ class OnlineRecommender:
         return [
             (str(self.bundle.item_ids[i]), round(float(s), 6)) for i, s in zip(items[keep], scores[keep], strict=True)
         ]
+
+
+def _extends(new: _Since, old: _Since) -> bool:
+    """`new` is `old` followed by more events."""
+    n = len(old.items)
+    return len(new.items) >= n and all(
+        np.array_equal(getattr(new, f)[:n], getattr(old, f)) for f in ("items", "actions", "ts")
+    )
 
 
 def _top(scores: np.ndarray, n: int) -> np.ndarray:
