@@ -23,6 +23,7 @@ from recflow.errors import ModelNotFoundError, UserStateUnavailableError
 from recflow.model.bundle import ModelBundle
 from recflow.model.features import build_features, decay
 from recflow.model.training import BUNDLE_DIR, train
+from recflow.serving import online
 from recflow.serving.online import OnlineRecommender, Recommendation
 from recflow.serving.userstate import LocalUserState, RedisUserState, UserEvent
 from recflow.store.eventstore import ingest_json_lines
@@ -308,6 +309,24 @@ def test_the_item_view_adds_what_changed_and_equals_one_computed_from_every_even
                  "item_out_counts"):  # fmt: skip
         np.testing.assert_array_equal(getattr(fresh.bundle.context, name), getattr(view.bundle.context, name), name)
     assert len(view.bundle.context.item_keys) == len(bundle.context.item_keys) + view.events
+
+
+def test_events_a_failed_item_refresh_did_not_count_are_counted_by_the_next(
+    bundle: ModelBundle, make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recommender = make()
+    recommender.record_events([event(str(bundle.user_ids[0]), str(bundle.item_ids[0]))])
+    adding = online.with_events
+
+    def broken(*args: object) -> object:
+        raise MemoryError("no room for the item keys")
+
+    monkeypatch.setattr(online, "with_events", broken)
+    with pytest.raises(MemoryError):
+        recommender.refresh_items()
+    assert recommender.items.events == 0  # the view stays as it was
+    monkeypatch.setattr(online, "with_events", adding)
+    assert recommender.refresh_items().events == 1
 
 
 def test_a_request_starts_the_item_refresh_on_a_thread_and_a_slow_one_spaces_the_next(

@@ -144,7 +144,7 @@ class OnlineRecommender:
         self._since: dict[str, _Since] = {}  # each user's usable events since the model, as last read
         self._changed: set[str] = set()  # users noted since self.items was made
         self._counted: dict[str, _Since] = {}  # the events self.items counts, per user
-        self._counted_events = (np.zeros(0, np.int64),) * 3  # all of them: items, actions, times
+        self._counted_events: tuple[np.ndarray, ...] = (np.zeros(0, np.int64),) * 3  # all of them: items, actions, ts
         try:
             self._cursor: str | None = state.changes(None)[1]
         except UserStateUnavailableError:  # the first refresh that reaches the state reads every user
@@ -405,9 +405,9 @@ class OnlineRecommender:
                 changed = [u for batch in self.state.users() for u in batch]
             for start in range(0, len(changed), 1000):
                 self._note_since(self._users(changed[start : start + 1000]), replace=True)
-            if self._changed:
-                noted, self._changed = self._changed, set()
-                self.items = self._item_view(noted)
+            if self._changed:  # noted users stay noted until a view counts them
+                self.items = self._item_view(self._changed)
+                self._changed = set()
         return self.items
 
     def _item_view(self, changed: set[str]) -> ItemView:
@@ -427,32 +427,36 @@ class OnlineRecommender:
             if len(new.items) > start:
                 added.append(_Since(new.index, new.items[start:], new.actions[start:], new.ts[start:]))
                 previous.append(self._trained_last_item(new.index) if old is None else int(old.items[-1]))
-        for user_id in changed:
+        view = self._view_adding(self.items, self._counted_events, added, previous) if added else self.items
+        for user_id in changed:  # counted once the view is made (a failed refresh leaves everything as it was)
             if user_id in self._since:
                 self._counted[user_id] = self._since[user_id]
-        return self._view_adding(self.items, added, previous) if added else self.items
+        return view
 
     def _rebuilt_view(self) -> ItemView:
-        self._counted = dict(self._since)
-        self._counted_events = (np.zeros(0, np.int64),) * 3
         since = list(self._since.values())
-        view = ItemView(self.bundle.moment, self.bundle, 0)
-        return self._view_adding(view, since, [self._trained_last_item(s.index) for s in since]) if since else view
+        view, none = ItemView(self.bundle.moment, self.bundle, 0), (np.zeros(0, np.int64),) * 3
+        previous = [self._trained_last_item(s.index) for s in since]
+        view = self._view_adding(view, none, since, previous) if since else view
+        self._counted = dict(self._since)
+        if not since:
+            self._counted_events = none
+        return view
 
-    def _view_adding(self, view: ItemView, added: Sequence[_Since], previous: Sequence[int]) -> ItemView:
-        """`view` with these users' later events (`previous`: each one's last item before them, PAD for none):
-        popularity and the ranker's item statistics as `recommend_as_of` computes them from a history, as of the
-        newest event held (+1 s)."""
+    def _view_adding(
+        self, view: ItemView, counted: tuple[np.ndarray, ...], added: Sequence[_Since], previous: Sequence[int]
+    ) -> ItemView:
+        """`view` (which counts the events `counted`) with these users' later events (`previous`: each one's last
+        item before them, PAD for none): popularity and the ranker's item statistics as `recommend_as_of` computes
+        them from a history, as of the newest event held (+1 s). Keeps what the new view counts."""
         items, actions, ts = (np.concatenate([getattr(s, f) for s in added]) for f in ("items", "actions", "ts"))
-        self._counted_events = tuple(  # type: ignore[assignment]
-            np.concatenate([held, new]) for held, new in zip(self._counted_events, (items, actions, ts), strict=True)
-        )
+        every = tuple(np.concatenate([held, new]) for held, new in zip(counted, (items, actions, ts), strict=True))
         moment = max(view.moment, float(ts.max()) + 1.0)
         moves = following(np.array(previous, dtype=np.int64), [s.items for s in added], len(self.bundle.item_ids))
         context = with_events(view.bundle.context, items, actions, ts, moves)
-        popularity = self._popularity(*self._counted_events, moment)
-        return ItemView(moment, dataclasses.replace(self.bundle, context=context, popularity=popularity),
-                        len(self._counted_events[0]))  # fmt: skip
+        popularity = self._popularity(every[0], every[1], every[2], moment)
+        self._counted_events = every
+        return ItemView(moment, dataclasses.replace(self.bundle, context=context, popularity=popularity), len(every[0]))
 
     def _trained_last_item(self, index: int) -> int:
         return int(self.bundle.context.recent_items[index, 0]) if index >= 0 else PAD
