@@ -18,10 +18,11 @@
   excluded. The ranker's user features see the user's new events (recent items, action counts, item count,
   recency). Popularity (popular candidates and answers) and the ranker's item features (popularity windows,
   action counts, first time, transitions) count every user's events since the model: `refresh_items` reads
-  the users whose events changed (the user state's change feed, which every worker writes to) and rebuilds
-  an `ItemView`, on a thread beside the requests, at most every `service.item_stats_seconds` and no sooner than
-  ten times the last rebuild took, the way `recommend --as-of` computes them from a history
-  (`ranker_features.with_events`, `selection.PopularityAfter`). At load, the scan that prunes the
+  the users whose events changed (the user state's change feed, which every worker writes to) and adds their
+  new events to the `ItemView` (counting everyone's again when a user's events were dropped or rewritten), on a
+  thread beside the requests, at most every `service.item_stats_seconds` and no sooner than ten times the last
+  refresh took, the way `recommend --as-of` computes them from a history (`ranker_features.with_events`,
+  `selection.PopularityAfter`). At load, the scan that prunes the
   state also notes the events it keeps; until it ends, item statistics are the model's. Events of unknown
   items or actions change neither the vector nor the features; they are kept for the next training.
 - Unknown users get the popular items, or a folded-in vector when their stored or request events name items
@@ -427,36 +428,38 @@ class OnlineRecommender:
             if len(new.items) > start:
                 added.append(_Since(new.index, new.items[start:], new.actions[start:], new.ts[start:]))
                 previous.append(self._trained_last_item(new.index) if old is None else int(old.items[-1]))
-        view = self._view_adding(self.items, self._counted_events, added, previous) if added else self.items
-        for user_id in changed:  # counted once the view is made (a failed refresh leaves everything as it was)
+        if added:  # counted once the view is made (a failed refresh leaves everything as it was)
+            view, self._counted_events = self._view_adding(self.items, self._counted_events, added, previous)
+        else:
+            view = self.items
+        for user_id in changed:
             if user_id in self._since:
                 self._counted[user_id] = self._since[user_id]
         return view
 
     def _rebuilt_view(self) -> ItemView:
         since = list(self._since.values())
-        view, none = ItemView(self.bundle.moment, self.bundle, 0), (np.zeros(0, np.int64),) * 3
-        previous = [self._trained_last_item(s.index) for s in since]
-        view = self._view_adding(view, none, since, previous) if since else view
-        self._counted = dict(self._since)
-        if not since:
-            self._counted_events = none
+        view = ItemView(self.bundle.moment, self.bundle, 0)
+        counted: tuple[np.ndarray, ...] = (np.zeros(0, np.int64),) * 3
+        if since:
+            view, counted = self._view_adding(view, counted, since, [self._trained_last_item(s.index) for s in since])
+        self._counted, self._counted_events = dict(self._since), counted
         return view
 
     def _view_adding(
         self, view: ItemView, counted: tuple[np.ndarray, ...], added: Sequence[_Since], previous: Sequence[int]
-    ) -> ItemView:
+    ) -> tuple[ItemView, tuple[np.ndarray, ...]]:
         """`view` (which counts the events `counted`) with these users' later events (`previous`: each one's last
         item before them, PAD for none): popularity and the ranker's item statistics as `recommend_as_of` computes
-        them from a history, as of the newest event held (+1 s). Keeps what the new view counts."""
+        them from a history, as of the newest event held (+1 s); and the events the new view counts."""
         items, actions, ts = (np.concatenate([getattr(s, f) for s in added]) for f in ("items", "actions", "ts"))
         every = tuple(np.concatenate([held, new]) for held, new in zip(counted, (items, actions, ts), strict=True))
         moment = max(view.moment, float(ts.max()) + 1.0)
         moves = following(np.array(previous, dtype=np.int64), [s.items for s in added], len(self.bundle.item_ids))
         context = with_events(view.bundle.context, items, actions, ts, moves)
         popularity = self._popularity(every[0], every[1], every[2], moment)
-        self._counted_events = every
-        return ItemView(moment, dataclasses.replace(self.bundle, context=context, popularity=popularity), len(every[0]))
+        bundle = dataclasses.replace(self.bundle, context=context, popularity=popularity)
+        return ItemView(moment, bundle, len(every[0])), every
 
     def _trained_last_item(self, index: int) -> int:
         return int(self.bundle.context.recent_items[index, 0]) if index >= 0 else PAD
