@@ -84,6 +84,7 @@ def train_ranker(
         held_out[:] = False
         held_out[-1] = True
     train_q, valid_q = query_ids[~held_out], query_ids[held_out]
+    num_leaves = num_leaves or settings.num_leaves[0]
     row_query = np.repeat(np.arange(len(starts)), sizes)
     role = np.zeros(len(starts), dtype=np.int8)  # 0 dropped, 1 train, 2 validation
     role[train_q], role[valid_q] = 1, 2
@@ -93,7 +94,7 @@ def train_ranker(
         objective="lambdarank",
         n_estimators=settings.n_estimators,
         learning_rate=settings.learning_rate,
-        num_leaves=num_leaves or settings.num_leaves[0],
+        num_leaves=num_leaves,
         min_child_samples=settings.min_child_samples,
         importance_type="gain",
         random_state=seed,
@@ -121,7 +122,7 @@ def train_ranker(
         train_queries=len(train_q),
         validation_queries=len(valid_q),
         fitted=query[starts[train_q]],
-        num_leaves=num_leaves or settings.num_leaves[0],
+        num_leaves=num_leaves,
     )
 
 
